@@ -1,0 +1,33 @@
+"""rlhf-influence: local data attribution and influence-based filtering for RLHF with LoRA."""
+
+from .capture import RecordFactors, capture_factors
+from .errors import InfluenceError, LossShapeError, NoLoraError, NonFiniteError, UnsupportedLoraError
+from .gradients import per_record_gradients, target_gradients
+from .influence import influence_scores, scores_from_factors
+from .lora import LoraLayout, find_lora_layout
+from .projection import RandomProjector
+from .targets import LogProbTarget, ReturnTarget, encode_pairs, ppo_policy_loss, token_logprobs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InfluenceError",
+    "LogProbTarget",
+    "LoraLayout",
+    "LossShapeError",
+    "NoLoraError",
+    "NonFiniteError",
+    "RandomProjector",
+    "RecordFactors",
+    "ReturnTarget",
+    "UnsupportedLoraError",
+    "capture_factors",
+    "encode_pairs",
+    "find_lora_layout",
+    "influence_scores",
+    "per_record_gradients",
+    "ppo_policy_loss",
+    "scores_from_factors",
+    "target_gradients",
+    "token_logprobs",
+]

@@ -1,0 +1,258 @@
+"""Capture the per-record factors of every LoRA adapter in one forward and one backward.
+
+For a linear adapter y = W x (+ b) applied to a batch of records, the gradient of record i's
+loss with respect to W is  sum_t  dL_i/dy_{i,t}  x_{i,t}^T.  Forward hooks on the ``lora_A`` /
+``lora_B`` linears keep their inputs x and outputs y; one ``torch.autograd.grad`` of the summed
+loss with respect to those outputs gives every dL_i/dy_{i,t} at once (record i's loss depends
+only on row i). Asking autograd for the outputs' gradients, not the weights', skips the
+weight-gradient GEMMs and leaves every ``param.grad`` untouched, so capture can run between
+the steps of a training loop. Per-record gradients, projections and influence scores are all
+contracted from these factors (see ``RecordFactors``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import LossShapeError, NonFiniteError
+from .lora import LoraLayout, LoraLinear, find_lora_layout
+from .projection import RandomProjector
+
+LossFn = Callable[[nn.Module], torch.Tensor]
+
+# Transient per-adapter blocks are computed for at most this many elements at once.
+_BLOCK_ELEMENTS = 1 << 25
+
+
+@dataclass
+class AdapterFactors:
+    """Inputs and output-gradients of one LoRA linear, one entry per call in the forward."""
+
+    linear: LoraLinear
+    inputs: list[torch.Tensor] = field(default_factory=list)  # [n, T, in] each
+    output_grads: list[torch.Tensor] = field(default_factory=list)  # [n, T, out] each
+
+
+@dataclass
+class RecordFactors:
+    """What one forward+backward over a batch leaves behind: enough for any per-record quantity.
+
+    ``num_records`` is n, ``losses`` the detached per-record losses. Methods compute in
+    ``dtype`` (float32 unless the factors are float64).
+    """
+
+    layout: LoraLayout
+    adapters: list[AdapterFactors]
+    losses: torch.Tensor
+    num_records: int
+    dtype: torch.dtype
+
+    def gradients(self, projector: RandomProjector | None = None) -> torch.Tensor:
+        """Per-record gradients ``[n, D]`` (exact) or ``[n, D']`` (projected from the factors)."""
+        if projector is not None:
+            return self._projected_gradients(projector)
+        n = self.num_records
+        device = self.losses.device
+        out = torch.zeros(n, self.layout.num_params, dtype=self.dtype, device=device)
+        for adapter in self.adapters:
+            linear = adapter.linear
+            w = out[:, linear.weight_offset : linear.weight_offset + linear.weight_numel]
+            w = w.view(n, linear.out_features, linear.in_features)
+            for x, g in self._calls(adapter):
+                w.add_(torch.bmm(g.transpose(1, 2), x))
+                if linear.bias_offset is not None:
+                    b = out[:, linear.bias_offset : linear.bias_offset + linear.out_features]
+                    b.add_(g.sum(dim=1))
+        return out
+
+    def _projected_gradients(self, projector: RandomProjector) -> torch.Tensor:
+        n = self.num_records
+        blocks = []
+        for adapter in self.adapters:
+            linear = adapter.linear
+            device = self.losses.device
+            proj = projector.matrix(linear, device, self.dtype)
+            k = projector.projected_size(linear)
+            shape = (n, linear.out_features, k) if linear.side == "A" else (n, k, linear.in_features)
+            weight = torch.zeros(shape, dtype=self.dtype, device=device)
+            bias = torch.zeros(n, k, dtype=self.dtype, device=device) if linear.bias_offset is not None else None
+            for x, g in self._calls(adapter):
+                if linear.side == "A":  # G P^T = sum_t g_t (P x_t)^T  -> [n, r, k]
+                    px = x if proj is None else x @ proj.T
+                    weight.add_(torch.bmm(g.transpose(1, 2), px))
+                else:  # P G = sum_t (P g_t) x_t^T  -> [n, k, r]
+                    pg = g if proj is None else g @ proj.T
+                    weight.add_(torch.bmm(pg.transpose(1, 2), x))
+                    if bias is not None:
+                        bias.add_(pg.sum(dim=1))
+            blocks.append(weight.reshape(n, -1))
+            if bias is not None:
+                blocks.append(bias)
+        return torch.cat(blocks, dim=1)
+
+    def dot(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``<g_i, v_j>`` for every record i and every row v_j of ``vectors`` ``[m, D]``: ``[n, m]``.
+
+        Never materialises the ``[n, D]`` matrix: each adapter's per-record block is built for
+        a slice of records at a time, dotted with the matching slice of ``vectors`` and freed.
+        """
+        if vectors.dim() != 2 or vectors.shape[1] != self.layout.num_params:
+            raise ValueError(
+                f"vectors must have shape [m, {self.layout.num_params}], got {tuple(vectors.shape)}"
+            )
+        n, m = self.num_records, vectors.shape[0]
+        vectors = vectors.to(device=self.losses.device, dtype=self.dtype)
+        scores = torch.zeros(n, m, dtype=self.dtype, device=self.losses.device)
+        for adapter in self.adapters:
+            linear = adapter.linear
+            v_w = vectors[:, linear.weight_offset : linear.weight_offset + linear.weight_numel]
+            v_b = None
+            if linear.bias_offset is not None:
+                v_b = vectors[:, linear.bias_offset : linear.bias_offset + linear.out_features]
+            chunk = max(1, _BLOCK_ELEMENTS // max(1, linear.weight_numel))
+            for x, g in self._calls(adapter):
+                for start in range(0, n, chunk):
+                    rows = slice(start, start + chunk)
+                    block = torch.bmm(g[rows].transpose(1, 2), x[rows])  # [c, out, in]
+                    scores[rows] += block.flatten(1) @ v_w.T
+                    if v_b is not None:
+                        scores[rows] += g[rows].sum(dim=1) @ v_b.T
+        return scores
+
+    def total_gradient(self) -> torch.Tensor:
+        """Gradient of the summed loss ``[D]`` (the sum of all per-record gradients)."""
+        out = torch.zeros(self.layout.num_params, dtype=self.dtype, device=self.losses.device)
+        for adapter in self.adapters:
+            linear = adapter.linear
+            w = out[linear.weight_offset : linear.weight_offset + linear.weight_numel]
+            w = w.view(linear.out_features, linear.in_features)
+            for x, g in self._calls(adapter):
+                w.add_(g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1]))
+                if linear.bias_offset is not None:
+                    out[linear.bias_offset : linear.bias_offset + linear.out_features] += g.sum(dim=(0, 1))
+        return out
+
+    def _calls(self, adapter: AdapterFactors):
+        for x, g in zip(adapter.inputs, adapter.output_grads, strict=True):
+            yield x.to(self.dtype), g.to(self.dtype)
+
+
+class _Recorder:
+    """Forward hooks that keep each LoRA linear's input and output while armed."""
+
+    def __init__(self, layout: LoraLayout) -> None:
+        self.layout = layout
+        self.armed = False
+        self.calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (adapter idx, x, y)
+        self._handles = []
+
+    @contextmanager
+    def hooked(self):
+        for idx, linear in enumerate(self.layout.linears):
+            self._handles.append(linear.module.register_forward_hook(self._hook(idx)))
+        try:
+            yield self
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+
+    def _hook(self, idx: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            # Calls made while disarmed (e.g. activation-checkpoint recomputation inside the
+            # backward) are not new uses of the weight and are not recorded.
+            if self.armed and torch.is_grad_enabled() and output.requires_grad:
+                self.calls.append((idx, args[0].detach(), output))
+
+        return hook
+
+
+def _as_record_major(t: torch.Tensor, n: int, name: str, what: str) -> torch.Tensor:
+    """Reshape an activation to [n, T, features]; reject layouts that are not record-first."""
+    if t.dim() >= 2 and t.shape[0] == n:
+        return t.reshape(n, -1, t.shape[-1])
+    if t.dim() == 2 and n > 0 and t.shape[0] % n == 0:  # [n*T, features], batch-major
+        return t.reshape(n, -1, t.shape[-1])
+    raise LossShapeError(
+        f"the {what} of LoRA adapter '{name}' has shape {tuple(t.shape)}, which does not start "
+        f"with the {n} records that loss_fn returned losses for. loss_fn must run the whole "
+        "batch through the model at once, records along the first dimension."
+    )
+
+
+def capture_factors(
+    model: nn.Module,
+    loss_fn: LossFn,
+    *,
+    layout: LoraLayout | None = None,
+    per_record: bool = True,
+) -> RecordFactors:
+    """Run ``loss_fn(model)`` once forward and once backward, keeping the LoRA factors.
+
+    Args:
+        model: a module holding PEFT LoRA layers.
+        loss_fn: ``loss_fn(model) -> Tensor[n]``, record i's loss depending only on record i.
+            With ``per_record=False`` it may return any shape; its sum is differentiated (this
+            is how a target's gradient is taken).
+        layout: the model's LoRA layout, when the caller already has it.
+
+    Raises:
+        LossShapeError: the losses are not ``[n]`` or activations are not record-first.
+        NonFiniteError: a loss or an output-gradient is NaN or infinite.
+    """
+    layout = layout if layout is not None else find_lora_layout(model)
+    recorder = _Recorder(layout)
+    with recorder.hooked():
+        recorder.armed = True
+        try:
+            losses = loss_fn(model)
+        finally:
+            recorder.armed = False
+        if not isinstance(losses, torch.Tensor):
+            raise LossShapeError(f"loss_fn must return a torch.Tensor, got {type(losses).__name__}")
+        if per_record and losses.dim() != 1:
+            raise LossShapeError(
+                f"loss_fn must return one loss per record, a 1-D tensor [n]; got shape "
+                f"{tuple(losses.shape)}"
+            )
+        if not losses.requires_grad:
+            raise LossShapeError(
+                "loss_fn returned losses that do not depend on any trainable LoRA weight "
+                "(computed under torch.no_grad, or with the adapters disabled?)"
+            )
+        finite = torch.isfinite(losses.detach())
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten()[:10].tolist()
+            raise NonFiniteError(f"loss_fn returned non-finite losses (records {bad} ...)")
+        outputs = [y for _, _, y in recorder.calls]
+        grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else ()
+
+    n = losses.shape[0] if per_record else 1
+    dtype = torch.float64 if losses.dtype == torch.float64 else torch.float32
+    adapters = [AdapterFactors(linear) for linear in layout.linears]
+    for (idx, x, _), g in zip(recorder.calls, grads, strict=True):
+        if g is None:  # this call does not reach the loss
+            continue
+        name = layout.linears[idx].name
+        if not bool(torch.isfinite(g).all()):
+            raise NonFiniteError(f"non-finite gradient reaching LoRA adapter '{name}'")
+        if per_record:
+            x = _as_record_major(x, n, name, "input")
+            g = _as_record_major(g, n, name, "output")
+        else:
+            x = x.reshape(1, -1, x.shape[-1])
+            g = g.reshape(1, -1, g.shape[-1])
+        adapters[idx].inputs.append(x)
+        adapters[idx].output_grads.append(g)
+    return RecordFactors(
+        layout=layout,
+        adapters=adapters,
+        losses=losses.detach(),
+        num_records=n,
+        dtype=dtype,
+    )

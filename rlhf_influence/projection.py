@@ -1,0 +1,117 @@
+"""Seeded random projections that compress per-record LoRA gradients.
+
+Each LoRA adapter is projected on its large side only: ``lora_A`` (r x d_in) keeps its r rows
+and has d_in compressed to ``dim``; ``lora_B`` (d_out x r) has d_out compressed to ``dim``.
+P is a random [dim, d] matrix with E[P^T P] = I, so E[<P g_i, P g_j>] = <g_i, g_j>
+(Johnson-Lindenstrauss). A side that is already no larger than ``dim`` is kept exact.
+
+The matrix of an adapter depends only on (seed, adapter name, side, sizes): it is drawn on the
+CPU from its own generator, so every process and machine, CPU or GPU, gets the same one.
+Matrices are cached per device and dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from .lora import LoraLayout, LoraLinear
+
+
+DEFAULT_PROJECTION_DIM = 256
+
+
+class RandomProjector:
+    """A seeded one-sided random projection per LoRA adapter.
+
+    Args:
+        dim: size each adapter's large side is compressed to. A record's projected gradient has
+            ``r * dim`` entries per adapter (plus ``dim`` for a ``lora_B`` bias). The error of a
+            projected inner product shrinks like 1/sqrt(dim), whatever the model width.
+        seed: the projection is a pure function of the seed and the adapter names.
+        orthogonal: draw P with orthonormal rows scaled by sqrt(d/dim) (Haar) instead of i.i.d.
+            N(0, 1/dim) entries. Both are unbiased; the orthogonal one has lower variance.
+    """
+
+    def __init__(self, dim: int = DEFAULT_PROJECTION_DIM, seed: int = 0, orthogonal: bool = True) -> None:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"projection dim must be a positive integer, got {dim!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"projection seed must be an integer, got {seed!r}")
+        self.dim = dim
+        self.seed = seed
+        self.orthogonal = orthogonal
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"RandomProjector(dim={self.dim}, seed={self.seed})"
+
+    def projected_size(self, linear: LoraLinear) -> int:
+        """Size of the large side after projection (the side itself when it is small)."""
+        return min(self.dim, linear.large_dim)
+
+    def weight_size(self, linear: LoraLinear) -> int:
+        small = linear.out_features if linear.side == "A" else linear.in_features
+        return small * self.projected_size(linear)
+
+    def output_size(self, layout: LoraLayout) -> int:
+        """Length of one projected gradient over all adapters of ``layout``."""
+        total = 0
+        for linear in layout.linears:
+            total += self.weight_size(linear)
+            if linear.bias_offset is not None:
+                total += self.projected_size(linear)
+        return total
+
+    def matrix(self, linear: LoraLinear, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """The [k, large_dim] projection of ``linear``, or ``None`` when it is kept exact."""
+        d = linear.large_dim
+        k = self.projected_size(linear)
+        if k == d:
+            return None
+        key = (linear.name, linear.side, d, k, str(device), dtype)
+        cached = self._cache.get(key)
+        if cached is None:
+            generator = torch.Generator(device="cpu").manual_seed(self._module_seed(linear))
+            gaussian = torch.randn(d, k, generator=generator, dtype=torch.float64)
+            if self.orthogonal:
+                q, r = torch.linalg.qr(gaussian)
+                q = q * torch.sign(torch.diagonal(r))  # Haar-distributed orthonormal columns
+                cached = q.T * math.sqrt(d / k)
+            else:
+                cached = gaussian.T / math.sqrt(k)
+            cached = cached.to(device=device, dtype=dtype)
+            self._cache[key] = cached
+        return cached
+
+    def _module_seed(self, linear: LoraLinear) -> int:
+        text = f"rlhf-influence/{self.seed}/{linear.name}/{linear.side}/{linear.large_dim}/{self.dim}"
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+    def project(self, layout: LoraLayout, vectors: torch.Tensor) -> torch.Tensor:
+        """Project full gradients ``[m, D]`` (or ``[D]``) into the projected space ``[m, D']``."""
+        squeeze = vectors.dim() == 1
+        vectors = vectors.unsqueeze(0) if squeeze else vectors
+        if vectors.shape[-1] != layout.num_params:
+            raise ValueError(
+                f"gradient has {vectors.shape[-1]} entries but the model's LoRA layout has "
+                f"{layout.num_params}"
+            )
+        m = vectors.shape[0]
+        pieces = []
+        for linear in layout.linears:
+            start = linear.weight_offset
+            weight = vectors[:, start : start + linear.weight_numel]
+            weight = weight.reshape(m, linear.out_features, linear.in_features)
+            proj = self.matrix(linear, vectors.device, vectors.dtype)
+            if linear.side == "A":  # [m, r, d_in] -> [m, r, k]
+                pieces.append((weight if proj is None else weight @ proj.T).reshape(m, -1))
+            else:  # [m, d_out, r] -> [m, k, r]
+                pieces.append((weight if proj is None else proj @ weight).reshape(m, -1))
+            if linear.bias_offset is not None:
+                bias = vectors[:, linear.bias_offset : linear.bias_offset + linear.out_features]
+                pieces.append(bias if proj is None else bias @ proj.T)
+        out = torch.cat(pieces, dim=1)
+        return out[0] if squeeze else out
