@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import LossShapeError, NonFiniteError
+from .errors import LossShapeError, NonFiniteError, UnsupportedLoraError
 from .lora import LoraLayout, LoraLinear, find_lora_layout
 from .projection import RandomProjector
 
@@ -80,7 +80,9 @@ class RecordFactors:
             k = projector.projected_size(linear)
             shape = (n, linear.out_features, k) if linear.side == "A" else (n, k, linear.in_features)
             weight = torch.zeros(shape, dtype=self.dtype, device=device)
-            bias = torch.zeros(n, k, dtype=self.dtype, device=device) if linear.bias_offset is not None else None
+            bias = (
+                torch.zeros(n, k, dtype=self.dtype, device=device) if linear.bias_offset is not None else None
+            )
             for x, g in self._calls(adapter):
                 if linear.side == "A":  # G P^T = sum_t g_t (P x_t)^T  -> [n, r, k]
                     px = x if proj is None else x @ proj.T
@@ -143,12 +145,19 @@ class RecordFactors:
 
 
 class _Recorder:
-    """Forward hooks that keep each LoRA linear's input and output while armed."""
+    """Forward hooks that keep each LoRA linear's input and output during ``loss_fn``.
+
+    Calls made after the forward (recomputation by activation checkpointing inside the
+    backward) are not new uses of the weights and are not recorded; they are noted so that
+    reentrant checkpointing, whose first forward runs without grad, can be refused.
+    """
 
     def __init__(self, layout: LoraLayout) -> None:
         self.layout = layout
-        self.armed = False
+        self.phase = "idle"  # "forward" while loss_fn runs, "backward" during autograd.grad
         self.calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (adapter idx, x, y)
+        self.no_grad_forward: set[int] = set()
+        self.recomputed: set[int] = set()
         self._handles = []
 
     @contextmanager
@@ -162,14 +171,61 @@ class _Recorder:
                 handle.remove()
             self._handles.clear()
 
+    @contextmanager
+    def in_phase(self, phase: str):
+        self.phase = phase
+        try:
+            yield
+        finally:
+            self.phase = "idle"
+
     def _hook(self, idx: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            # Calls made while disarmed (e.g. activation-checkpoint recomputation inside the
-            # backward) are not new uses of the weight and are not recorded.
-            if self.armed and torch.is_grad_enabled() and output.requires_grad:
-                self.calls.append((idx, args[0].detach(), output))
+            if self.phase == "forward":
+                if torch.is_grad_enabled() and output.requires_grad:
+                    self.calls.append((idx, args[0].detach(), output))
+                else:
+                    self.no_grad_forward.add(idx)
+            elif self.phase == "backward":
+                self.recomputed.add(idx)
 
         return hook
+
+
+def _uses_reentrant_checkpointing(model: nn.Module) -> bool:
+    """True when a transformers module checkpoints its layers with ``use_reentrant=True``."""
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if (getattr(func, "keywords", None) or {}).get("use_reentrant", True):
+                return True
+    return False
+
+
+def _reentrant_error() -> UnsupportedLoraError:
+    return UnsupportedLoraError(
+        "the model uses reentrant activation checkpointing, which runs the forward without "
+        "grad and hides the adapters' activations from the hooks. Enable it with "
+        "gradient_checkpointing_kwargs={'use_reentrant': False}."
+    )
+
+
+def _check_losses(losses: torch.Tensor, per_record: bool) -> None:
+    if not isinstance(losses, torch.Tensor):
+        raise LossShapeError(f"loss_fn must return a torch.Tensor, got {type(losses).__name__}")
+    if per_record and losses.dim() != 1:
+        raise LossShapeError(
+            f"loss_fn must return one loss per record, a 1-D tensor [n]; got shape {tuple(losses.shape)}"
+        )
+    if not losses.requires_grad:
+        raise LossShapeError(
+            "loss_fn returned losses that do not depend on any trainable LoRA weight "
+            "(computed under torch.no_grad, or with the adapters disabled?)"
+        )
+    finite = torch.isfinite(losses.detach())
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()[:10].tolist()
+        raise NonFiniteError(f"loss_fn returned non-finite losses (records {bad} ...)")
 
 
 def _as_record_major(t: torch.Tensor, n: int, name: str, what: str) -> torch.Tensor:
@@ -208,29 +264,16 @@ def capture_factors(
     layout = layout if layout is not None else find_lora_layout(model)
     recorder = _Recorder(layout)
     with recorder.hooked():
-        recorder.armed = True
-        try:
+        with recorder.in_phase("forward"):
             losses = loss_fn(model)
-        finally:
-            recorder.armed = False
-        if not isinstance(losses, torch.Tensor):
-            raise LossShapeError(f"loss_fn must return a torch.Tensor, got {type(losses).__name__}")
-        if per_record and losses.dim() != 1:
-            raise LossShapeError(
-                f"loss_fn must return one loss per record, a 1-D tensor [n]; got shape "
-                f"{tuple(losses.shape)}"
-            )
-        if not losses.requires_grad:
-            raise LossShapeError(
-                "loss_fn returned losses that do not depend on any trainable LoRA weight "
-                "(computed under torch.no_grad, or with the adapters disabled?)"
-            )
-        finite = torch.isfinite(losses.detach())
-        if not bool(finite.all()):
-            bad = (~finite).nonzero().flatten()[:10].tolist()
-            raise NonFiniteError(f"loss_fn returned non-finite losses (records {bad} ...)")
+        _check_losses(losses, per_record)
+        if recorder.no_grad_forward and _uses_reentrant_checkpointing(model):
+            raise _reentrant_error()
         outputs = [y for _, _, y in recorder.calls]
-        grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else ()
+        with recorder.in_phase("backward"):
+            grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else ()
+    if recorder.no_grad_forward & recorder.recomputed:
+        raise _reentrant_error()
 
     n = losses.shape[0] if per_record else 1
     dtype = torch.float64 if losses.dtype == torch.float64 else torch.float32

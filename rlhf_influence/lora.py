@@ -114,9 +114,10 @@ def _check_supported(layer_name: str, layer: nn.Module) -> None:
 def _adapter_has_trainable(layer: nn.Module, adapter: str) -> bool:
     for attr in ("lora_A", "lora_B", "lora_magnitude_vector"):
         container = getattr(layer, attr, None)
-        if container is not None and adapter in container:
-            if any(p.requires_grad for p in container[adapter].parameters()):
-                return True
+        if container is None or adapter not in container:
+            continue
+        if any(p.requires_grad for p in container[adapter].parameters()):
+            return True
     return False
 
 

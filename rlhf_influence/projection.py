@@ -19,7 +19,6 @@ import torch
 
 from .lora import LoraLayout, LoraLinear
 
-
 DEFAULT_PROJECTION_DIM = 256
 
 

@@ -21,15 +21,25 @@ ARCHS = {
     ),
     "llama": (
         lambda: LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
         ),
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     ),
     "qwen2": (
         lambda: Qwen2Config(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
         ),
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     ),
@@ -66,7 +76,9 @@ def tiny_lora_model(
     return model
 
 
-def record_batch(n: int = 5, prompt_lens=None, response_lens=None, *, padding_side: str = "right", seed: int = 0):
+def record_batch(
+    n: int = 5, prompt_lens=None, response_lens=None, *, padding_side: str = "right", seed: int = 0
+):
     """Token ids, attention mask and response mask for records of mixed prompt/response lengths."""
     g = torch.Generator().manual_seed(seed)
     prompt_lens = prompt_lens or [int(x) for x in torch.randint(2, 6, (n,), generator=g)]
@@ -97,11 +109,19 @@ def brute_force_per_record(model, loss_fn, seed: int | None = None) -> torch.Ten
             torch.manual_seed(seed)
         loss = loss_fn(model)[i]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params, strict=True)]))
+        rows.append(
+            torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(p)).flatten()
+                    for g, p in zip(grads, params, strict=True)
+                ]
+            )
+        )
     return torch.stack(rows)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 

@@ -115,7 +115,9 @@ def test_lora_dropout_uses_post_dropout_inputs():
 
 def test_multiple_adapters_only_active_one():
     model = tiny_lora_model("gpt2")
-    model.add_adapter("other", LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False, fan_in_fan_out=True))
+    model.add_adapter(
+        "other", LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False, fan_in_fan_out=True)
+    )
     model.to(torch.float64)
     model.set_adapter("default")
     model.eval()
@@ -203,7 +205,12 @@ def test_projected_inner_products_are_unbiased(orthogonal):
     exact = factors.gradients()
     gram = exact @ exact.T
     samples = torch.stack(
-        [(g @ g.T) for g in (factors.gradients(RandomProjector(dim=4, seed=s, orthogonal=orthogonal)) for s in range(400))]
+        [
+            (g @ g.T)
+            for g in (
+                factors.gradients(RandomProjector(dim=4, seed=s, orthogonal=orthogonal)) for s in range(400)
+            )
+        ]
     )
     mean, stderr = samples.mean(0), samples.std(0) / 400**0.5
     z = (mean - gram).abs() / stderr
@@ -216,8 +223,13 @@ def test_projected_influence_ranks_agree_with_exact():
     from transformers import LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=256,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     model = tiny_lora_model("llama", config=config, dtype=torch.float32, r=8)
     g = torch.Generator().manual_seed(0)
@@ -234,16 +246,45 @@ def test_projected_influence_ranks_agree_with_exact():
     layout = find_lora_layout(model)
     target_grad = target_gradients(model, target, layout=layout)[None]
     factors = capture_factors(
-        model, lambda m: ppo_policy_loss(m, input_ids, attention_mask, response_mask, advantages), layout=layout
+        model,
+        lambda m: ppo_policy_loss(m, input_ids, attention_mask, response_mask, advantages),
+        layout=layout,
     )
     exact = scores_from_factors(factors, target_grad)[:, 0]
     projector = RandomProjector()  # the default dim
     assert projector.dim == 256
     assert projector.output_size(layout) < layout.num_params / 2
     rhos = [
-        spearmanr(exact.numpy(), scores_from_factors(factors, target_grad, RandomProjector(seed=s))[:, 0].numpy()).statistic
+        spearmanr(
+            exact.numpy(), scores_from_factors(factors, target_grad, RandomProjector(seed=s))[:, 0].numpy()
+        ).statistic
         for s in range(5)
     ]
     # The projection is random: the mean over seeds meets 0.95 and no seed falls far below it.
     assert sum(rhos) / len(rhos) >= 0.95, rhos
     assert min(rhos) >= 0.9, rhos
+
+
+def test_activation_checkpointing():
+    model = tiny_lora_model("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # transformers checkpoints only in training mode; the tiny Llama has no dropout
+    batch = record_batch(4, seed=13)
+    advantages = torch.randn(batch[0].shape, dtype=torch.float64)
+    loss_fn = ppo_loss_fn(batch, advantages)
+    reference = brute_force_per_record(model, loss_fn)
+    assert reference.norm() > 0
+    assert rel_err(per_record_gradients(model, loss_fn), reference) < 1e-6
+
+
+def test_reentrant_checkpointing_is_refused():
+    from rlhf_influence import UnsupportedLoraError
+
+    model = tiny_lora_model("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    model.train()
+    batch = record_batch(4, seed=13)
+    loss_fn = ppo_loss_fn(batch, torch.randn(batch[0].shape, dtype=torch.float64))
+    with pytest.raises(UnsupportedLoraError, match="use_reentrant': False"):
+        per_record_gradients(model, loss_fn)
