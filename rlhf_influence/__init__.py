@@ -10,7 +10,19 @@ from .targets import LogProbTarget, ReturnTarget, encode_pairs, ppo_policy_loss,
 
 __version__ = "0.1.0"
 
-__all__ = [
+_TRAINER_NAMES = ("IIFPPOConfig", "IIFPPOTrainer", "RewardFunction")
+
+
+def __getattr__(name: str):
+    # The trainer imports TRL; the engine stays importable (and fast) without it.
+    if name in _TRAINER_NAMES:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'rlhf_influence' has no attribute {name!r}")
+
+
+__all__ = [  # noqa: RUF022 - engine names, then the trainer's
     "InfluenceError",
     "LogProbTarget",
     "LoraLayout",
@@ -30,4 +42,7 @@ __all__ = [
     "scores_from_factors",
     "target_gradients",
     "token_logprobs",
+    "IIFPPOConfig",
+    "IIFPPOTrainer",
+    "RewardFunction",
 ]

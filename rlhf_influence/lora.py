@@ -163,7 +163,8 @@ def find_lora_layout(model: nn.Module) -> LoraLayout:
         offsets.setdefault(sub_name, {})[kind] = offset
         modules[sub_name] = (sub, side)
         param_names.append(canonical_name(pname))
-        offset += param.numel()
+        # Sizes come from the module, not param.numel(): ZeRO-3 leaves partitioned params empty.
+        offset += sub.in_features * sub.out_features if kind == "weight" else sub.out_features
 
     if not param_names:
         raise NoLoraError(

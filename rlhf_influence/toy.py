@@ -9,7 +9,13 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
 
 TOY_WORDS = (
     "the a movie film story plot actor actress music scene ending book show it this that was is "
@@ -37,20 +43,9 @@ def word_tokenizer(words=TOY_WORDS, padding_side: str = "left") -> PreTrainedTok
     )
 
 
-def tiny_causal_lm(
-    vocab_size: int,
-    arch: str = "gpt2",
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    max_positions: int = 128,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-):
-    """A small randomly initialised causal LM built from a config (GPT-2 or Llama)."""
-    torch.manual_seed(seed)
+def _toy_config(vocab_size: int, arch: str, hidden: int, layers: int, heads: int, max_positions: int):
     if arch == "gpt2":
-        config = GPT2Config(
+        return GPT2Config(
             vocab_size=vocab_size,
             n_positions=max_positions,
             n_embd=hidden,
@@ -63,8 +58,8 @@ def tiny_causal_lm(
             eos_token_id=2,
             pad_token_id=0,
         )
-    elif arch == "llama":
-        config = LlamaConfig(
+    if arch == "llama":
+        return LlamaConfig(
             vocab_size=vocab_size,
             hidden_size=hidden,
             intermediate_size=2 * hidden,
@@ -76,9 +71,40 @@ def tiny_causal_lm(
             eos_token_id=2,
             pad_token_id=0,
         )
-    else:
-        raise ValueError(f"unknown toy architecture {arch!r}; use 'gpt2' or 'llama'")
+    raise ValueError(f"unknown toy architecture {arch!r}; use 'gpt2' or 'llama'")
+
+
+def tiny_causal_lm(
+    vocab_size: int,
+    arch: str = "gpt2",
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    max_positions: int = 128,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
+    """A small randomly initialised causal LM built from a config (GPT-2 or Llama)."""
+    torch.manual_seed(seed)
+    config = _toy_config(vocab_size, arch, hidden, layers, heads, max_positions)
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def tiny_scalar_head_model(
+    vocab_size: int,
+    arch: str = "gpt2",
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    max_positions: int = 128,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
+    """A small sequence-classification model with one output: a value or reward model."""
+    torch.manual_seed(seed)
+    config = _toy_config(vocab_size, arch, hidden, layers, heads, max_positions)
+    config.num_labels = 1
+    return AutoModelForSequenceClassification.from_config(config, dtype=dtype)
 
 
 def toy_lora_config(arch: str = "gpt2", r: int = 8, init_lora_weights: bool = True) -> LoraConfig:

@@ -1,0 +1,93 @@
+"""IIFPPOConfig: TRL's PPOConfig plus the knobs of influence-based filtering."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+from trl.experimental.ppo import PPOConfig
+
+SCHEDULES = ("epoch", "round")
+TARGETS = ("heldout_return", "buffer_return")
+
+
+@dataclass
+class IIFPPOConfig(PPOConfig):
+    """PPOConfig with Iterative Influence-based Filtering (IIF).
+
+    Every field is also a command-line flag through ``TrlParser`` / ``HfArgumentParser``.
+    """
+
+    iif_drop_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "p in [0, 1]: drop the floor(p * N-) records with the most negative influence, N- being "
+            "the number of records with negative influence (the paper's rule; it used 1.0 for RLHF). "
+            "0 trains exactly like plain PPO while still scoring and storing the attribution."
+        },
+    )
+    iif_schedule: str = field(
+        default="epoch",
+        metadata={
+            "help": "'epoch': re-score with the current weights before every PPO epoch; 'round': score once "
+            "per rollout round, before the first epoch, as in the paper.",
+            "choices": list(SCHEDULES),
+        },
+    )
+    iif_target: str | None = field(
+        default=None,
+        metadata={
+            "help": "What influence is measured on. 'heldout_return': a return surrogate on held-out prompts "
+            "with freshly sampled responses (default when a target_dataset is given); 'buffer_return': "
+            "the same surrogate on the round's own records (default otherwise).",
+        },
+    )
+    iif_num_heldout_prompts: int = field(
+        default=32,
+        metadata={
+            "help": "Held-out prompts sampled per round for the heldout_return target (all processes together)."
+        },
+    )
+    iif_projection_dim: int = field(
+        default=0,
+        metadata={
+            "help": "0: exact influence scores (contracted from layer factors, no [n, D] matrix). k > 0: score "
+            "with gradients randomly projected to k per LoRA adapter side."
+        },
+    )
+    iif_projection_seed: int = field(default=0, metadata={"help": "Seed of the random projection."})
+    iif_min_keep_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Never keep fewer than this fraction of a round's records, so no epoch is empty."},
+    )
+    iif_store: bool = field(
+        default=True,
+        metadata={
+            "help": "Write every round's attribution (records, scores, kept flags, metrics) to iif_store_dir."
+        },
+    )
+    iif_store_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where the attribution store goes; default: <output_dir>/attribution."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.iif_drop_fraction <= 1.0:
+            raise ValueError(f"iif_drop_fraction must be in [0, 1], got {self.iif_drop_fraction}")
+        if self.iif_schedule not in SCHEDULES:
+            raise ValueError(f"iif_schedule must be one of {SCHEDULES}, got {self.iif_schedule!r}")
+        if self.iif_target is not None and self.iif_target not in TARGETS:
+            raise ValueError(f"iif_target must be one of {TARGETS} (or unset), got {self.iif_target!r}")
+        if self.iif_num_heldout_prompts < 1:
+            raise ValueError(f"iif_num_heldout_prompts must be >= 1, got {self.iif_num_heldout_prompts}")
+        if self.iif_projection_dim < 0:
+            raise ValueError(
+                f"iif_projection_dim must be 0 (exact) or a positive integer, got {self.iif_projection_dim}"
+            )
+        if not 0.0 < self.iif_min_keep_fraction <= 1.0:
+            raise ValueError(f"iif_min_keep_fraction must be in (0, 1], got {self.iif_min_keep_fraction}")
+        if self.iif_store_dir is None:
+            self.iif_store_dir = os.path.join(self.output_dir, "attribution")

@@ -1,0 +1,257 @@
+"""IIFPPOTrainer against TRL's own PPOTrainer and against what filtering must do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from trainer_setup import Setup, count_positive, ppo_kwargs, seed_everything
+
+from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
+
+
+def run_iif(tmp_path, setup: Setup, reward=None, **overrides):
+    seed_everything(0)
+    config = IIFPPOConfig(**ppo_kwargs(tmp_path, **overrides))
+    trainer = IIFPPOTrainer(
+        args=config,
+        processing_class=setup.tokenizer,
+        model=setup.peft_policy(),
+        ref_model=None,
+        reward_model=reward if reward is not None else setup.reward,
+        train_dataset=setup.train,
+        value_model=setup.value,
+        target_dataset=setup.heldout if config.iif_target != "buffer_return" else None,
+    )
+    seed_everything(0)
+    trainer.train()
+    return trainer
+
+
+def trainable_state(trainer) -> dict[str, torch.Tensor]:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_drop_fraction_zero_equals_trl_ppo(tmp_path):
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    reference_setup = Setup()
+    seed_everything(0)
+    trl_trainer = PPOTrainer(
+        args=PPOConfig(**ppo_kwargs(tmp_path / "trl")),
+        processing_class=reference_setup.tokenizer,
+        model=reference_setup.peft_policy(),
+        ref_model=None,
+        reward_model=reference_setup.reward,
+        train_dataset=reference_setup.train,
+        value_model=reference_setup.value,
+    )
+    before = trainable_state(trl_trainer)
+    seed_everything(0)
+    trl_trainer.train()
+    expected = trainable_state(trl_trainer)
+
+    iif = run_iif(tmp_path / "iif", Setup(), iif_drop_fraction=0.0)
+    got = trainable_state(iif)
+    assert expected.keys() == got.keys()
+    assert any(not torch.equal(before[k], expected[k]) for k in expected)  # training moved the weights
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    assert iif.state.global_step == trl_trainer.state.global_step == 2
+
+
+def log_rows(trainer) -> list[dict]:
+    return [row for row in trainer.state.log_history if "iif/kept_fraction" in row]
+
+
+@pytest.mark.parametrize("schedule, scorings", [("epoch", 2), ("round", 1)])
+def test_schedule_scores_each_epoch_or_once_and_logs_metrics(tmp_path, schedule, scorings):
+    setup = Setup()
+    trainer = run_iif(tmp_path, setup, iif_schedule=schedule, iif_drop_fraction=1.0)
+    rows = log_rows(trainer)
+    assert len(rows) == 2  # one per round, through the Trainer's log (report_to backends get them)
+    for row in rows:
+        assert row["iif/scorings"] == scorings
+        for key in ("iif/kept_fraction", "iif/score_mean", "iif/score_std", "iif/fraction_negative",
+                    "iif/scoring_seconds", "iif/nonfinite_scores", "objective/scores", "objective/kl",
+                    "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg"):  # fmt: skip
+            assert key in row, key
+        assert 0 < row["iif/kept_fraction"] <= 1
+    table = trainer.store.read_records(1).to_pydict()
+    assert len(table["record"]) == 8
+    assert all(len(x) == scorings for x in table["influence_by_scoring"])
+    assert table["influence"] == [x[0] for x in table["influence_by_scoring"]]
+
+
+def test_drop_rule_applied_and_stored(tmp_path):
+    setup = Setup()
+    trainer = run_iif(tmp_path, setup, iif_schedule="round", iif_drop_fraction=1.0, iif_min_keep_fraction=0.1)
+    for round_index in (1, 2):
+        table = trainer.store.read_records(round_index).to_pydict()
+        influence = torch.tensor(table["influence"])
+        kept = torch.tensor(table["kept"])
+        # p = 1: every record with negative influence is dropped (unless the minimum keep binds).
+        negative = influence < 0
+        assert int(negative.sum()) < 8
+        assert torch.equal(kept, ~negative)
+        assert set(table["prompt"]) <= set(
+            setup.tokenizer.batch_decode([r for r in setup.train["input_ids"]])
+        )
+
+
+class ForcedDecision(IIFPPOTrainer):
+    """Test double: keep a fixed set of records; optionally corrupt the dropped ones' data."""
+
+    keep = torch.tensor([True, False, True, True, False, True, True, False])
+    corrupt_dropped = False
+
+    def score_and_filter(self, batch, target_batch):
+        scored = super().score_and_filter(batch, target_batch)
+        if self.corrupt_dropped:
+            dropped = (~self.keep).nonzero().flatten()
+            batch.advantages[dropped] = 1e4 * torch.randn_like(batch.advantages[dropped])
+            batch.returns[dropped] = -1e4
+            batch.logprobs[dropped] = 3.0
+        decision = type(scored.decision)(keep=self.keep.clone(), num_negative=0, num_nonfinite=0)
+        return type(scored)(scored.scores, decision, self.keep.numpy(), scored.seconds)
+
+    def _ppo_loss(self, batch, idx):
+        self.seen.extend(idx.tolist())
+        return super()._ppo_loss(batch, idx)
+
+
+def test_dropped_records_do_not_reach_the_optimizer(tmp_path):
+    results = {}
+    for corrupt in (False, True):
+        setup = Setup()
+        seed_everything(0)
+        trainer = ForcedDecision(
+            args=IIFPPOConfig(**ppo_kwargs(tmp_path / str(corrupt), total_episodes=8, iif_target="buffer_return")),
+            processing_class=setup.tokenizer, model=setup.peft_policy(), ref_model=None,
+            reward_model=setup.reward, train_dataset=setup.train, value_model=setup.value,
+        )  # fmt: skip
+        trainer.corrupt_dropped = corrupt
+        trainer.seen = []
+        seed_everything(0)
+        trainer.train()
+        assert set(trainer.seen) == {0, 2, 3, 5, 6}  # the kept records, each epoch
+        results[corrupt] = trainable_state(trainer)
+    for name, value in results[False].items():
+        assert torch.equal(value, results[True][name]), name
+
+
+class WrongSign(IIFPPOTrainer):
+    """Give record 3 a huge advantage of the sign that lowers the target (checked by autograd)."""
+
+    def score_and_filter(self, batch, target_batch):
+        from rlhf_influence import ReturnTarget, token_logprobs
+
+        policy = self.unwrapped.policy
+        params = [p for p in policy.parameters() if p.requires_grad]
+        pad = self.processing_class.pad_token_id
+        target = ReturnTarget(
+            target_batch.query_responses, target_batch.query_responses != pad, target_batch.response_mask(),
+            target_batch.last_token_advantages(), temperature=self.args.temperature + 1e-7,
+        )  # fmt: skip
+        v = torch.autograd.grad(target(policy).sum(), params)
+        rec = batch.select([3])
+        logp = token_logprobs(
+            policy, rec.query_responses, rec.query_responses != pad, self.args.temperature + 1e-7
+        )
+        u = torch.autograd.grad((logp * rec.response_mask()).sum(), params)
+        alignment = sum(float((a * b).sum()) for a, b in zip(v, u, strict=True))
+        sign = 1.0 if alignment > 0 else -1.0
+        batch.advantages[3] = torch.where(batch.padding_mask[3], 0.0, -50.0 * sign)
+        return super().score_and_filter(batch, target_batch)
+
+
+def test_record_with_hugely_wrong_advantage_is_scored_negative_and_dropped(tmp_path):
+    setup = Setup()
+    seed_everything(0)
+    trainer = WrongSign(
+        args=IIFPPOConfig(**ppo_kwargs(tmp_path, total_episodes=8, iif_schedule="round", iif_drop_fraction=0.5)),
+        processing_class=setup.tokenizer, model=setup.peft_policy(), ref_model=None, reward_model=setup.reward,
+        train_dataset=setup.train, value_model=setup.value, target_dataset=setup.heldout,
+    )  # fmt: skip
+    seed_everything(0)
+    trainer.train()
+    table = trainer.store.read_records(1).to_pydict()
+    influence = torch.tensor(table["influence"])
+    assert influence[3] < 0
+    assert int(influence.argmin()) == 3
+    assert table["kept"][3] is False
+    assert table["rank"][3] == 8  # the most harmful of the 8
+
+
+def test_callable_reward_trains(tmp_path):
+    setup = Setup()
+    trainer = run_iif(tmp_path, setup, reward=count_positive, iif_drop_fraction=0.5, missing_eos_penalty=None)
+    table = trainer.store.read_records(2).to_pydict()
+    assert table["reward"] == pytest.approx(count_positive(table["prompt"], table["response"]))
+    assert any(
+        not torch.equal(v, setup.peft_policy().state_dict().get(k, v))
+        for k, v in trainable_state(trainer).items()
+    )
+    model_reward = run_iif(tmp_path / "model", Setup(), iif_drop_fraction=0.5)
+    assert len(log_rows(model_reward)) == 2
+
+
+def test_non_finite_score_is_kept_counted_and_warned(tmp_path):
+    class NanScore(IIFPPOTrainer):
+        def _record_scores(self, policy, batch, target_grad):
+            scores = super()._record_scores(policy, batch, target_grad)
+            scores[0] = float("nan")
+            return scores
+
+    setup = Setup()
+    seed_everything(0)
+    trainer = NanScore(
+        args=IIFPPOConfig(**ppo_kwargs(tmp_path, total_episodes=8, iif_schedule="round")),
+        processing_class=setup.tokenizer, model=setup.peft_policy(), ref_model=None, reward_model=setup.reward,
+        train_dataset=setup.train, value_model=setup.value, target_dataset=setup.heldout,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="1 record\\(s\\) got a non-finite influence score"):
+        trainer.train()
+    assert log_rows(trainer)[0]["iif/nonfinite_scores"] == 1
+    assert trainer.store.read_records(1).to_pydict()["kept"][0] is True
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        ({"iif_drop_fraction": 1.5}, ValueError, "iif_drop_fraction must be in"),
+        ({"iif_drop_fraction": -0.1}, ValueError, "iif_drop_fraction must be in"),
+        ({"iif_schedule": "batch"}, ValueError, "iif_schedule must be one of"),
+        ({"iif_target": "reward"}, ValueError, "iif_target must be one of"),
+        ({"iif_min_keep_fraction": 0.0}, ValueError, "iif_min_keep_fraction"),
+        ({"iif_projection_dim": -1}, ValueError, "iif_projection_dim"),
+    ],
+)
+def test_bad_config(tmp_path, overrides, error, match):
+    with pytest.raises(error, match=match):
+        IIFPPOConfig(**ppo_kwargs(tmp_path, **overrides))
+
+
+def test_bad_trainer_inputs(tmp_path):
+    from rlhf_influence import NoLoraError
+
+    setup = Setup()
+    config = IIFPPOConfig(**ppo_kwargs(tmp_path, iif_target="heldout_return"))
+    common = dict(
+        processing_class=setup.tokenizer, ref_model=None, train_dataset=setup.train, value_model=setup.value
+    )
+    with pytest.raises(ValueError, match="needs a target_dataset"):
+        IIFPPOTrainer(args=config, model=setup.peft_policy(), reward_model=setup.reward, **common)
+    config = IIFPPOConfig(**ppo_kwargs(tmp_path))
+    with pytest.raises(NoLoraError, match="the policy has none"):
+        IIFPPOTrainer(args=config, model=setup.policy, reward_model=setup.reward, **common)
+    with pytest.raises(TypeError, match="not a sequence-classification model"):
+        IIFPPOTrainer(args=config, model=setup.peft_policy(), reward_model=torch.nn.Linear(2, 2), **common)
+    with pytest.raises(TypeError, match="reward_model must be"):
+        IIFPPOTrainer(args=config, model=setup.peft_policy(), reward_model="rm", **common)
+    from peft import IA3Config
+
+    with pytest.raises(TypeError, match=r"must be a peft\.LoraConfig"):
+        IIFPPOTrainer(
+            args=config, model=setup.policy, reward_model=setup.reward, peft_config=IA3Config(), **common
+        )
