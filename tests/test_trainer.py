@@ -188,10 +188,8 @@ def test_callable_reward_trains(tmp_path):
     trainer = run_iif(tmp_path, setup, reward=count_positive, iif_drop_fraction=0.5, missing_eos_penalty=None)
     table = trainer.store.read_records(2).to_pydict()
     assert table["reward"] == pytest.approx(count_positive(table["prompt"], table["response"]))
-    assert any(
-        not torch.equal(v, setup.peft_policy().state_dict().get(k, v))
-        for k, v in trainable_state(trainer).items()
-    )
+    lora_b = [v for k, v in trainable_state(trainer).items() if "lora_B" in k]
+    assert lora_b and all(bool(v.abs().sum() > 0) for v in lora_b)  # LoRA B starts at 0: the policy trained
     model_reward = run_iif(tmp_path / "model", Setup(), iif_drop_fraction=0.5)
     assert len(log_rows(model_reward)) == 2
 
