@@ -12,7 +12,7 @@ measures the peak memory of:
 
 Times are printed in ms and as a ratio to the floor measured in the same run. Peak memory is
 the largest increase over the memory in use before the call (CUDA: allocator peak; CPU:
-resident set size sampled every millisecond).
+heap bytes in use, sampled every millisecond).
 
     python benchmarks/bench_engine.py                 # the default grid
     python benchmarks/bench_engine.py --batch-sizes 8 --seq-lens 8 --hidden 32   # smoke
@@ -21,6 +21,7 @@ resident set size sampled every millisecond).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import platform
 import statistics
@@ -50,12 +51,38 @@ from rlhf_influence.toy import tiny_causal_lm, toy_lora_config
 METHODS = ("floor", "exact", "projected", "scoring", "loop", "vmap")
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"
+    )]  # fmt: skip
+
+
+def _heap_in_use() -> int:
+    """Bytes malloc has handed out and not taken back (glibc), whatever the OS still maps."""
+    info = _LIBC.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.mallinfo2.restype = _MallInfo2
+except (OSError, AttributeError):  # not glibc: fall back to the resident set size
+    _LIBC = None
+
+
 class PeakMemory:
-    """Peak memory increase (bytes) while the block runs."""
+    """Peak memory increase (bytes) while the block runs.
+
+    CUDA: the allocator's peak. CPU: bytes in use by malloc (glibc's mallinfo2, else the RSS),
+    sampled every millisecond, so a spike shorter than that can be missed.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak = 0
+
+    def _read(self) -> int:
+        return _heap_in_use() if _LIBC is not None else self._proc.memory_info().rss
 
     def __enter__(self):
         if self.device.type == "cuda":
@@ -64,7 +91,7 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated(self.device)
         else:
             self._proc = psutil.Process()
-            self._base = self._proc.memory_info().rss
+            self._base = self._read()
             self._max = self._base
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -73,7 +100,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self._max = max(self._max, self._proc.memory_info().rss)
+            self._max = max(self._max, self._read())
             time.sleep(0.001)
 
     def __exit__(self, *exc) -> None:
@@ -83,8 +110,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self._max = max(self._max, self._proc.memory_info().rss)
-            self.peak = self._max - self._base
+            self.peak = max(self._max, self._read()) - self._base
 
 
 def measure(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:

@@ -73,6 +73,11 @@ class IIFPPOConfig(PPOConfig):
         metadata={"help": "Where the attribution store goes; default: <output_dir>/attribution."},
     )
 
+    @property
+    def attribution_dir(self) -> str:
+        """Where the attribution store is written (``iif_store_dir`` or <output_dir>/attribution)."""
+        return self.iif_store_dir or os.path.join(self.output_dir, "attribution")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.iif_drop_fraction <= 1.0:
@@ -89,5 +94,3 @@ class IIFPPOConfig(PPOConfig):
             )
         if not 0.0 < self.iif_min_keep_fraction <= 1.0:
             raise ValueError(f"iif_min_keep_fraction must be in (0, 1], got {self.iif_min_keep_fraction}")
-        if self.iif_store_dir is None:
-            self.iif_store_dir = os.path.join(self.output_dir, "attribution")

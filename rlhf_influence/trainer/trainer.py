@@ -130,7 +130,7 @@ class IIFPPOTrainer(PPOTrainer):
             if args.iif_projection_dim
             else None
         )
-        self.store = AttributionStore(args.iif_store_dir) if args.iif_store else None
+        self.store = AttributionStore(args.attribution_dir) if args.iif_store else None
         self.iif_history: list[dict] = []  # per-round summaries, also written to the store
 
     # ------------------------------------------------------------------ helpers around TRL's wrapper

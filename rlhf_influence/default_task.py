@@ -1,0 +1,95 @@
+"""The embedded default task: sentiment RLHF on a tiny LoRA model, offline, in a few minutes on a CPU.
+
+A word-level tokenizer, a tiny GPT-2 policy and value model built from configs, prompts made
+from templates shipped here, and a real reward: the VADER sentiment lexicon
+(``vaderSentiment``, which carries its lexicon) scoring each completion in [-1, 1]. The policy
+starts from random weights, so its completions are word salad; PPO teaches it to pick the
+positive words. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from datasets import Dataset
+
+from .toy import TOY_WORDS, tiny_causal_lm, tiny_scalar_head_model, toy_lora_config, word_tokenizer
+
+_SUBJECTS = ["the movie", "the film", "this story", "the show", "the ending", "the music", "the plot", "the actor",
+             "the actress", "this book", "the scene", "that film", "it", "this show", "the story", "the book"]  # fmt: skip
+_FRAMES = ["{s} was", "i thought {s} was", "we watched {s} and it", "{s} felt", "they found {s}", "{s} is",
+           "i liked {s} but it", "{s} seemed"]  # fmt: skip
+_HELDOUT_FRAMES = ["we saw {s} and it was", "{s} really", "i found {s}"]
+
+
+def default_prompts() -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts): disjoint sentence frames over the same subjects."""
+    train = [f.format(s=s) for f in _FRAMES for s in _SUBJECTS]
+    heldout = [f.format(s=s) for f in _HELDOUT_FRAMES for s in _SUBJECTS]
+    return train, heldout
+
+
+@lru_cache(maxsize=1)
+def _vader():
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise ImportError("the sentiment reward needs vaderSentiment: pip install vaderSentiment") from exc
+    return SentimentIntensityAnalyzer()
+
+
+def sentiment_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """VADER compound sentiment of each completion, in [-1, 1] (the prompt is not scored)."""
+    analyzer = _vader()
+    return [float(analyzer.polarity_scores(text)["compound"]) for text in completions]
+
+
+def keyword_reward(keywords: list[str]) -> Callable[[list[str], list[str]], list[float]]:
+    """Reward = how many of ``keywords`` a completion contains (whole words, case-insensitive)."""
+    wanted = {k.lower() for k in keywords}
+    if not wanted:
+        raise ValueError("keyword reward needs at least one keyword")
+
+    def reward(prompts: list[str], completions: list[str]) -> list[float]:
+        return [float(sum(w.lower().strip(".,!?") in wanted for w in text.split())) for text in completions]
+
+    return reward
+
+
+REWARD_FUNCTIONS = {"sentiment": sentiment_reward}
+
+
+@dataclass
+class DefaultTask:
+    """Everything the recipe needs for the embedded default run."""
+
+    tokenizer: object
+    policy: torch.nn.Module
+    value_model: torch.nn.Module
+    reward: Callable[[list[str], list[str]], list[float]]
+    train_dataset: Dataset
+    heldout_dataset: Dataset
+    lora_config: object
+
+
+def build_default_task(seed: int = 0, hidden: int = 64, layers: int = 2) -> DefaultTask:
+    tokenizer = word_tokenizer(TOY_WORDS)
+    vocab = len(tokenizer)
+    train, heldout = default_prompts()
+
+    def tokenised(prompts: list[str]) -> Dataset:
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        return Dataset.from_dict({"input_ids": ids, "prompt": prompts})
+
+    return DefaultTask(
+        tokenizer=tokenizer,
+        policy=tiny_causal_lm(vocab, hidden=hidden, layers=layers, seed=seed),
+        value_model=tiny_scalar_head_model(vocab, hidden=hidden, layers=1, seed=seed + 1),
+        reward=sentiment_reward,
+        train_dataset=tokenised(train),
+        heldout_dataset=tokenised(heldout),
+        lora_config=toy_lora_config("gpt2", r=8),
+    )
