@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from accelerate import PartialState  # noqa: E402
-from trl import ModelConfig, TrlParser, get_peft_config  # noqa: E402
+import torch
+from accelerate import PartialState
+from trl import ModelConfig, TrlParser, get_peft_config
 
-from rlhf_influence import IIFPPOConfig, IIFPPOTrainer  # noqa: E402
-from rlhf_influence.default_task import REWARD_FUNCTIONS, build_default_task, keyword_reward  # noqa: E402
-from rlhf_influence.trainer.progress import RoundProgress  # noqa: E402
+from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
+from rlhf_influence.default_task import REWARD_FUNCTIONS, build_default_task, keyword_reward
+from rlhf_influence.trainer.progress import RoundProgress
 
 DATA_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -54,7 +54,7 @@ class RecipeArguments:
         metadata={
             "help": "Split with held-out prompts for the heldout_return target; without it, "
             "--heldout_size prompts are set aside from the training split."
-        },  # fmt: skip
+        },
     )
     heldout_size: int = field(
         default=256, metadata={"help": "Prompts set aside as held-out when there is no test split."}
@@ -74,7 +74,7 @@ class RecipeArguments:
             "help": "A named Python reward used instead of the --reward_model_path model: 'sentiment' "
             "(VADER lexicon) or 'keywords'.",
             "choices": [*REWARD_FUNCTIONS, "keywords"],
-        },  # fmt: skip
+        },
     )
     reward_keywords: list[str] | None = field(
         default=None, metadata={"help": "Words rewarded by --reward_function keywords (one point each)."}
