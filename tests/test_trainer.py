@@ -113,7 +113,7 @@ class ForcedDecision(IIFPPOTrainer):
             batch.returns[dropped] = -1e4
             batch.logprobs[dropped] = 3.0
         decision = type(scored.decision)(keep=self.keep.clone(), num_negative=0, num_nonfinite=0)
-        return type(scored)(scored.scores, decision, self.keep.numpy(), scored.seconds)
+        return type(scored)(scored.scores, decision, self.keep.numpy(), self.keep[None], scored.seconds)
 
     def _ppo_loss(self, batch, idx):
         self.seen.extend(idx.tolist())

@@ -67,6 +67,7 @@ class EpochScores:
     scores: torch.Tensor  # [N] every process's records, in global order (process-major)
     decision: FilterDecision  # over all processes' records
     keep_local: np.ndarray  # bool [n]
+    keep_by_process: torch.Tensor  # bool [world, N]: the decision as each process made it
     seconds: float
 
 
@@ -357,6 +358,13 @@ class IIFPPOTrainer(PPOTrainer):
         decision = iif_keep_mask(global_scores, args.iif_drop_fraction, args.iif_min_keep_fraction)
         rank, n = self.accelerator.process_index, len(batch)
         keep_local = decision.keep[rank * n : (rank + 1) * n].numpy()
+        keep_by_process = (
+            self.accelerator.gather(decision.keep[None].to(self.accelerator.device)).cpu().bool()
+        )
+        if not bool((keep_by_process == keep_by_process[:1]).all()):  # same scores, same rule: cannot happen
+            raise RuntimeError(
+                "processes reached different filtering decisions from the same gathered scores"
+            )
         if decision.num_nonfinite:
             warnings.warn(
                 f"{decision.num_nonfinite} record(s) got a non-finite influence score; they were kept "
@@ -367,6 +375,7 @@ class IIFPPOTrainer(PPOTrainer):
             scores=global_scores,
             decision=decision,
             keep_local=keep_local,
+            keep_by_process=keep_by_process,
             seconds=time.perf_counter() - start,
         )
 
@@ -606,6 +615,7 @@ class IIFPPOTrainer(PPOTrainer):
             "kept": kept[0],
             "influence_by_scoring": [list(x) for x in zip(*influence, strict=True)],
             "kept_by_scoring": [list(x) for x in zip(*kept, strict=True)],
+            "kept_on_each_process": epochs[0].keep_by_process.T.tolist(),
         }
         if round_index == 1 or not (self.store.path / "manifest.json").exists():
             self.store.write_manifest(self._manifest())
