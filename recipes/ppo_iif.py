@@ -20,6 +20,7 @@ Each round's attribution (records, influence, kept flags, metrics) is written to
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -117,6 +118,13 @@ def fail(message: str) -> None:
 
 
 def parse(argv: list[str] | None):
+    try:
+        return _parse(argv)
+    except ValueError as exc:  # unknown flags, bad values (HfArgumentParser raises, not exits)
+        fail(f"{exc}. See --help.")
+
+
+def _parse(argv: list[str] | None):
     parser = TrlParser((RecipeArguments, IIFPPOConfig, ModelConfig))
     cuda = torch.cuda.is_available()
     # LoRA is what IIF scores; bf16 only where the hardware has it (PPOConfig turns it on everywhere).
@@ -186,11 +194,10 @@ def load_real_job(script_args: RecipeArguments, training_args: IIFPPOConfig, mod
     if script_args.dataset_name is None:
         fail("a real job needs --dataset_name (a hub name, a dataset directory or a data file)")
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
-    common = {"revision": model_args.model_revision, "dtype": dtype}
 
     def load(kind, path, what, **kwargs):
         try:
-            return kind.from_pretrained(path, **common, **kwargs)
+            return kind.from_pretrained(path, revision=model_args.model_revision, **kwargs)
         except Exception as exc:
             fail(f"cannot load the {what} from {path!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
 
@@ -201,6 +208,7 @@ def load_real_job(script_args: RecipeArguments, training_args: IIFPPOConfig, mod
         AutoModelForCausalLM,
         model_args.model_name_or_path,
         "policy",
+        dtype=dtype,
         attn_implementation=model_args.attn_implementation,
     )
     if script_args.reward_function == "keywords":
@@ -209,16 +217,28 @@ def load_real_job(script_args: RecipeArguments, training_args: IIFPPOConfig, mod
         reward = REWARD_FUNCTIONS[script_args.reward_function]
     else:  # PPOConfig's --reward_model_path
         reward = load(
-            AutoModelForSequenceClassification, training_args.reward_model_path, "reward model", num_labels=1
+            AutoModelForSequenceClassification,
+            training_args.reward_model_path,
+            "reward model",
+            num_labels=1,
+            dtype=dtype,
         )
     value_path = script_args.value_model_path or (
         training_args.reward_model_path
         if script_args.reward_function is None
         else model_args.model_name_or_path
     )
-    value_model = load(AutoModelForSequenceClassification, value_path, "value model", num_labels=1)
+    value_model = load(
+        AutoModelForSequenceClassification, value_path, "value model", num_labels=1, dtype=dtype
+    )
     train, heldout = load_prompts(script_args, tokenizer, training_args.seed)
-    return tokenizer, policy, value_model, reward, train, heldout, get_peft_config(model_args)
+    peft_config = get_peft_config(model_args)
+    modules = peft_config.target_modules
+    if isinstance(modules, str) and modules != "all-linear" and re.fullmatch(r"[\w.]+", modules):
+        # TRL turns a single --lora_target_modules value into a string, which PEFT reads as a
+        # regex over full module names (so "c_attn" would match nothing): make it a name list.
+        peft_config.target_modules = {modules}
+    return tokenizer, policy, value_model, reward, train, heldout, peft_config
 
 
 def sparkline(values: list[float]) -> str:
