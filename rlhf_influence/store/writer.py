@@ -28,11 +28,45 @@ FORMAT_VERSION = 1
 ROUND_PREFIX = "round_"
 
 
+class StoreError(Exception):
+    """A directory that is not a readable attribution store; the message says what is wrong."""
+
+
 class AttributionStore:
     """The attribution directory of one run."""
 
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> AttributionStore:
+        """Open an existing store for reading: a run directory or its ``attribution`` folder.
+
+        Raises:
+            StoreError: not a run, no manifest, a manifest from a newer format version.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise StoreError(f"{path} is not a directory")
+        if not (path / "manifest.json").is_file() and (path / "attribution" / "manifest.json").is_file():
+            path = path / "attribution"
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            raise StoreError(f"{path} is not an rlhf-influence run (no attribution/manifest.json)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{manifest_path} is unreadable: {exc}") from None
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise StoreError(
+                f"{manifest_path} has format version {version!r}; this rlhf-influence reads up to "
+                f"{FORMAT_VERSION}: upgrade rlhf-influence"
+            )
+        store = cls(path)
+        store.manifest = manifest
+        return store
+
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self.manifest: dict[str, Any] = {}
 
     def round_dir(self, round_index: int) -> Path:
         return self.path / f"{ROUND_PREFIX}{round_index:06d}"
@@ -74,7 +108,16 @@ class AttributionStore:
         return final
 
     def read_records(self, round_index: int) -> pa.Table:
-        return pq.read_table(self.round_dir(round_index) / "records.parquet")
+        """The records table of a round (raises StoreError if it is missing or damaged)."""
+        path = self.round_dir(round_index) / "records.parquet"
+        try:
+            return pq.read_table(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise StoreError(f"round {round_index}: cannot read {path}: {exc}") from None
 
     def read_metrics(self, round_index: int) -> dict[str, Any]:
-        return json.loads((self.round_dir(round_index) / "metrics.json").read_text())
+        path = self.round_dir(round_index) / "metrics.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"round {round_index}: cannot read {path}: {exc}") from None

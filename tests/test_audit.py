@@ -1,0 +1,127 @@
+"""The attribution store and `rlhf-influence audit` on stores written with known contents."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhf_influence.audit import find_jumps
+from rlhf_influence.cli import main
+from rlhf_influence.store import AttributionStore
+
+REWARDS = [0.0, 0.05, 0.02, 0.9, 0.88, 0.93, 0.91]  # one clear jump, at round 4
+
+
+def make_run(tmp_path: Path, rewards=REWARDS, n: int = 6) -> Path:
+    run = tmp_path / "run"
+    store = AttributionStore(run / "attribution")
+    store.write_manifest({"target": "heldout_return", "num_processes": 1})
+    for k, mean in enumerate(rewards, start=1):
+        influence = [(i - 2.5) * k for i in range(n)]  # record n-1 most helpful, record 0 most harmful
+        store.write_round(
+            k,
+            {
+                "record": list(range(n)),
+                "prompt": [f"prompt {k}.{i}" for i in range(n)],
+                "response": [f"response {k}.{i}" for i in range(n)],
+                "reward": [mean] * n,
+                "influence": influence,
+                "kept": [x >= 0 for x in influence],
+            },
+            {"objective/scores": mean},
+        )
+    return run
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(str(p.relative_to(path)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_find_jumps_rule():
+    deltas = [REWARDS[i + 1] - REWARDS[i] for i in range(len(REWARDS) - 1)]
+    mean = sum(deltas) / len(deltas)
+    std = (sum((d - mean) ** 2 for d in deltas) / len(deltas)) ** 0.5
+    expected = [(k + 1, d) for k, d in enumerate(deltas) if d > 1.5 * std]
+    assert find_jumps(REWARDS) == expected == [(3, pytest.approx(0.88))]
+    assert find_jumps(REWARDS, min_delta=1.0) == []
+    assert find_jumps([0.3]) == []
+
+
+def test_audit_json_shape_and_attribution(tmp_path, capsys):
+    run = make_run(tmp_path)
+    before = tree_digest(run)
+    assert main(["audit", str(run), "--json", "--top", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["round"] for r in report["rounds"]] == list(range(1, 8))
+    assert set(report["rounds"][0]) >= {"round", "mean_reward", "kept", "dropped"}
+    assert report["rounds"][0]["kept"] == 3 and report["rounds"][0]["dropped"] == 3
+    (jump,) = report["jumps"]
+    assert jump["round"] == 4 and jump["attributed_round"] == 3
+    assert jump["reward_delta"] == pytest.approx(0.88)
+    top = jump["top_records"]
+    assert [r["prompt"] for r in top] == ["prompt 3.5", "prompt 3.4"]
+    assert set(top[0]) >= {"prompt", "response", "reward", "influence"}
+    assert [r["prompt"] for r in jump["bottom_records"]] == ["prompt 3.0", "prompt 3.1"]
+    assert tree_digest(run) == before  # an audit never modifies the store
+
+
+def test_audit_table_and_attribution_folder(tmp_path, capsys):
+    run = make_run(tmp_path)
+    assert main(["audit", str(run / "attribution")]) == 0
+    out = capsys.readouterr().out
+    assert "round 4" in out and "driven by round 3" in out and "response 3.5" in out
+
+
+def test_half_written_round_is_ignored_and_a_resume_appends(tmp_path, capsys):
+    run = make_run(tmp_path, rewards=REWARDS[:3])
+    half = run / "attribution" / ".round_000004.tmp-123-456"  # what a kill mid-write leaves
+    half.mkdir()
+    (half / "records.parquet").write_bytes(b"PAR1 truncated")
+    store = AttributionStore.open(run)
+    assert store.rounds() == [1, 2, 3]
+    assert main(["audit", str(run), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["rounds"]) == 3
+    store.write_round(4, {"record": [0], "prompt": ["p"], "response": ["r"], "reward": [1.0],
+                          "influence": [0.1], "kept": [True]}, {})  # fmt: skip
+    assert store.rounds() == [1, 2, 3, 4]
+    with pytest.raises(FileExistsError, match="round 4 is already in the store"):
+        store.write_round(4, {"record": [0]}, {})
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda run: None, "is not an rlhf-influence run"),
+        (lambda run: (run / "attribution" / "round_000002" / "records.parquet").unlink(), "round 2: cannot read"),
+        (lambda run: (run / "attribution" / "round_000002" / "records.parquet").write_bytes(b"PAR1xx"), "round 2: cannot read"),
+        (lambda run: (run / "attribution" / "manifest.json").write_text(json.dumps({"format_version": 99})), "format version 99"),
+    ],
+)  # fmt: skip
+def test_bad_runs_get_one_line_errors(tmp_path, damage, message):
+    if message == "is not an rlhf-influence run":
+        run = tmp_path / "not-a-run"
+        run.mkdir()
+    else:
+        run = make_run(tmp_path)
+        damage(run)
+    result = subprocess.run(
+        [sys.executable, "-m", "rlhf_influence.cli", "audit", str(run)], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_missing_directory(tmp_path, capsys):
+    assert main(["audit", str(tmp_path / "nowhere")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
