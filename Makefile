@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# The main job on its embedded default (offline, ~1-2 min on a laptop CPU), then its audit.
 demo: install
-	$(PY) examples/attribute_batch.py
+	rm -rf runs/demo
+	$(PY) recipes/ppo_iif.py --output_dir runs/demo
+	$(VENV)/bin/rlhf-influence audit runs/demo --top 3
 
 lint: install
 	$(VENV)/bin/ruff check .
