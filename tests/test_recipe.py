@@ -108,3 +108,15 @@ def test_ctrl_c_stops_cleanly_with_rounds_on_disk(tmp_path):
     assert not [p for p in (out / "attribution").iterdir() if p.name.startswith(".")]  # no half-written round
     for r in done:
         assert len(store.read_records(r)) == 32
+
+
+def test_config_yaml_sets_flags_and_cli_overrides_it(tmp_path):
+    out = tmp_path / "from-yaml"
+    config = tmp_path / "recipe.yaml"
+    config.write_text(
+        f"output_dir: {out}\ntotal_episodes: 64\niif_drop_fraction: 0.5\niif_schedule: round\nnum_ppo_epochs: 1\n"
+    )
+    assert recipe_main()(["--config", str(config), "--total_episodes", "32", "--disable_tqdm", "true"]) == 0
+    store = AttributionStore.open(out)
+    assert store.rounds() == [1]  # the command line's 32 episodes won over the file's 64
+    assert store.manifest["drop_fraction"] == 0.5 and store.manifest["schedule"] == "round"

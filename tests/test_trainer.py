@@ -105,15 +105,17 @@ class ForcedDecision(IIFPPOTrainer):
     keep = torch.tensor([True, False, True, True, False, True, True, False])
     corrupt_dropped = False
 
-    def score_and_filter(self, batch, target_batch):
-        scored = super().score_and_filter(batch, target_batch)
+    def score_and_filter(self, batch, target_batch, keep_gradients=False):
+        scored = super().score_and_filter(batch, target_batch, keep_gradients)
         if self.corrupt_dropped:
             dropped = (~self.keep).nonzero().flatten()
             batch.advantages[dropped] = 1e4 * torch.randn_like(batch.advantages[dropped])
             batch.returns[dropped] = -1e4
             batch.logprobs[dropped] = 3.0
         decision = type(scored.decision)(keep=self.keep.clone(), num_negative=0, num_nonfinite=0)
-        return type(scored)(scored.scores, decision, self.keep.numpy(), self.keep[None], scored.seconds)
+        return type(scored)(
+            scored.scores, decision, self.keep.numpy(), self.keep[None], scored.seconds, scored.projected
+        )
 
     def _ppo_loss(self, batch, idx):
         self.seen.extend(idx.tolist())
@@ -143,7 +145,7 @@ def test_dropped_records_do_not_reach_the_optimizer(tmp_path):
 class WrongSign(IIFPPOTrainer):
     """Give record 3 a huge advantage of the sign that lowers the target (checked by autograd)."""
 
-    def score_and_filter(self, batch, target_batch):
+    def score_and_filter(self, batch, target_batch, keep_gradients=False):
         from rlhf_influence import ReturnTarget, token_logprobs
 
         policy = self.unwrapped.policy
@@ -162,7 +164,7 @@ class WrongSign(IIFPPOTrainer):
         alignment = sum(float((a * b).sum()) for a, b in zip(v, u, strict=True))
         sign = 1.0 if alignment > 0 else -1.0
         batch.advantages[3] = torch.where(batch.padding_mask[3], 0.0, -50.0 * sign)
-        return super().score_and_filter(batch, target_batch)
+        return super().score_and_filter(batch, target_batch, keep_gradients)
 
 
 def test_record_with_hugely_wrong_advantage_is_scored_negative_and_dropped(tmp_path):
@@ -196,10 +198,10 @@ def test_callable_reward_trains(tmp_path):
 
 def test_non_finite_score_is_kept_counted_and_warned(tmp_path):
     class NanScore(IIFPPOTrainer):
-        def _record_scores(self, policy, batch, target_grad):
-            scores = super()._record_scores(policy, batch, target_grad)
+        def _record_scores(self, policy, batch, target_grad, store_projector=None):
+            scores, projected = super()._record_scores(policy, batch, target_grad, store_projector)
             scores[0] = float("nan")
-            return scores
+            return scores, projected
 
     setup = Setup()
     seed_everything(0)

@@ -23,9 +23,26 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
 ROUND_PREFIX = "round_"
+
+
+def save_base_model(peft_base, path: Path) -> None:
+    """Save the frozen base model under a PEFT wrapper as a plain transformers checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    state = {}
+    for name, tensor in peft_base.state_dict().items():
+        if "lora_" in name:
+            continue
+        state[name.replace(".base_layer.", ".")] = tensor
+    with torch.random.fork_rng(devices=[]):  # building the model must not move training's random stream
+        plain = AutoModelForCausalLM.from_config(peft_base.config, dtype=next(iter(state.values())).dtype)
+    plain.load_state_dict(state, strict=True)
+    plain.save_pretrained(path)
 
 
 class StoreError(Exception):
@@ -89,8 +106,29 @@ class AttributionStore:
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         os.replace(tmp, self.path / "manifest.json")
 
-    def write_round(self, round_index: int, records: dict[str, list], metrics: dict[str, Any]) -> Path:
-        """Write one round atomically. ``records`` maps column name to one value per record."""
+    def write_model_files(self, files: dict[str, Any]) -> None:
+        """Keep what rebuilds a round's policy later: tokenizer, LoRA config, base model or its name."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        files["tokenizer"].save_pretrained(self.path / "tokenizer")
+        files["peft_config"].save_pretrained(self.path / "adapter")
+        base = files.get("base_model")
+        if base is not None:
+            save_base_model(base, self.path / "base_model")
+        info = {
+            "base_model_saved": base is not None,
+            "base_model_reference": files.get("base_model_reference"),
+        }
+        (self.path / "model.json").write_text(json.dumps(info, indent=2))
+
+    def write_round(
+        self,
+        round_index: int,
+        records: dict[str, list],
+        metrics: dict[str, Any],
+        tensors: dict[str, dict[str, Any]] | None = None,
+    ) -> Path:
+        """Write one round atomically. ``records`` maps column name to one value per record;
+        ``tensors`` maps a file name to named tensors (saved as ``<name>.safetensors``)."""
         final = self.round_dir(round_index)
         if final.exists():
             raise FileExistsError(f"round {round_index} is already in the store at {final}")
@@ -98,6 +136,8 @@ class AttributionStore:
         tmp.mkdir(parents=True)
         try:
             pq.write_table(pa.table(records), tmp / "records.parquet")
+            for name, named in (tensors or {}).items():
+                save_file({k: v.contiguous() for k, v in named.items()}, str(tmp / f"{name}.safetensors"))
             (tmp / "metrics.json").write_text(
                 json.dumps({"round": round_index, **metrics}, indent=2, sort_keys=True)
             )
@@ -113,6 +153,16 @@ class AttributionStore:
         try:
             return pq.read_table(path)
         except (OSError, pa.ArrowException) as exc:
+            raise StoreError(f"round {round_index}: cannot read {path}: {exc}") from None
+
+    def read_tensors(self, round_index: int, name: str) -> dict[str, torch.Tensor]:
+        """``gradients`` (``projected``: [N, D']) or ``adapter`` (LoRA weights at the round start)."""
+        path = self.round_dir(round_index) / f"{name}.safetensors"
+        if not path.is_file():
+            raise StoreError(f"round {round_index} has no {name}.safetensors (the run stored none)")
+        try:
+            return load_file(str(path))
+        except Exception as exc:
             raise StoreError(f"round {round_index}: cannot read {path}: {exc}") from None
 
     def read_metrics(self, round_index: int) -> dict[str, Any]:

@@ -68,6 +68,18 @@ class IIFPPOConfig(PPOConfig):
             "help": "Write every round's attribution (records, scores, kept flags, metrics) to iif_store_dir."
         },
     )
+    iif_store_projection_dim: int = field(
+        default=32,
+        metadata={
+            "help": "Store each record's gradient at the round start, randomly projected to this size per LoRA "
+            "adapter side (r * k floats per adapter side), so targets chosen after training can be scored "
+            "(rlhf-influence score). 0: store no gradients."
+        },
+    )
+    iif_store_dtype: str = field(
+        default="float16",
+        metadata={"help": "Precision of the stored gradients.", "choices": ["float16", "float32"]},
+    )
     iif_store_dir: str | None = field(
         default=None,
         metadata={"help": "Where the attribution store goes; default: <output_dir>/attribution."},
@@ -92,5 +104,9 @@ class IIFPPOConfig(PPOConfig):
             raise ValueError(
                 f"iif_projection_dim must be 0 (exact) or a positive integer, got {self.iif_projection_dim}"
             )
+        if self.iif_store_projection_dim < 0:
+            raise ValueError(f"iif_store_projection_dim must be >= 0, got {self.iif_store_projection_dim}")
+        if self.iif_store_dtype not in ("float16", "float32"):
+            raise ValueError(f"iif_store_dtype must be float16 or float32, got {self.iif_store_dtype!r}")
         if not 0.0 < self.iif_min_keep_fraction <= 1.0:
             raise ValueError(f"iif_min_keep_fraction must be in (0, 1], got {self.iif_min_keep_fraction}")

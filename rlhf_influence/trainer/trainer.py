@@ -49,13 +49,17 @@ from ..capture import capture_factors
 from ..errors import NoLoraError
 from ..filtering import FilterDecision, iif_keep_mask, plan_epoch
 from ..influence import scores_from_factors
-from ..lora import find_lora_layout
+from ..lora import canonical_name, find_lora_layout
 from ..projection import RandomProjector
 from ..records import RolloutBatch
 from ..store import AttributionStore
 from ..targets import ReturnTarget, ppo_policy_loss
 from .config import IIFPPOConfig
 from .rewards import RewardFunction, as_reward_module
+
+# Base models up to this size are copied into the store (tiny and test models); larger ones are
+# referenced by name, as loaded.
+BASE_MODEL_STORE_LIMIT = 64 * 2**20
 
 PPO_STATS = ("approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")
 
@@ -69,6 +73,7 @@ class EpochScores:
     keep_local: np.ndarray  # bool [n]
     keep_by_process: torch.Tensor  # bool [world, N]: the decision as each process made it
     seconds: float
+    projected: torch.Tensor | None = None  # [n, D'] this process's records, for the store
 
 
 class IIFPPOTrainer(PPOTrainer):
@@ -132,6 +137,12 @@ class IIFPPOTrainer(PPOTrainer):
             else None
         )
         self.store = AttributionStore(args.attribution_dir) if args.iif_store else None
+        self.store_projector = (
+            RandomProjector(args.iif_store_projection_dim, seed=args.iif_projection_seed)
+            if self.store is not None and args.iif_store_projection_dim
+            else None
+        )
+        self._store_dtype = getattr(torch, args.iif_store_dtype)
         self.iif_history: list[dict] = []  # per-round summaries, also written to the store
 
     # ------------------------------------------------------------------ helpers around TRL's wrapper
@@ -180,13 +191,15 @@ class IIFPPOTrainer(PPOTrainer):
 
             stats: dict[str, list[float]] = defaultdict(list)
             epochs: list[EpochScores] = []
+            snapshot = self.adapter_snapshot() if self.store is not None else None
             for epoch in range(args.num_ppo_epochs):
                 if epoch == 0 or args.iif_schedule == "epoch":
-                    epochs.append(self.score_and_filter(batch, target_batch))
+                    keep_gradients = epoch == 0 and self.store_projector is not None
+                    epochs.append(self.score_and_filter(batch, target_batch, keep_gradients))
                 self.ppo_epoch(batch, epochs[-1].keep_local, stats)
 
             metrics = self.round_metrics(batch, stats, epochs, start)
-            self.store_round(round_index, batch, epochs, metrics)
+            self.store_round(round_index, batch, epochs, metrics, snapshot)
             self._end_round(metrics)
         self._end_training()
 
@@ -347,13 +360,19 @@ class IIFPPOTrainer(PPOTrainer):
         return self.data_collator(features)["input_ids"]
 
     # ------------------------------------------------------------------ step 4: score and filter
-    def score_and_filter(self, batch: RolloutBatch, target_batch: RolloutBatch) -> EpochScores:
-        """Influence of every record on the return target at the current weights; the IIF decision."""
+    def score_and_filter(
+        self, batch: RolloutBatch, target_batch: RolloutBatch, keep_gradients: bool = False
+    ) -> EpochScores:
+        """Influence of every record on the return target at the current weights; the IIF decision.
+
+        ``keep_gradients``: also keep the records' projected gradients for the store.
+        """
         args = self.args
         start = time.perf_counter()
         policy = self.unwrapped.policy  # dropout is disabled in it, as PPOTrainer does
         target_grad = self._target_gradient(policy, target_batch)
-        local = self._record_scores(policy, batch, target_grad)
+        store_projector = self.store_projector if keep_gradients else None
+        local, projected = self._record_scores(policy, batch, target_grad, store_projector)
         global_scores = self.accelerator.gather(local.to(self.accelerator.device)).cpu().double()
         decision = iif_keep_mask(global_scores, args.iif_drop_fraction, args.iif_min_keep_fraction)
         rank, n = self.accelerator.process_index, len(batch)
@@ -376,6 +395,7 @@ class IIFPPOTrainer(PPOTrainer):
             decision=decision,
             keep_local=keep_local,
             keep_by_process=keep_by_process,
+            projected=projected,
             seconds=time.perf_counter() - start,
         )
 
@@ -409,9 +429,17 @@ class IIFPPOTrainer(PPOTrainer):
         return self.accelerator.reduce(grad, reduction="sum")
 
     def _record_scores(
-        self, policy: nn.Module, batch: RolloutBatch, target_grad: torch.Tensor
-    ) -> torch.Tensor:
-        """Each record's influence ``<grad f, -grad loss_i>`` on the target, ``[n]``."""
+        self,
+        policy: nn.Module,
+        batch: RolloutBatch,
+        target_grad: torch.Tensor,
+        store_projector: RandomProjector | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each record's influence ``<grad f, -grad loss_i>`` on the target, ``[n]``.
+
+        With ``store_projector`` also the records' projected gradients ``[n, D']`` for the
+        store, contracted from the same factors (no extra forward or backward).
+        """
         args = self.args
         pad_id = self.processing_class.pad_token_id
         # One normaliser for every record, so scores compare across micro-batches and processes:
@@ -420,7 +448,7 @@ class IIFPPOTrainer(PPOTrainer):
         normaliser = (
             float(tokens) / (len(batch) * self.accelerator.num_processes) * args.per_device_train_batch_size
         )
-        scores = []
+        scores, projected = [], []
         for idx in self._chunks(len(batch)):
             part = batch.select(idx)
             context = part.context_length
@@ -440,7 +468,9 @@ class IIFPPOTrainer(PPOTrainer):
 
             factors = capture_factors(policy, loss_fn, layout=self.layout)
             scores.append(scores_from_factors(factors, target_grad[None], self.projector)[:, 0])
-        return torch.cat(scores)
+            if store_projector is not None:
+                projected.append(factors.gradients(store_projector).to(self._store_dtype).cpu())
+        return torch.cat(scores), (torch.cat(projected) if projected else None)
 
     # ------------------------------------------------------------------ step 5: one PPO epoch
     def ppo_epoch(self, batch: RolloutBatch, keep_local: np.ndarray, stats: dict[str, list[float]]) -> None:
@@ -577,10 +607,28 @@ class IIFPPOTrainer(PPOTrainer):
     def _global(self, local: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(local.to(self.accelerator.device)).cpu().double()
 
+    def adapter_snapshot(self) -> dict[str, torch.Tensor]:
+        """The policy's trainable LoRA weights now (gathered under ZeRO-3), on the CPU."""
+        policy = self.unwrapped.policy
+        named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad and "lora_" in n]
+        gather = nullcontext()
+        if self.is_deepspeed_enabled and any(hasattr(p, "ds_id") for _, p in named):
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
+        with gather:
+            return {canonical_name(n): p.detach().to("cpu", copy=True).contiguous() for n, p in named}
+
     def store_round(
-        self, round_index: int, batch: RolloutBatch, epochs: list[EpochScores], metrics: dict
+        self,
+        round_index: int,
+        batch: RolloutBatch,
+        epochs: list[EpochScores],
+        metrics: dict,
+        snapshot: dict[str, torch.Tensor] | None,
     ) -> None:
-        """Hand the round's records, scores and kept flags to the attribution store (main process writes)."""
+        """Hand the round's records, scores, kept flags, projected gradients and round-start adapter
+        to the attribution store (the main process writes)."""
         if self.store is None:
             return
         decode = self.processing_class.batch_decode
@@ -593,6 +641,9 @@ class IIFPPOTrainer(PPOTrainer):
             "logprob": batch.sequence_logprobs().float(),
         }
         gathered = {k: self._global(v).tolist() for k, v in columns.items()}
+        projected = epochs[0].projected
+        if projected is not None:
+            projected = self.accelerator.gather(projected.to(self.accelerator.device)).cpu()
         influence = [e.scores.tolist() for e in epochs]
         kept = [e.decision.keep.tolist() for e in epochs]
         if not self.accelerator.is_main_process:
@@ -617,9 +668,15 @@ class IIFPPOTrainer(PPOTrainer):
             "kept_by_scoring": [list(x) for x in zip(*kept, strict=True)],
             "kept_on_each_process": epochs[0].keep_by_process.T.tolist(),
         }
-        if round_index == 1 or not (self.store.path / "manifest.json").exists():
+        tensors = {}
+        if projected is not None:
+            tensors["gradients"] = {"projected": projected}
+        if snapshot is not None:
+            tensors["adapter"] = snapshot
+        if not (self.store.path / "manifest.json").exists():
             self.store.write_manifest(self._manifest())
-        self.store.write_round(round_index, records, metrics)
+            self.store.write_model_files(self._model_files())
+        self.store.write_round(round_index, records, metrics, tensors)
 
     def _manifest(self) -> dict:
         args = self.args
@@ -635,6 +692,31 @@ class IIFPPOTrainer(PPOTrainer):
             "num_ppo_epochs": args.num_ppo_epochs,
             "lora_parameters": self.layout.num_params,
             "lora_adapters": len(self.layout),
+            "temperature": args.temperature + 1e-7,
+            "stored_gradients": None
+            if self.store_projector is None
+            else {
+                "projection": "one-sided per LoRA adapter side, orthogonal",
+                "dim": self.store_projector.dim,
+                "seed": self.store_projector.seed,
+                "dtype": args.iif_store_dtype,
+                "size": self.store_projector.output_size(self.layout),
+            },
+        }
+
+    def _model_files(self) -> dict:
+        """What the store keeps so that a round's snapshot can be rebuilt after training."""
+        policy = self.unwrapped.policy
+        base = policy.get_base_model()
+        reference = getattr(base.config, "_name_or_path", "") or None
+        sharded = any(hasattr(p, "ds_id") for p in base.parameters())
+        size = sum(p.numel() * p.element_size() for p in base.parameters())
+        small = not sharded and size <= BASE_MODEL_STORE_LIMIT
+        return {
+            "tokenizer": self.processing_class,
+            "peft_config": policy.peft_config[self.model_adapter_name or "default"],
+            "base_model": base if small else None,
+            "base_model_reference": reference,
         }
 
     # ------------------------------------------------------------------ trainer bookkeeping (as TRL)
