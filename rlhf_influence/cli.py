@@ -41,7 +41,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--top", type=int, default=5, help="records listed per jump and side (default 5)")
     audit.add_argument("--json", action="store_true", help="print JSON for machines instead of tables")
+    score = commands.add_parser(
+        "score",
+        help="which records of a round pushed the model toward saying RESPONSE to PROMPT",
+        description="Score a behaviour chosen now against round K's stored projected gradients: the "
+        "gradient of log pi(response | prompt) at round K's stored adapter, projected with the run's seed, "
+        "dotted with every record's gradient. Positive: the record's update made the response more likely.",
+    )
+    score.add_argument("run", help="a run's output directory (or its attribution/ folder)")
+    score.add_argument("--round", type=int, required=True, help="the round whose records are scored")
+    score.add_argument("--prompt", required=True, help="the prompt text")
+    score.add_argument("--response", required=True, help="the response text whose likelihood is traced")
+    score.add_argument("--top", type=int, default=10, help="records listed on each side (default 10)")
+    score.add_argument("--json", action="store_true", help="print every record's influence as JSON")
     return parser
+
+
+def run_score(args) -> int:
+    from dataclasses import asdict
+
+    from .audit.rescore import score_behaviour
+
+    scored = score_behaviour(args.run, args.round, args.prompt, args.response)
+    ranked = sorted(scored, key=lambda r: -r.influence)
+    if args.json:
+        print(json.dumps({"round": args.round, "prompt": args.prompt, "response": args.response,
+                          "records": [asdict(r) for r in ranked]}, indent=2))  # fmt: skip
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"round {args.round}: influence on log p({args.response!r} | {args.prompt!r})")
+    for name, justify in (("", "left"), ("influence", "right"), ("reward", "right"), ("kept", "center"),
+                          ("prompt", "left"), ("response", "left")):  # fmt: skip
+        table.add_column(name, justify=justify, overflow="fold")
+    for label, rows in (("toward", ranked[: args.top]), ("away", ranked[::-1][: args.top])):
+        for r in rows:
+            table.add_row(label, f"{r.influence:+.3e}", f"{r.reward:+.3f}", "yes" if r.kept else "no", r.prompt,
+                          r.response, style="green" if label == "toward" else "red")  # fmt: skip
+    Console().print(table, markup=False)
+    return 0
 
 
 def run_audit(args) -> int:
@@ -91,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from .store import StoreError
 
     try:
-        return run_audit(args)
+        return {"audit": run_audit, "score": run_score}[args.command](args)
     except StoreError as exc:
         print(f"rlhf-influence: error: {exc}", file=sys.stderr)
         return 2

@@ -249,6 +249,10 @@ def test_bad_trainer_inputs(tmp_path):
         IIFPPOTrainer(args=config, model=setup.peft_policy(), reward_model=torch.nn.Linear(2, 2), **common)
     with pytest.raises(TypeError, match="reward_model must be"):
         IIFPPOTrainer(args=config, model=setup.peft_policy(), reward_model="rm", **common)
+    small = Setup().train.select(range(6))
+    with pytest.raises(ValueError, match="train_dataset has 6 prompts per process, fewer than one round's 8"):
+        IIFPPOTrainer(args=config, model=setup.peft_policy(), reward_model=setup.reward,
+                      **{**common, "train_dataset": small})  # fmt: skip
     from peft import IA3Config
 
     with pytest.raises(TypeError, match=r"must be a peft\.LoraConfig"):

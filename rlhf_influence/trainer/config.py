@@ -69,7 +69,7 @@ class IIFPPOConfig(PPOConfig):
         },
     )
     iif_store_projection_dim: int = field(
-        default=32,
+        default=64,
         metadata={
             "help": "Store each record's gradient at the round start, randomly projected to this size per LoRA "
             "adapter side (r * k floats per adapter side), so targets chosen after training can be scored "

@@ -129,6 +129,11 @@ class IIFPPOTrainer(PPOTrainer):
             callbacks=callbacks,
             peft_config=peft_config,
         )
+        if len(self.dataloader) == 0:  # PPOTrainer would loop forever looking for a first batch
+            raise ValueError(
+                f"train_dataset has {len(train_dataset)} prompts per process, fewer than one round's "
+                f"{args.local_batch_size} (per_device_train_batch_size x gradient_accumulation_steps)"
+            )
         self.target_dataset = target_dataset
         self.layout = find_lora_layout(self.policy_model)
         self.projector = (

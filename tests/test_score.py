@@ -1,0 +1,73 @@
+"""`rlhf-influence score` on stored projected gradients against exact scoring at the snapshot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from scipy.stats import spearmanr
+from trainer_setup import Setup, ppo_kwargs, seed_everything
+
+from rlhf_influence import IIFPPOConfig, IIFPPOTrainer, LogProbTarget, target_gradients
+from rlhf_influence.audit.rescore import score_behaviour
+from rlhf_influence.cli import main
+from rlhf_influence.store import StoreError
+
+PROMPT, RESPONSE = "the movie was", "great fun lovely"
+
+
+class ScoresLogProbTarget(IIFPPOTrainer):
+    """Scores the round's records exactly against log p(RESPONSE | PROMPT) instead of the return
+    target, so the stored `influence` column is the exact reference at each round's snapshot."""
+
+    def _target_gradient(self, policy, target_batch):
+        target = LogProbTarget.from_text(self.processing_class, [PROMPT], [RESPONSE])
+        target.temperature = self.args.temperature + 1e-7
+        return target_gradients(policy, target, layout=self.layout).to(self.accelerator.device)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("score-run")
+    from datasets import concatenate_datasets
+
+    setup = Setup(hidden=128)  # wider than the projection: every adapter side is compressed 2-8x
+    seed_everything(0)
+    kwargs = ppo_kwargs(out, per_device_train_batch_size=16, total_episodes=96, iif_schedule="round",
+                         iif_drop_fraction=0.5)  # fmt: skip
+    trainer = ScoresLogProbTarget(
+        args=IIFPPOConfig(**kwargs), processing_class=setup.tokenizer, model=setup.peft_policy(), ref_model=None,
+        reward_model=setup.reward, train_dataset=concatenate_datasets([setup.train] * 2), value_model=setup.value,
+        target_dataset=setup.heldout,
+    )  # fmt: skip
+    seed_everything(0)
+    trainer.train()
+    return out
+
+
+@pytest.mark.parametrize("round_index", [1, 3])
+def test_score_from_store_agrees_with_exact_scoring(run_dir, round_index):
+    from rlhf_influence.store import AttributionStore
+
+    store = AttributionStore.open(run_dir)
+    assert store.manifest["stored_gradients"]["dim"] == 64  # the default
+    exact = store.read_records(round_index).to_pydict()["influence"]
+    scored = score_behaviour(run_dir, round_index, PROMPT, RESPONSE)
+    assert [r.record for r in scored] == list(range(len(exact)))
+    rho = spearmanr(exact, [r.influence for r in scored]).statistic
+    assert rho >= 0.9, rho
+
+
+def test_score_cli_json_and_errors(run_dir, capsys):
+    assert (
+        main(["score", str(run_dir), "--round", "2", "--prompt", PROMPT, "--response", RESPONSE, "--json"])
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["records"]) == 32
+    influences = [r["influence"] for r in out["records"]]
+    assert influences == sorted(influences, reverse=True)
+    assert main(["score", str(run_dir), "--round", "9", "--prompt", PROMPT, "--response", RESPONSE]) == 2
+    assert "round 9 is not in the store (complete rounds: 1..3)" in capsys.readouterr().err
+    with pytest.raises(StoreError, match="cannot score this behaviour"):
+        score_behaviour(run_dir, 1, PROMPT, "")
