@@ -54,7 +54,76 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--response", required=True, help="the response text whose likelihood is traced")
     score.add_argument("--top", type=int, default=10, help="records listed on each side (default 10)")
     score.add_argument("--json", action="store_true", help="print every record's influence as JSON")
+    diag = commands.add_parser(
+        "diagnose",
+        help="are the most harmful records the ones with wrong-sign advantages?",
+        description="For every round, the share of records whose advantage estimate (mean over the response) "
+        "has the opposite sign of their reward minus the round's mean reward, among the bottom records by "
+        "influence, the top ones, and all of them.",
+    )
+    diag.add_argument("run", help="a run's output directory (or its attribution/ folder)")
+    diag.add_argument(
+        "--bottom-fraction", type=float, default=0.1, help="share of records called bottom/top (default 0.1)"
+    )
+    diag.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    form = commands.add_parser(
+        "formation",
+        help="how the records behind a behaviour change across rounds",
+        description="For each round, the records whose update made RESPONSE to PROMPT more likely, scored from "
+        "the round's stored gradients at its round-start adapter.",
+    )
+    form.add_argument("run", help="a run's output directory (or its attribution/ folder)")
+    form.add_argument("--prompt", required=True, help="the prompt text")
+    form.add_argument("--response", required=True, help="the response text")
+    form.add_argument("--top", type=int, default=3, help="records listed per round (default 3)")
+    form.add_argument("--rounds", type=int, nargs="+", help="only these rounds (default: all)")
+    form.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser
+
+
+def run_diagnose(args) -> int:
+    from .audit.analyses import diagnose
+
+    result = diagnose(args.run, bottom_fraction=args.bottom_fraction)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"wrong-sign advantages (bottom/top = {args.bottom_fraction:.0%} by influence)")
+    for name in ("round", "records", "bottom", "top", "all"):
+        table.add_column(name, justify="right")
+    for r in result["rounds"]:
+        table.add_row(str(r["round"]), str(r["records"]), f"{r['bottom_wrong_sign']:.0%}", f"{r['top_wrong_sign']:.0%}",
+                      f"{r['all_wrong_sign']:.0%}")  # fmt: skip
+    o = result["overall"]
+    table.add_row("all", "", f"{o['bottom_wrong_sign']:.0%}", f"{o['top_wrong_sign']:.0%}", f"{o['all_wrong_sign']:.0%}",
+                  style="bold")  # fmt: skip
+    Console().print(table)
+    return 0
+
+
+def run_formation(args) -> int:
+    from .audit.analyses import formation
+
+    result = formation(args.run, args.prompt, args.response, top=args.top, rounds=args.rounds)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"records making {args.response!r} more likely after {args.prompt!r}, by round")
+    for name, justify in (("round", "right"), ("positive", "right"), ("influence", "right"), ("reward", "right"),
+                          ("prompt", "left"), ("response", "left")):  # fmt: skip
+        table.add_column(name, justify=justify, overflow="fold")
+    for r in result["rounds"]:
+        for i, rec in enumerate(r["top_records"]):
+            table.add_row(str(r["round"]) if i == 0 else "", f"{r['positive_fraction']:.0%}" if i == 0 else "",
+                          f"{rec['influence']:+.3e}", f"{rec['reward']:+.3f}", rec["prompt"], rec["response"])  # fmt: skip
+    Console().print(table, markup=False)
+    return 0
 
 
 def run_score(args) -> int:
@@ -130,7 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     from .store import StoreError
 
     try:
-        return {"audit": run_audit, "score": run_score}[args.command](args)
+        commands = {
+            "audit": run_audit,
+            "score": run_score,
+            "diagnose": run_diagnose,
+            "formation": run_formation,
+        }
+        return commands[args.command](args)
     except StoreError as exc:
         print(f"rlhf-influence: error: {exc}", file=sys.stderr)
         return 2

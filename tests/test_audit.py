@@ -125,3 +125,24 @@ def test_bad_runs_get_one_line_errors(tmp_path, damage, message):
 def test_missing_directory(tmp_path, capsys):
     assert main(["audit", str(tmp_path / "nowhere")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_diagnose_counts_wrong_sign_advantages(tmp_path, capsys):
+    run = tmp_path / "run"
+    store = AttributionStore(run / "attribution")
+    store.write_manifest({})
+    # 10 records; mean reward 0.5. Influence ranks records 0 (most harmful) .. 9 (most helpful).
+    rewards = [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    # records 0 and 1 (bottom 2) have advantages against their centred reward; 8, 9 (top 2) agree.
+    advantages = [-1.0, 2.0, 0.5, -0.5, -0.3, 0.3, 0.2, -0.2, 1.0, -1.0]
+    store.write_round(1, {"record": list(range(10)), "reward": rewards, "advantage_mean": advantages,
+                          "influence": [float(i) for i in range(10)], "kept": [True] * 10,
+                          "prompt": ["p"] * 10, "response": ["r"] * 10}, {})  # fmt: skip
+    assert main(["diagnose", str(run), "--bottom-fraction", "0.2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (r,) = out["rounds"]
+    assert r["bottom_wrong_sign"] == 1.0 and r["top_wrong_sign"] == 0.0
+    wrong = sum((a > 0) != (w - 0.5 > 0) for a, w in zip(advantages, rewards, strict=True))
+    assert r["all_wrong_sign"] == pytest.approx(wrong / 10)
+    assert out["overall"]["bottom_wrong_sign"] == 1.0
+    assert main(["diagnose", str(run), "--bottom-fraction", "0.9"]) == 2

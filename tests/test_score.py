@@ -71,3 +71,20 @@ def test_score_cli_json_and_errors(run_dir, capsys):
     assert "round 9 is not in the store (complete rounds: 1..3)" in capsys.readouterr().err
     with pytest.raises(StoreError, match="cannot score this behaviour"):
         score_behaviour(run_dir, 1, PROMPT, "")
+
+
+def test_formation_follows_the_exact_influence_of_each_round(run_dir, capsys):
+    from rlhf_influence.audit.analyses import formation
+    from rlhf_influence.store import AttributionStore
+
+    store = AttributionStore.open(run_dir)
+    result = formation(run_dir, PROMPT, RESPONSE, top=3)
+    assert [r["round"] for r in result["rounds"]] == [1, 2, 3]
+    for r in result["rounds"]:
+        exact = store.read_records(r["round"]).to_pydict()["influence"]
+        exact_positive = sum(x > 0 for x in exact) / len(exact)
+        assert abs(r["positive_fraction"] - exact_positive) <= 0.15
+        exact_top5 = sorted(range(len(exact)), key=lambda i: -exact[i])[:5]
+        assert r["top_records"][0]["record"] in exact_top5
+    assert main(["formation", str(run_dir), "--prompt", PROMPT, "--response", RESPONSE, "--rounds", "2"]) == 0
+    assert "records making 'great fun lovely' more likely" in capsys.readouterr().out

@@ -31,8 +31,76 @@ class ScoredRecord:
     influence: float
 
 
-def load_round_policy(store: AttributionStore, round_index: int):
-    """(policy with round ``round_index``'s start adapter, tokenizer), in eval mode on the CPU."""
+class SnapshotScorer:
+    """Scores behaviours against the stored rounds of one run; the policy is rebuilt once and
+    each round's round-start adapter is loaded into it on demand."""
+
+    def __init__(self, path) -> None:
+        self.store = AttributionStore.open(path)
+        self.rounds = self.store.rounds()
+        self.spec = self.store.manifest.get("stored_gradients")
+        if not self.spec:
+            raise StoreError(
+                "the run stored no gradients (iif_store_projection_dim=0); only its own scores exist"
+            )
+        self.policy, self.tokenizer = _rebuild_policy(self.store)
+        self.layout = find_lora_layout(self.policy)
+        self.projector = RandomProjector(self.spec["dim"], seed=self.spec["seed"])
+        self.temperature = self.store.manifest.get("temperature", 1.0)
+
+    def load_round(self, round_index: int) -> None:
+        """Put round ``round_index``'s round-start adapter into the policy."""
+        if round_index not in self.rounds:
+            span = f"{self.rounds[0]}..{self.rounds[-1]}" if self.rounds else "none"
+            raise StoreError(f"round {round_index} is not in the store (complete rounds: {span})")
+        adapter = self.store.read_tensors(round_index, "adapter")
+        params = dict(self.policy.named_parameters())
+        missing = [name for name in adapter if name not in params]
+        if missing:
+            raise StoreError(
+                f"round {round_index}: stored adapter weights {missing[:3]} do not fit the rebuilt policy"
+            )
+        with torch.no_grad():
+            for name, value in adapter.items():
+                params[name].copy_(value)
+
+    def score(self, round_index: int, prompt: str, response: str) -> list[ScoredRecord]:
+        """Influence of every record of the round on log pi(response | prompt) at the round start."""
+        self.load_round(round_index)
+        gradients = self.store.read_tensors(round_index, "gradients")["projected"].float()
+        if self.projector.output_size(self.layout) != gradients.shape[1]:
+            raise StoreError(
+                f"round {round_index}: stored gradients have {gradients.shape[1]} entries per record, the "
+                f"rebuilt policy projects to {self.projector.output_size(self.layout)}"
+            )
+        try:
+            target = LogProbTarget.from_text(self.tokenizer, [prompt], [response])
+        except ValueError as exc:
+            raise StoreError(f"cannot score this behaviour: {exc}") from None
+        target.temperature = self.temperature
+        target_grad = target_gradients(self.policy, target, layout=self.layout).float()
+        influence = -(gradients @ self.projector.project(self.layout, target_grad))
+        table = self.store.read_records(round_index).to_pydict()
+        return [
+            ScoredRecord(
+                table["record"][i],
+                table["prompt"][i],
+                table["response"][i],
+                table["reward"][i],
+                table["kept"][i],
+                float(influence[i]),
+            )
+            for i in range(len(table["record"]))
+        ]
+
+
+def score_behaviour(path, round_index: int, prompt: str, response: str) -> list[ScoredRecord]:
+    """Influence of every record of round ``round_index`` on log pi(response | prompt), from the store."""
+    return SnapshotScorer(path).score(round_index, prompt, response)
+
+
+def _rebuild_policy(store: AttributionStore):
+    """The run's LoRA policy (adapter weights still to be loaded) and tokenizer, eval mode, CPU."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,60 +122,8 @@ def load_round_policy(store: AttributionStore, round_index: int):
         raise StoreError(f"cannot rebuild the policy from {source!r}: {type(exc).__name__}: {exc}") from None
     lora.inference_mode = False
     policy = get_peft_model(base, lora)
-    adapter = store.read_tensors(round_index, "adapter")
-    params = dict(policy.named_parameters())
-    missing = [name for name in adapter if name not in params]
-    if missing:
-        raise StoreError(
-            f"round {round_index}: stored adapter weights {missing[:3]} do not fit the rebuilt policy"
-        )
-    with torch.no_grad():
-        for name, value in adapter.items():
-            params[name].copy_(value)
     for module in policy.modules():  # as during training: no dropout
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     policy.eval()
     return policy, tokenizer
-
-
-def score_behaviour(path, round_index: int, prompt: str, response: str) -> list[ScoredRecord]:
-    """Influence of every record of round ``round_index`` on log pi(response | prompt), from the store."""
-    store = AttributionStore.open(path)
-    rounds = store.rounds()
-    if round_index not in rounds:
-        span = f"{rounds[0]}..{rounds[-1]}" if rounds else "none"
-        raise StoreError(f"round {round_index} is not in the store (complete rounds: {span})")
-    spec = store.manifest.get("stored_gradients")
-    if not spec:
-        raise StoreError(
-            "the run stored no gradients (iif_store_projection_dim=0); only its own scores exist"
-        )
-    gradients = store.read_tensors(round_index, "gradients")["projected"].float()
-    policy, tokenizer = load_round_policy(store, round_index)
-    layout = find_lora_layout(policy)
-    projector = RandomProjector(spec["dim"], seed=spec["seed"])
-    if projector.output_size(layout) != gradients.shape[1]:
-        raise StoreError(
-            f"round {round_index}: stored gradients have {gradients.shape[1]} entries per record, the rebuilt "
-            f"policy projects to {projector.output_size(layout)}"
-        )
-    try:
-        target = LogProbTarget.from_text(tokenizer, [prompt], [response])
-    except ValueError as exc:
-        raise StoreError(f"cannot score this behaviour: {exc}") from None
-    target.temperature = store.manifest.get("temperature", 1.0)
-    target_grad = target_gradients(policy, target, layout=layout).float()
-    influence = -(gradients @ projector.project(layout, target_grad))
-    table = store.read_records(round_index).to_pydict()
-    return [
-        ScoredRecord(
-            table["record"][i],
-            table["prompt"][i],
-            table["response"][i],
-            table["reward"][i],
-            table["kept"][i],
-            float(influence[i]),
-        )
-        for i in range(len(table["record"]))
-    ]
