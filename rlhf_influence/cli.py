@@ -78,7 +78,32 @@ def build_parser() -> argparse.ArgumentParser:
     form.add_argument("--top", type=int, default=3, help="records listed per round (default 3)")
     form.add_argument("--rounds", type=int, nargs="+", help="only these rounds (default: all)")
     form.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    rep = commands.add_parser(
+        "report",
+        help="one self-contained HTML page: curves, influence distribution, records behind each jump",
+        description="Write a self-contained HTML report (inline SVG plots, no scripts; run text is escaped). "
+        + JUMP_RULE,
+    )
+    rep.add_argument("run", help="a run's output directory (or its attribution/ folder)")
+    rep.add_argument(
+        "-o", "--output", default="report.html", help="the HTML file to write (default report.html)"
+    )
+    rep.add_argument(
+        "--z", type=float, default=1.5, help="jump threshold in standard deviations (default 1.5)"
+    )
+    rep.add_argument("--top", type=int, default=5, help="records listed per jump and side (default 5)")
     return parser
+
+
+def run_report(args) -> int:
+    from pathlib import Path
+
+    from .audit.report import render_report
+
+    page = render_report(args.run, z=args.z, top=args.top)
+    Path(args.output).write_text(page, encoding="utf-8")
+    print(f"wrote {args.output}")
+    return 0
 
 
 def run_diagnose(args) -> int:
@@ -204,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             "score": run_score,
             "diagnose": run_diagnose,
             "formation": run_formation,
+            "report": run_report,
         }
         return commands[args.command](args)
     except StoreError as exc:
