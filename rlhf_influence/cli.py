@@ -92,7 +92,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--z", type=float, default=1.5, help="jump threshold in standard deviations (default 1.5)"
     )
     rep.add_argument("--top", type=int, default=5, help="records listed per jump and side (default 5)")
+    inter = commands.add_parser(
+        "intervene",
+        help="re-run a round without the records that most raised a behaviour; compare the change",
+        description="Re-run round K's PPO policy update from its stored snapshot three ways: on all records, "
+        "without the --remove records that most raised log p(RESPONSE | PROMPT) (exact influence at the "
+        "snapshot), and without as many random records. Prints the behaviour's log-prob after each.",
+    )
+    inter.add_argument("run", help="a run's output directory (or its attribution/ folder)")
+    inter.add_argument("--round", type=int, required=True, help="the round to re-run")
+    inter.add_argument("--prompt", required=True, help="the prompt text")
+    inter.add_argument("--response", required=True, help="the response text of the behaviour")
+    inter.add_argument("--remove", type=int, help="records removed (default: 10%% of the round)")
+    inter.add_argument("--seed", type=int, default=0, help="seed of the mini-batch order and random control")
+    inter.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
+
+
+def run_intervene(args) -> int:
+    from dataclasses import asdict
+
+    from .audit.intervention import intervene
+
+    result = intervene(args.run, args.round, args.prompt, args.response, remove=args.remove, seed=args.seed)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+        return 0
+    print(f"round {result.round}: log p({result.response!r} | {result.prompt!r})")
+    print(f"  at the round start                        {result.target_before:+.4f}")
+    print(f"  after the round's update, all records      {result.target_all:+.4f}")
+    print(f"  ... without the top {result.removed} records for it     {result.target_without_top:+.4f}")
+    print(f"  ... without {result.removed} random records (mean)      {result.target_without_random:+.4f}")
+    return 0
 
 
 def run_report(args) -> int:
@@ -230,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             "diagnose": run_diagnose,
             "formation": run_formation,
             "report": run_report,
+            "intervene": run_intervene,
         }
         return commands[args.command](args)
     except StoreError as exc:

@@ -88,3 +88,18 @@ def test_formation_follows_the_exact_influence_of_each_round(run_dir, capsys):
         assert r["top_records"][0]["record"] in exact_top5
     assert main(["formation", str(run_dir), "--prompt", PROMPT, "--response", RESPONSE, "--rounds", "2"]) == 0
     assert "records making 'great fun lovely' more likely" in capsys.readouterr().out
+
+
+def test_intervention_without_top_records_moves_the_behaviour_least(run_dir, capsys):
+    from rlhf_influence.audit.intervention import intervene
+
+    result = intervene(run_dir, 2, PROMPT, RESPONSE, remove=8, random_draws=3)
+    assert result.removed == 8 and len(result.removed_records) == 8
+    gain_all = result.target_all - result.target_before
+    gain_without_top = result.target_without_top - result.target_before
+    gain_without_random = result.target_without_random - result.target_before
+    assert gain_without_top < gain_all
+    assert gain_without_top < gain_without_random
+    assert main(["intervene", str(run_dir), "--round", "2", "--prompt", PROMPT, "--response", RESPONSE,
+                 "--remove", "40"]) == 2  # fmt: skip
+    assert "--remove must be between 1 and 31" in capsys.readouterr().err

@@ -649,6 +649,7 @@ class IIFPPOTrainer(PPOTrainer):
         projected = epochs[0].projected
         if projected is not None:
             projected = self.accelerator.gather(projected.to(self.accelerator.device)).cpu()
+        round_batch = self._gathered_batch(batch)
         influence = [e.scores.tolist() for e in epochs]
         kept = [e.decision.keep.tolist() for e in epochs]
         if not self.accelerator.is_main_process:
@@ -673,7 +674,7 @@ class IIFPPOTrainer(PPOTrainer):
             "kept_by_scoring": [list(x) for x in zip(*kept, strict=True)],
             "kept_on_each_process": epochs[0].keep_by_process.T.tolist(),
         }
-        tensors = {}
+        tensors = {"batch": round_batch}
         if projected is not None:
             tensors["gradients"] = {"projected": projected}
         if snapshot is not None:
@@ -682,6 +683,24 @@ class IIFPPOTrainer(PPOTrainer):
             self.store.write_manifest(self._manifest())
             self.store.write_model_files(self._model_files())
         self.store.write_round(round_index, records, metrics, tensors)
+
+    def _gathered_batch(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+        """The round's token ids, masks, sampling log-probs and advantages over all processes,
+        so the round's policy update can be re-run later (the intervention analysis)."""
+        pad_id = self.processing_class.pad_token_id
+        acc = self.accelerator
+
+        def across(t: torch.Tensor, pad, first: bool = False) -> torch.Tensor:
+            t = acc.pad_across_processes(t.to(acc.device), dim=1, pad_index=pad, pad_first=first)
+            return acc.gather(t).cpu()
+
+        return {
+            "queries": across(batch.queries, pad_id, first=True).to(torch.int32),
+            "responses": across(batch.responses, pad_id).to(torch.int32),
+            "padding_mask": across(batch.padding_mask.to(torch.uint8), 1),
+            "logprobs": across(batch.logprobs.float(), INVALID_LOGPROB),
+            "advantages": across(batch.advantages.float(), 0.0),
+        }
 
     def _manifest(self) -> dict:
         args = self.args
@@ -698,6 +717,15 @@ class IIFPPOTrainer(PPOTrainer):
             "lora_parameters": self.layout.num_params,
             "lora_adapters": len(self.layout),
             "temperature": args.temperature + 1e-7,
+            "training": {
+                "learning_rate": args.learning_rate,
+                "num_ppo_epochs": args.num_ppo_epochs,
+                "mini_batch_size": args.mini_batch_size,
+                "per_device_train_batch_size": args.per_device_train_batch_size,
+                "cliprange": args.cliprange,
+                "pad_token_id": self.processing_class.pad_token_id,
+                "optimizer": "AdamW (re-runs start from fresh moments)",
+            },
             "stored_gradients": None
             if self.store_projector is None
             else {
