@@ -74,7 +74,8 @@ def test_schedule_scores_each_epoch_or_once_and_logs_metrics(tmp_path, schedule,
         assert row["iif/scorings"] == scorings
         for key in ("iif/kept_fraction", "iif/score_mean", "iif/score_std", "iif/fraction_negative",
                     "iif/scoring_seconds", "iif/nonfinite_scores", "objective/scores", "objective/kl",
-                    "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg"):  # fmt: skip
+                    "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "time/rollout_seconds",
+                    "time/target_sampling_seconds", "time/scoring_seconds", "time/optimisation_seconds"):  # fmt: skip
             assert key in row, key
         assert 0 < row["iif/kept_fraction"] <= 1
     table = trainer.store.read_records(1).to_pydict()

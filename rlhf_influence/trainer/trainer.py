@@ -76,6 +76,27 @@ class EpochScores:
     projected: torch.Tensor | None = None  # [n, D'] this process's records, for the store
 
 
+class PhaseTimer:
+    """Wall time per named phase of a round, logged as time/<phase>_seconds."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[phase] += time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{phase}_seconds": value for phase, value in self.seconds.items()}
+
+
 class IIFPPOTrainer(PPOTrainer):
     """PPO with Iterative Influence-based Filtering, a drop-in for TRL's ``PPOTrainer``.
 
@@ -189,10 +210,13 @@ class IIFPPOTrainer(PPOTrainer):
         for round_index in range(1, args.num_total_batches + 1):
             self.state.episode += args.batch_size
             queries = next(batches)["input_ids"].to(self.accelerator.device)
+            timer = PhaseTimer(self.accelerator.device)
 
-            batch = self.rollout(queries)
-            self.compute_rewards_and_advantages(batch)
-            target_batch = self.build_target_batch(batch, round_index)
+            with timer("rollout"):
+                batch = self.rollout(queries)
+                self.compute_rewards_and_advantages(batch)
+            with timer("target_sampling"):
+                target_batch = self.build_target_batch(batch, round_index)
 
             stats: dict[str, list[float]] = defaultdict(list)
             epochs: list[EpochScores] = []
@@ -200,10 +224,12 @@ class IIFPPOTrainer(PPOTrainer):
             for epoch in range(args.num_ppo_epochs):
                 if epoch == 0 or args.iif_schedule == "epoch":
                     keep_gradients = epoch == 0 and self.store_projector is not None
-                    epochs.append(self.score_and_filter(batch, target_batch, keep_gradients))
-                self.ppo_epoch(batch, epochs[-1].keep_local, stats)
+                    with timer("scoring"):
+                        epochs.append(self.score_and_filter(batch, target_batch, keep_gradients))
+                with timer("optimisation"):
+                    self.ppo_epoch(batch, epochs[-1].keep_local, stats)
 
-            metrics = self.round_metrics(batch, stats, epochs, start)
+            metrics = {**self.round_metrics(batch, stats, epochs, start), **timer.metrics()}
             self.store_round(round_index, batch, epochs, metrics, snapshot)
             self._end_round(metrics)
         self._end_training()
