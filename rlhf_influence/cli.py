@@ -16,31 +16,52 @@ JUMP_RULE = (
 )
 
 
+def _run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="a run's output directory (or its attribution/ folder)")
+
+
+def _jump_rule(parser: argparse.ArgumentParser, top: int) -> None:
+    parser.add_argument(
+        "--z", type=float, default=1.5, help="jump threshold in standard deviations (default 1.5)"
+    )
+    parser.add_argument(
+        "--min-delta", type=float, default=0.0, help="smallest reward change that counts (default 0)"
+    )
+    parser.add_argument(
+        "--top", type=int, default=top, help=f"records listed per jump and side (default {top})"
+    )
+
+
+def _behaviour(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--response", required=True, help="the response text whose likelihood is traced")
+
+
+def _json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON for machines instead of tables")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf-influence",
         description=(
             "Local data attribution for RLHF: which rollout records drove a PPO update, and "
-            "influence-based filtering (IIF) of the harmful ones."
+            "influence-based filtering (IIF) of the harmful ones. Every command only reads the run."
         ),
     )
     parser.add_argument("--version", action="version", version=f"rlhf-influence {__version__}")
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+
     audit = commands.add_parser(
         "audit",
         help="which responses drove each reward jump of a run",
         description="Find the rounds where the mean reward jumped and list the records that drove each. "
         + JUMP_RULE,
     )
-    audit.add_argument("run", help="a run's output directory (or its attribution/ folder)")
-    audit.add_argument(
-        "--z", type=float, default=1.5, help="jump threshold in standard deviations (default 1.5)"
-    )
-    audit.add_argument(
-        "--min-delta", type=float, default=0.0, help="smallest reward change that counts (default 0)"
-    )
-    audit.add_argument("--top", type=int, default=5, help="records listed per jump and side (default 5)")
-    audit.add_argument("--json", action="store_true", help="print JSON for machines instead of tables")
+    _run(audit)
+    _jump_rule(audit, top=5)
+    _json(audit)
+
     score = commands.add_parser(
         "score",
         help="which records of a round pushed the model toward saying RESPONSE to PROMPT",
@@ -48,64 +69,64 @@ def build_parser() -> argparse.ArgumentParser:
         "gradient of log pi(response | prompt) at round K's stored adapter, projected with the run's seed, "
         "dotted with every record's gradient. Positive: the record's update made the response more likely.",
     )
-    score.add_argument("run", help="a run's output directory (or its attribution/ folder)")
+    _run(score)
     score.add_argument("--round", type=int, required=True, help="the round whose records are scored")
-    score.add_argument("--prompt", required=True, help="the prompt text")
-    score.add_argument("--response", required=True, help="the response text whose likelihood is traced")
+    _behaviour(score)
     score.add_argument("--top", type=int, default=10, help="records listed on each side (default 10)")
-    score.add_argument("--json", action="store_true", help="print every record's influence as JSON")
-    diag = commands.add_parser(
+    _json(score)
+
+    diagnose = commands.add_parser(
         "diagnose",
         help="are the most harmful records the ones with wrong-sign advantages?",
         description="For every round, the share of records whose advantage estimate (mean over the response) "
         "has the opposite sign of their reward minus the round's mean reward, among the bottom records by "
         "influence, the top ones, and all of them.",
     )
-    diag.add_argument("run", help="a run's output directory (or its attribution/ folder)")
-    diag.add_argument(
+    _run(diagnose)
+    diagnose.add_argument(
         "--bottom-fraction", type=float, default=0.1, help="share of records called bottom/top (default 0.1)"
     )
-    diag.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    form = commands.add_parser(
+    _json(diagnose)
+
+    formation = commands.add_parser(
         "formation",
         help="how the records behind a behaviour change across rounds",
         description="For each round, the records whose update made RESPONSE to PROMPT more likely, scored from "
         "the round's stored gradients at its round-start adapter.",
     )
-    form.add_argument("run", help="a run's output directory (or its attribution/ folder)")
-    form.add_argument("--prompt", required=True, help="the prompt text")
-    form.add_argument("--response", required=True, help="the response text")
-    form.add_argument("--top", type=int, default=3, help="records listed per round (default 3)")
-    form.add_argument("--rounds", type=int, nargs="+", help="only these rounds (default: all)")
-    form.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    rep = commands.add_parser(
-        "report",
-        help="one self-contained HTML page: curves, influence distribution, records behind each jump",
-        description="Write a self-contained HTML report (inline SVG plots, no scripts; run text is escaped). "
-        + JUMP_RULE,
-    )
-    rep.add_argument("run", help="a run's output directory (or its attribution/ folder)")
-    rep.add_argument(
-        "-o", "--output", default="report.html", help="the HTML file to write (default report.html)"
-    )
-    rep.add_argument(
-        "--z", type=float, default=1.5, help="jump threshold in standard deviations (default 1.5)"
-    )
-    rep.add_argument("--top", type=int, default=5, help="records listed per jump and side (default 5)")
-    inter = commands.add_parser(
+    _run(formation)
+    _behaviour(formation)
+    formation.add_argument("--top", type=int, default=3, help="records listed per round (default 3)")
+    formation.add_argument("--rounds", type=int, nargs="+", help="only these rounds (default: all)")
+    _json(formation)
+
+    intervene = commands.add_parser(
         "intervene",
         help="re-run a round without the records that most raised a behaviour; compare the change",
         description="Re-run round K's PPO policy update from its stored snapshot three ways: on all records, "
         "without the --remove records that most raised log p(RESPONSE | PROMPT) (exact influence at the "
         "snapshot), and without as many random records. Prints the behaviour's log-prob after each.",
     )
-    inter.add_argument("run", help="a run's output directory (or its attribution/ folder)")
-    inter.add_argument("--round", type=int, required=True, help="the round to re-run")
-    inter.add_argument("--prompt", required=True, help="the prompt text")
-    inter.add_argument("--response", required=True, help="the response text of the behaviour")
-    inter.add_argument("--remove", type=int, help="records removed (default: 10%% of the round)")
-    inter.add_argument("--seed", type=int, default=0, help="seed of the mini-batch order and random control")
-    inter.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _run(intervene)
+    intervene.add_argument("--round", type=int, required=True, help="the round to re-run")
+    _behaviour(intervene)
+    intervene.add_argument("--remove", type=int, help="records removed (default: 10%% of the round)")
+    intervene.add_argument(
+        "--seed", type=int, default=0, help="seed of the mini-batch order and random control"
+    )
+    _json(intervene)
+
+    report = commands.add_parser(
+        "report",
+        help="one self-contained HTML page: curves, influence distribution, records behind each jump",
+        description="Write a self-contained HTML report (inline SVG plots, no scripts; run text is escaped). "
+        + JUMP_RULE,
+    )
+    _run(report)
+    report.add_argument(
+        "-o", "--output", default="report.html", help="the HTML file to write (default report.html)"
+    )
+    _jump_rule(report, top=5)
     return parser
 
 
@@ -119,10 +140,10 @@ def run_intervene(args) -> int:
         print(json.dumps(asdict(result), indent=2))
         return 0
     print(f"round {result.round}: log p({result.response!r} | {result.prompt!r})")
-    print(f"  at the round start                        {result.target_before:+.4f}")
-    print(f"  after the round's update, all records      {result.target_all:+.4f}")
-    print(f"  ... without the top {result.removed} records for it     {result.target_without_top:+.4f}")
-    print(f"  ... without {result.removed} random records (mean)      {result.target_without_random:+.4f}")
+    print(f"  at the round start                          {result.target_before:+.4f}")
+    print(f"  after the round's update on all records     {result.target_all:+.4f}")
+    print(f"  ... without the top {result.removed} records for it      {result.target_without_top:+.4f}")
+    print(f"  ... without {result.removed} random records (mean)       {result.target_without_random:+.4f}")
     return 0
 
 
@@ -131,7 +152,7 @@ def run_report(args) -> int:
 
     from .audit.report import render_report
 
-    page = render_report(args.run, z=args.z, top=args.top)
+    page = render_report(args.run, z=args.z, min_delta=args.min_delta, top=args.top)
     Path(args.output).write_text(page, encoding="utf-8")
     print(f"wrote {args.output}")
     return 0
@@ -182,6 +203,22 @@ def run_formation(args) -> int:
     return 0
 
 
+def print_records(title: str, groups: list[tuple[str, list, str]]) -> None:
+    """One rich table of records (influence, reward, kept, prompt, response), grouped and coloured."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name, justify in (("", "left"), ("influence", "right"), ("reward", "right"), ("kept", "center"),
+                          ("prompt", "left"), ("response", "left")):  # fmt: skip
+        table.add_column(name, justify=justify, overflow="fold")
+    for label, rows, style in groups:
+        for r in rows:
+            table.add_row(label, f"{r.influence:+.3e}", f"{r.reward:+.3f}", "yes" if r.kept else "no",
+                          str(r.prompt), str(r.response), style=style)  # fmt: skip
+    Console().print(table, markup=False)
+
+
 def run_score(args) -> int:
     from dataclasses import asdict
 
@@ -193,18 +230,10 @@ def run_score(args) -> int:
         print(json.dumps({"round": args.round, "prompt": args.prompt, "response": args.response,
                           "records": [asdict(r) for r in ranked]}, indent=2))  # fmt: skip
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"round {args.round}: influence on log p({args.response!r} | {args.prompt!r})")
-    for name, justify in (("", "left"), ("influence", "right"), ("reward", "right"), ("kept", "center"),
-                          ("prompt", "left"), ("response", "left")):  # fmt: skip
-        table.add_column(name, justify=justify, overflow="fold")
-    for label, rows in (("toward", ranked[: args.top]), ("away", ranked[::-1][: args.top])):
-        for r in rows:
-            table.add_row(label, f"{r.influence:+.3e}", f"{r.reward:+.3f}", "yes" if r.kept else "no", r.prompt,
-                          r.response, style="green" if label == "toward" else "red")  # fmt: skip
-    Console().print(table, markup=False)
+    print_records(
+        f"round {args.round}: influence on log p({args.response!r} | {args.prompt!r})",
+        [("toward", ranked[: args.top], "green"), ("away", ranked[::-1][: args.top], "red")],
+    )
     return 0
 
 
@@ -216,7 +245,6 @@ def run_audit(args) -> int:
         print(json.dumps(report.to_json(), indent=2))
         return 0
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     rewards = [r.mean_reward for r in report.rounds]
@@ -229,20 +257,10 @@ def run_audit(args) -> int:
     if not report.jumps:
         console.print(f"no reward jump above {args.z} standard deviations of the round-to-round changes")
     for jump in report.jumps:
-        table = Table(
-            title=f"round {jump.round}: reward {jump.reward_delta:+.3f}, driven by round {jump.attributed_round}'s records",
-            show_lines=False,
+        print_records(
+            f"round {jump.round}: reward {jump.reward_delta:+.3f}, driven by round {jump.attributed_round}'s records",
+            [("top", jump.top_records, "green"), ("bottom", jump.bottom_records, "red")],
         )
-        for name, justify in (("", "left"), ("influence", "right"), ("reward", "right"), ("kept", "center"),
-                              ("prompt", "left"), ("response", "left")):  # fmt: skip
-            table.add_column(name, justify=justify, overflow="fold")
-        for label, rows in (("top", jump.top_records), ("bottom", jump.bottom_records)):
-            for r in rows:
-                table.add_row(
-                    label, f"{r.influence:+.3e}", f"{r.reward:+.3f}", "yes" if r.kept else "no", r.prompt, r.response,
-                    style="green" if label == "top" else "red",
-                )  # fmt: skip
-        console.print(table, markup=False)
     return 0
 
 

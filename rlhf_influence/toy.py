@@ -74,6 +74,16 @@ def _toy_config(vocab_size: int, arch: str, hidden: int, layers: int, heads: int
     raise ValueError(f"unknown toy architecture {arch!r}; use 'gpt2' or 'llama'")
 
 
+def _from_config(
+    auto_class, vocab_size, arch, hidden, layers, heads, max_positions, seed, dtype, **config_overrides
+):
+    torch.manual_seed(seed)
+    config = _toy_config(vocab_size, arch, hidden, layers, heads, max_positions)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    return auto_class.from_config(config, dtype=dtype)
+
+
 def tiny_causal_lm(
     vocab_size: int,
     arch: str = "gpt2",
@@ -85,9 +95,9 @@ def tiny_causal_lm(
     dtype: torch.dtype = torch.float32,
 ):
     """A small randomly initialised causal LM built from a config (GPT-2 or Llama)."""
-    torch.manual_seed(seed)
-    config = _toy_config(vocab_size, arch, hidden, layers, heads, max_positions)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return _from_config(
+        AutoModelForCausalLM, vocab_size, arch, hidden, layers, heads, max_positions, seed, dtype
+    )
 
 
 def tiny_scalar_head_model(
@@ -101,10 +111,18 @@ def tiny_scalar_head_model(
     dtype: torch.dtype = torch.float32,
 ):
     """A small sequence-classification model with one output: a value or reward model."""
-    torch.manual_seed(seed)
-    config = _toy_config(vocab_size, arch, hidden, layers, heads, max_positions)
-    config.num_labels = 1
-    return AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    return _from_config(
+        AutoModelForSequenceClassification,
+        vocab_size,
+        arch,
+        hidden,
+        layers,
+        heads,
+        max_positions,
+        seed,
+        dtype,
+        num_labels=1,
+    )
 
 
 def toy_lora_config(arch: str = "gpt2", r: int = 8, init_lora_weights: bool = True) -> LoraConfig:

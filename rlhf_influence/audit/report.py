@@ -106,10 +106,10 @@ tr.top td:first-child{color:#1e6b2f}tr.bottom td:first-child{color:#c0392b}
 """
 
 
-def render_report(path, z: float = 1.5, top: int = 5) -> str:
+def render_report(path, z: float = 1.5, min_delta: float = 0.0, top: int = 5) -> str:
     """The HTML page for the run at ``path`` (a string; nothing is written)."""
     store = AttributionStore.open(path)
-    report: AuditReport = audit_run(path, z=z, top=top)
+    report: AuditReport = audit_run(path, z=z, min_delta=min_delta, top=top)
     rounds = [r.round for r in report.rounds]
     rewards = [r.mean_reward for r in report.rounds]
     kept = [r.kept / max(1, r.kept + r.dropped) for r in report.rounds]
