@@ -85,3 +85,14 @@ def plan_epoch(
             micro = np.array_split(mini, micro_per_mini)
         plan.append(micro)
     return plan
+
+
+def random_keep_mask(decision: FilterDecision, generator: torch.Generator) -> FilterDecision:
+    """A control: drop as many records as ``decision`` does, chosen uniformly at random.
+
+    The same generator state on every process gives the same choice everywhere.
+    """
+    n = decision.num_records
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[torch.randperm(n, generator=generator)[: decision.num_dropped]] = False
+    return FilterDecision(keep=keep, num_negative=decision.num_negative, num_nonfinite=decision.num_nonfinite)

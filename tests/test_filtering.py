@@ -101,3 +101,19 @@ def test_plan_with_filtering_is_equal_across_processes_and_aligned(per_device, a
             flat = [i for mini in plan for micro in mini for i in micro.tolist()]
             assert sorted(flat) == sorted(k.tolist())  # every kept record exactly once
             assert all(len(micro) <= per_device for mini in plan for micro in mini)
+
+
+def test_random_control_drops_as_many_records_at_random():
+    from rlhf_influence.filtering import random_keep_mask
+
+    scores = torch.randn(50, generator=torch.Generator().manual_seed(3))
+    decision = iif_keep_mask(scores, 0.5, 0.1)
+    picks = [random_keep_mask(decision, torch.Generator().manual_seed(s)).keep for s in range(200)]
+    assert all(int((~k).sum()) == decision.num_dropped for k in picks)
+    assert torch.equal(picks[0], random_keep_mask(decision, torch.Generator().manual_seed(0)).keep)
+    # Uniform: every record is dropped at about the same rate (num_dropped / 50).
+    rate = torch.stack([~k for k in picks]).float().mean(0)
+    assert abs(float(rate.mean()) - decision.num_dropped / 50) < 1e-6
+    assert float(rate.max() - rate.min()) < 0.35
+    # Not the influence rule: the harmful records are not singled out.
+    assert float(rate[~decision.keep].mean()) < 0.8

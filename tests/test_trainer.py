@@ -7,6 +7,7 @@ import torch
 from trainer_setup import Setup, count_positive, ppo_kwargs, seed_everything
 
 from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
+from rlhf_influence.store import AttributionStore
 
 
 def run_iif(tmp_path, setup: Setup, reward=None, **overrides):
@@ -260,3 +261,16 @@ def test_bad_trainer_inputs(tmp_path):
         IIFPPOTrainer(
             args=config, model=setup.policy, reward_model=setup.reward, peft_config=IA3Config(), **common
         )
+
+
+def test_random_filter_control_drops_the_same_number(tmp_path):
+    iif = run_iif(tmp_path / "iif", Setup(), iif_schedule="round", iif_drop_fraction=1.0)
+    control = run_iif(
+        tmp_path / "random", Setup(), iif_schedule="round", iif_drop_fraction=1.0, iif_filter="random"
+    )
+    first_iif = iif.store.read_records(1).to_pydict()
+    first_control = control.store.read_records(1).to_pydict()
+    assert first_iif["influence"] == first_control["influence"]  # same first round, same scores
+    assert sum(first_iif["kept"]) == sum(first_control["kept"])  # as many dropped
+    assert first_iif["kept"] != first_control["kept"]  # but not the same ones
+    assert AttributionStore.open(control.store.path).manifest["filter"] == "random"

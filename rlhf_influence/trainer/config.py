@@ -62,6 +62,14 @@ class IIFPPOConfig(PPOConfig):
         default=0.1,
         metadata={"help": "Never keep fewer than this fraction of a round's records, so no epoch is empty."},
     )
+    iif_filter: str = field(
+        default="influence",
+        metadata={
+            "help": "'influence': drop the most harmful records (IIF). 'random': a control that drops as many "
+            "records, chosen at random (scores are still computed and stored).",
+            "choices": ["influence", "random"],
+        },
+    )
     iif_store: bool = field(
         default=True,
         metadata={
@@ -98,6 +106,8 @@ class IIFPPOConfig(PPOConfig):
             raise ValueError(f"iif_schedule must be one of {SCHEDULES}, got {self.iif_schedule!r}")
         if self.iif_target is not None and self.iif_target not in TARGETS:
             raise ValueError(f"iif_target must be one of {TARGETS} (or unset), got {self.iif_target!r}")
+        if self.iif_filter not in ("influence", "random"):
+            raise ValueError(f"iif_filter must be 'influence' or 'random', got {self.iif_filter!r}")
         if self.iif_num_heldout_prompts < 1:
             raise ValueError(f"iif_num_heldout_prompts must be >= 1, got {self.iif_num_heldout_prompts}")
         if self.iif_projection_dim < 0:

@@ -47,7 +47,7 @@ from trl.trainer.utils import selective_log_softmax
 
 from ..capture import capture_factors
 from ..errors import NoLoraError
-from ..filtering import FilterDecision, iif_keep_mask, plan_epoch
+from ..filtering import FilterDecision, iif_keep_mask, plan_epoch, random_keep_mask
 from ..influence import scores_from_factors
 from ..lora import canonical_name, find_lora_layout
 from ..projection import RandomProjector
@@ -169,7 +169,8 @@ class IIFPPOTrainer(PPOTrainer):
             else None
         )
         self._store_dtype = getattr(torch, args.iif_store_dtype)
-        self.iif_history: list[dict] = []  # per-round summaries, also written to the store
+        self.iif_history: list[dict] = []
+        self._scorings = 0  # seeds the random-filter control identically on every process  # per-round summaries, also written to the store
 
     # ------------------------------------------------------------------ helpers around TRL's wrapper
     @property
@@ -406,6 +407,10 @@ class IIFPPOTrainer(PPOTrainer):
         local, projected = self._record_scores(policy, batch, target_grad, store_projector)
         global_scores = self.accelerator.gather(local.to(self.accelerator.device)).cpu().double()
         decision = iif_keep_mask(global_scores, args.iif_drop_fraction, args.iif_min_keep_fraction)
+        if args.iif_filter == "random":  # the control: as many records dropped, at random
+            self._scorings += 1
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + self._scorings)
+            decision = random_keep_mask(decision, generator)
         rank, n = self.accelerator.process_index, len(batch)
         keep_local = decision.keep[rank * n : (rank + 1) * n].numpy()
         keep_by_process = (
@@ -734,6 +739,7 @@ class IIFPPOTrainer(PPOTrainer):
             "target": self.iif_target,
             "schedule": args.iif_schedule,
             "drop_fraction": args.iif_drop_fraction,
+            "filter": args.iif_filter,
             "min_keep_fraction": args.iif_min_keep_fraction,
             "projection_dim": args.iif_projection_dim,
             "projection_seed": args.iif_projection_seed,
