@@ -1,0 +1,201 @@
+"""Does IIF pay? PPO against IIF and its controls on the embedded default task, paired by seed.
+
+Every arm runs `recipes/ppo_iif.py` (the embedded default: tiny GPT-2 + LoRA, VADER sentiment
+reward) with the same seeds; the metrics come from each run's attribution store.
+
+  ppo          iif_drop_fraction=0: PPO's updates (records are still scored, for the curves)
+  ppo_matched  as ppo, with as many more rollout records per round as the held-out target
+               samples (the samples IIF spends on its target, given to PPO as training data)
+  iif          IIF, epoch schedule, p=1, held-out return target (the defaults)
+  iif_round    IIF, round schedule (the paper's)
+  iif_half     IIF, p=0.5
+  iif_buffer   IIF with the buffer return target
+  random       the control: as many records dropped per scoring as iif, at random
+
+Training time per round counts what each method needs: rollout + optimisation for the PPO arms
+(their scoring exists only to draw these curves), plus held-out sampling and scoring for the
+filtering arms. The threshold is PPO's final reward (median over seeds of its last-10-round
+mean); a run reaches it at the first round whose 5-round moving average does.
+
+    python benchmarks/iif_vs_ppo.py --seeds 0 1 2 3 4 --rounds 80 --parallel 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "ppo_iif.py"
+BATCH, HELDOUT = 32, 16  # the embedded default's records and held-out prompts per round
+
+ARMS = {
+    "ppo": ["--iif_drop_fraction", "0"],
+    "ppo_matched": ["--iif_drop_fraction", "0", "--per_device_train_batch_size", str(BATCH + HELDOUT)],
+    "iif": [],
+    "iif_round": ["--iif_schedule", "round"],
+    "iif_half": ["--iif_drop_fraction", "0.5"],
+    "iif_buffer": ["--iif_target", "buffer_return"],
+    "random": ["--iif_filter", "random"],
+}
+FILTERING = {"iif", "iif_round", "iif_half", "iif_buffer", "random"}
+
+
+def run_one(arm: str, seed: int, rounds: int, out: Path) -> Path:
+    run_dir = out / arm / f"seed{seed}"
+    if (run_dir / "done.json").is_file():
+        return run_dir
+    batch = BATCH + HELDOUT if arm == "ppo_matched" else BATCH
+    cmd = [sys.executable, str(RECIPE), *ARMS[arm], "--seed", str(seed), "--total_episodes", str(batch * rounds),
+           "--output_dir", str(run_dir), "--disable_tqdm", "true", "--iif_store_projection_dim", "0"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    start = time.time()
+    subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=ROOT)
+    (run_dir / "done.json").write_text(json.dumps({"seconds": time.time() - start}))
+    return run_dir
+
+
+def curves(run_dir: Path) -> dict[str, list[float]]:
+    rows = []
+    for metrics in sorted((run_dir / "attribution").glob("round_*/metrics.json")):
+        rows.append(json.loads(metrics.read_text()))
+    keys = ("objective/scores", "objective/kl", "iif/kept_fraction", "time/rollout_seconds",
+            "time/target_sampling_seconds", "time/scoring_seconds", "time/optimisation_seconds")  # fmt: skip
+    return {k: [r.get(k, 0.0) for r in rows] for k in keys}
+
+
+def moving_average(values: list[float], window: int = 5) -> list[float]:
+    return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
+def training_seconds(arm: str, c: dict) -> list[float]:
+    parts = ["time/rollout_seconds", "time/optimisation_seconds"]
+    if arm in FILTERING:
+        parts += ["time/target_sampling_seconds", "time/scoring_seconds"]
+    return [sum(c[p][i] for p in parts) for i in range(len(c[parts[0]]))]
+
+
+def summarise(results: dict[str, dict[int, dict]], threshold: float, kl_level: float) -> dict:
+    summary = {}
+    for arm, by_seed in results.items():
+        rows = {}
+        for seed, c in by_seed.items():
+            reward, kl = c["objective/scores"], c["objective/kl"]
+            smooth, smooth_kl = moving_average(reward), moving_average(kl)
+            seconds = training_seconds(arm, c)
+            hit = next((i for i, v in enumerate(smooth) if v >= threshold), None)
+            at_kl = next((i for i, v in enumerate(smooth_kl) if v >= kl_level), len(kl) - 1)
+            rows[seed] = {
+                "rounds_to_threshold": None if hit is None else hit + 1,
+                "seconds_to_threshold": None if hit is None else sum(seconds[: hit + 1]),
+                "auc": statistics.fmean(reward),
+                "final_reward": statistics.fmean(reward[-10:]),
+                "final_kl": statistics.fmean(kl[-10:]),
+                "reward_at_ppo_kl": smooth[at_kl],
+                "seconds_per_round": statistics.fmean(seconds),
+                "kept_fraction": statistics.fmean(c["iif/kept_fraction"]),
+            }
+        summary[arm] = rows
+    return summary
+
+
+def describe(values: list) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "never"
+    text = f"{statistics.median(present):.3g} [{min(present):.3g}, {max(present):.3g}]"
+    return text + (f" ({len(values) - len(present)} never)" if len(present) < len(values) else "")
+
+
+def table(summary: dict) -> str:
+    metrics = ["rounds_to_threshold", "seconds_to_threshold", "auc", "final_reward", "final_kl", "reward_at_ppo_kl",
+               "seconds_per_round", "kept_fraction"]  # fmt: skip
+    lines = ["| arm | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for arm, rows in summary.items():
+        cells = [describe([rows[s][m] for s in sorted(rows)]) for m in metrics]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired(summary: dict, metric: str) -> str:
+    """Per-seed difference arm - ppo (median [min, max]), for the seeds both have."""
+    base = summary.get("ppo", {})
+    lines = [f"| arm | {metric} minus ppo's, per seed |", "|---|---|"]
+    for arm, rows in summary.items():
+        if arm == "ppo":
+            continue
+        diffs = [
+            rows[s][metric] - base[s][metric]
+            for s in rows
+            if s in base and None not in (rows[s][metric], base[s][metric])
+        ]
+        lines.append(f"| {arm} | {describe(diffs)} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_r, ax_k) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for arm, by_seed in results.items():
+        rewards = list(zip(*[moving_average(c["objective/scores"]) for c in by_seed.values()], strict=False))
+        kls = list(zip(*[moving_average(c["objective/kl"]) for c in by_seed.values()], strict=False))
+        ax_r.plot(range(1, len(rewards) + 1), [statistics.median(r) for r in rewards], label=arm)
+        ax_k.plot(range(1, len(kls) + 1), [statistics.median(k) for k in kls], label=arm)
+    ax_r.set(title="mean reward (5-round moving average, median over seeds)", xlabel="round")
+    ax_k.set(title="KL to the reference (same smoothing)", xlabel="round")
+    ax_r.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--rounds", type=int, default=80)
+    parser.add_argument("--parallel", type=int, default=2, help="runs at once (each uses one thread)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "iif_vs_ppo")
+    args = parser.parse_args(argv)
+    if "ppo" not in args.arms:
+        parser.error("the ppo arm is the reference; include it")
+    jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        dirs = list(pool.map(lambda job: run_one(*job, args.rounds, args.out), jobs))
+    results: dict[str, dict[int, dict]] = {arm: {} for arm in args.arms}
+    for (arm, seed), run_dir in zip(jobs, dirs, strict=True):
+        results[arm][seed] = curves(run_dir)
+    ppo_final = [statistics.fmean(c["objective/scores"][-10:]) for c in results["ppo"].values()]
+    ppo_kl = [statistics.fmean(c["objective/kl"][-10:]) for c in results["ppo"].values()]
+    threshold, kl_level = statistics.median(ppo_final), statistics.median(ppo_kl)
+    summary = summarise(results, threshold, kl_level)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.json").write_text(json.dumps({"threshold": threshold, "kl_level": kl_level,
+                                                       "summary": summary}, indent=2))  # fmt: skip
+    plot(results, args.out / "reward_curves.png")
+    print(
+        f"threshold (PPO's final reward, median over seeds): {threshold:.3f}; PPO's final KL: {kl_level:.3f}"
+    )
+    print(f"{len(args.seeds)} seeds, {args.rounds} rounds; median [min, max] over seeds\n")
+    print(table(summary))
+    print()
+    print(paired(summary, "auc"))
+    print()
+    print(paired(summary, "final_reward"))
+    print(f"\nplot: {args.out / 'reward_curves.png'}")
+
+
+if __name__ == "__main__":
+    main()
