@@ -26,3 +26,10 @@ def test_engine_benchmark_smoke():
 def test_attribute_batch_example():
     out = run("examples/attribute_batch.py")
     assert "max relative error vs per-record autograd" in out
+
+
+def test_iif_vs_ppo_benchmark_smoke(tmp_path):
+    out = run("benchmarks/iif_vs_ppo.py", "--arms", "ppo", "random", "--seeds", "0", "--rounds", "2",
+              "--parallel", "1", "--out", str(tmp_path))  # fmt: skip
+    assert "threshold (PPO's final reward" in out and "| random |" in out
+    assert (tmp_path / "reward_curves.png").read_bytes()[:4] == b"\x89PNG"
