@@ -33,3 +33,10 @@ def test_iif_vs_ppo_benchmark_smoke(tmp_path):
               "--parallel", "1", "--out", str(tmp_path))  # fmt: skip
     assert "threshold (PPO's final reward" in out and "| random |" in out
     assert (tmp_path / "reward_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_overhead_benchmark_smoke(tmp_path):
+    out = run("benchmarks/overhead.py", "--rounds", "2", "--out", str(tmp_path))
+    for arm in ("| ppo |", "| iif_round |", "| iif_epoch |"):
+        assert arm in out
+    assert (tmp_path / "summary.json").is_file()
