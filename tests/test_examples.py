@@ -40,3 +40,12 @@ def test_overhead_benchmark_smoke(tmp_path):
     for arm in ("| ppo |", "| iif_round |", "| iif_epoch |"):
         assert arm in out
     assert (tmp_path / "summary.json").is_file()
+
+
+def test_fidelity_benchmark_smoke(tmp_path):
+    run_dir = tmp_path / "run"
+    run(
+        "recipes/ppo_iif.py", "--output_dir", str(run_dir), "--total_episodes", "96", "--disable_tqdm", "true"
+    )
+    out = run("benchmarks/fidelity.py", str(run_dir), "--rounds", "2", "--dims", "8", "64", "--seeds", "0")
+    assert "| 8 |" in out and "| 64 |" in out and "rounds" in out.splitlines()[-1]
