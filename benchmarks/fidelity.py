@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from scipy.stats import spearmanr
 
-from rlhf_influence import RandomProjector, capture_factors, scores_from_factors, target_gradients
+from rlhf_influence import RandomProjector
 from rlhf_influence.audit.intervention import RoundReplay, intervene
 from rlhf_influence.audit.rescore import SnapshotScorer
 from rlhf_influence.targets import LogProbTarget
@@ -31,26 +31,20 @@ from rlhf_influence.targets import LogProbTarget
 
 def projection_fidelity(scorer: SnapshotScorer, round_index: int, target: LogProbTarget, dims, seeds) -> dict:
     replay = RoundReplay(scorer, round_index)
-    exact = replay.influence(target)
-    policy, layout = scorer.policy, scorer.layout
-    v = target_gradients(policy, target, layout=layout)[None]
-    normaliser = (
-        float(replay.response_mask.sum()) / len(replay) * replay.settings["per_device_train_batch_size"]
-    )
-    factors = capture_factors(policy, replay._loss(torch.arange(len(replay)), normaliser), layout=layout)
+    projectors = [RandomProjector(dim, seed=seed) for dim in dims for seed in seeds]
+    exact, *projected_all = replay.scores(target, projectors)
     k = max(1, len(exact) // 10)
     top_exact = set(torch.argsort(exact, descending=True)[:k].tolist())
     out = {}
-    for dim in dims:
+    for i, dim in enumerate(dims):
         rhos, overlaps = [], []
-        for seed in seeds:
-            projected = scores_from_factors(factors, v, RandomProjector(dim, seed=seed))[:, 0]
+        for projected in projected_all[i * len(seeds) : (i + 1) * len(seeds)]:
             rhos.append(float(spearmanr(exact.numpy(), projected.numpy()).statistic))
             overlaps.append(len(top_exact & set(torch.argsort(projected, descending=True)[:k].tolist())) / k)
         out[dim] = {
             "spearman": rhos,
             "top10_overlap": overlaps,
-            "features": RandomProjector(dim).output_size(layout),
+            "features": RandomProjector(dim).output_size(scorer.layout),
         }
     return out
 

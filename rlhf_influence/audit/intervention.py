@@ -16,6 +16,7 @@ terms rather than against the original run.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 from ..capture import capture_factors
 from ..gradients import target_gradients
 from ..influence import scores_from_factors
+from ..projection import RandomProjector
 from ..store import StoreError
 from ..targets import LogProbTarget, ppo_policy_loss
 from .rescore import SnapshotScorer
@@ -85,6 +87,11 @@ class RoundReplay:
 
     def influence(self, target: LogProbTarget) -> torch.Tensor:
         """Exact influence of every record on ``target`` at the round start, ``[N]``."""
+        return self.scores(target)[0]
+
+    def scores(self, target: LogProbTarget, projectors: Sequence[RandomProjector] = ()) -> list[torch.Tensor]:
+        """``[exact, *projected]`` influence ``[N]`` on ``target`` at the round start: one
+        forward+backward per micro-batch serves the exact score and every projector's estimate."""
         self.scorer.load_round(self.round)
         policy, layout = self.scorer.policy, self.scorer.layout
         v = target_gradients(policy, target, layout=layout)[None]
@@ -92,12 +99,13 @@ class RoundReplay:
             float(self.response_mask.sum()) / len(self) * self.settings["per_device_train_batch_size"]
         )
         step = self.settings["per_device_train_batch_size"]
-        scores = []
+        parts: list[list[torch.Tensor]] = [[] for _ in range(1 + len(projectors))]
         for start in range(0, len(self), step):
             idx = torch.arange(start, min(len(self), start + step))
             factors = capture_factors(policy, self._loss(idx, normaliser), layout=layout)
-            scores.append(scores_from_factors(factors, v)[:, 0])
-        return torch.cat(scores)
+            for part, projector in zip(parts, (None, *projectors), strict=True):
+                part.append(scores_from_factors(factors, v, projector)[:, 0])
+        return [torch.cat(part) for part in parts]
 
     def rerun(self, keep: np.ndarray, seed: int) -> None:
         """Reset to the round start, then run the round's PPO epochs on the ``keep`` records."""
