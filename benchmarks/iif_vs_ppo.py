@@ -1,7 +1,11 @@
-"""Does IIF pay? PPO against IIF and its controls on the embedded default task, paired by seed.
+"""Does IIF pay? PPO against IIF and its controls on an embedded task, paired by seed.
 
-Every arm runs `recipes/ppo_iif.py` (the embedded default: tiny GPT-2 + LoRA, VADER sentiment
-reward) with the same seeds; the metrics come from each run's attribution store.
+Every arm runs `recipes/ppo_iif.py` on one of its embedded tasks with the same seeds; the
+metrics come from each run's attribution store.
+
+  --task sentiment  tiny GPT-2 + LoRA from random weights, VADER sentiment reward (80 rounds)
+  --task keywords   tiny GPT-2 pre-trained on a generated corpus where the rewarded colour
+                    words are rare, reward = colour words per completion (100 rounds)
 
   ppo          iif_drop_fraction=0: PPO's updates (records are still scored, for the curves)
   ppo_matched  as ppo, with as many more rollout records per round as the held-out target
@@ -17,7 +21,8 @@ Training time per round counts what each method needs: rollout + optimisation fo
 filtering arms. The threshold is PPO's final reward (median over seeds of its last-10-round
 mean); a run reaches it at the first round whose 5-round moving average does.
 
-    python benchmarks/iif_vs_ppo.py --seeds 0 1 2 3 4 --rounds 80 --parallel 2
+    python benchmarks/iif_vs_ppo.py --task sentiment --seeds 0 1 2 3 4 --parallel 2
+    python benchmarks/iif_vs_ppo.py --task keywords --seeds 0 1 2 3 4 --parallel 2
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "ppo_iif.py"
-BATCH, HELDOUT = 32, 16  # the embedded default's records and held-out prompts per round
+BATCH, HELDOUT = 32, 16  # the embedded tasks' records and held-out prompts per round
+ROUNDS = {"sentiment": 80, "keywords": 100}
+RESULTS = {"sentiment": "iif_vs_ppo", "keywords": "iif_vs_ppo_keywords"}
 
 ARMS = {
     "ppo": ["--iif_drop_fraction", "0"],
@@ -48,16 +55,18 @@ ARMS = {
 FILTERING = {"iif", "iif_round", "iif_half", "iif_buffer", "random"}
 
 
-def run_one(arm: str, seed: int, rounds: int, out: Path) -> Path:
+def run_one(arm: str, seed: int, rounds: int, out: Path, task: str = "sentiment") -> Path:
     run_dir = out / arm / f"seed{seed}"
     if (run_dir / "done.json").is_file():
         return run_dir
     batch = BATCH + HELDOUT if arm == "ppo_matched" else BATCH
-    cmd = [sys.executable, str(RECIPE), *ARMS[arm], "--seed", str(seed), "--total_episodes", str(batch * rounds),
+    cmd = [sys.executable, str(RECIPE), "--embedded_task", task, *ARMS[arm], "--seed", str(seed), "--total_episodes", str(batch * rounds),
            "--output_dir", str(run_dir), "--disable_tqdm", "true", "--iif_store_projection_dim", "0"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     start = time.time()
-    subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=ROOT)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{arm} seed {seed} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     (run_dir / "done.json").write_text(json.dumps({"seconds": time.time() - start}))
     return run_dir
 
@@ -165,15 +174,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--rounds", type=int, default=80)
+    parser.add_argument("--task", choices=list(ROUNDS), default="sentiment", help="which embedded task")
+    parser.add_argument("--rounds", type=int, default=None, help="default: 80 (sentiment), 100 (keywords)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (each uses one thread)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "iif_vs_ppo")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/iif_vs_ppo[_keywords]"
+    )
     args = parser.parse_args(argv)
+    args.rounds = args.rounds or ROUNDS[args.task]
+    args.out = args.out or ROOT / "benchmarks" / "results" / RESULTS[args.task]
     if "ppo" not in args.arms:
         parser.error("the ppo arm is the reference; include it")
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
     with ThreadPoolExecutor(args.parallel) as pool:
-        dirs = list(pool.map(lambda job: run_one(*job, args.rounds, args.out), jobs))
+        dirs = list(pool.map(lambda job: run_one(*job, args.rounds, args.out, args.task), jobs))
     results: dict[str, dict[int, dict]] = {arm: {} for arm in args.arms}
     for (arm, seed), run_dir in zip(jobs, dirs, strict=True):
         results[arm][seed] = curves(run_dir)
@@ -185,16 +199,16 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "summary.json").write_text(json.dumps({"threshold": threshold, "kl_level": kl_level,
                                                        "summary": summary}, indent=2))  # fmt: skip
     plot(results, args.out / "reward_curves.png")
-    print(
-        f"threshold (PPO's final reward, median over seeds): {threshold:.3f}; PPO's final KL: {kl_level:.3f}"
-    )
-    print(f"{len(args.seeds)} seeds, {args.rounds} rounds; median [min, max] over seeds\n")
-    print(table(summary))
-    print()
-    print(paired(summary, "auc"))
-    print()
-    print(paired(summary, "final_reward"))
-    print(f"\nplot: {args.out / 'reward_curves.png'}")
+    report = "\n".join([
+        f"task {args.task}: threshold (PPO's final reward, median over seeds) {threshold:.3f}; "
+        f"PPO's final KL {kl_level:.3f}",
+        f"{len(args.seeds)} seeds, {args.rounds} rounds; median [min, max] over seeds\n",
+        table(summary), "", paired(summary, "auc"), "", paired(summary, "final_reward"), "",
+        paired(summary, "rounds_to_threshold"), "", paired(summary, "seconds_to_threshold"),
+    ])  # fmt: skip
+    (args.out / "table.md").write_text(report + "\n")
+    print(report)
+    print(f"\nplot: {args.out / 'reward_curves.png'}; table: {args.out / 'table.md'}")
 
 
 if __name__ == "__main__":

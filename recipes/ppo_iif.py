@@ -1,6 +1,7 @@
 """PPO with Iterative Influence-based Filtering (IIF) on a LoRA policy: the main job.
 
     accelerate launch recipes/ppo_iif.py                       # embedded default, offline, ~2 min on a CPU
+    accelerate launch recipes/ppo_iif.py --embedded_task keywords  # the harder embedded task
     accelerate launch recipes/ppo_iif.py --config recipe.yaml  # a real job, flags from YAML
     accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/ppo_iif.py \\
         --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/tldr \\
@@ -9,7 +10,9 @@
 Without --model_name_or_path it runs the embedded default: a tiny GPT-2 policy and value
 model built from configs, a word-level tokenizer, template prompts shipped with the package,
 the VADER sentiment lexicon as reward, LoRA adapters. It needs no network and ends with the
-reward clearly up. Every IIFPPOConfig (and so PPOConfig / TrainingArguments) field is a flag,
+reward clearly up. `--embedded_task keywords` runs the harder one instead: a tiny GPT-2
+pre-trained here for a few seconds on a generated corpus where the rewarded colour words are
+rare. Every IIFPPOConfig (and so PPOConfig / TrainingArguments) field is a flag,
 plus the dataset, reward and model flags below and TRL's ModelConfig LoRA flags
 (--lora_r, --lora_alpha, --lora_target_modules, ...).
 
@@ -33,6 +36,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
 from rlhf_influence.default_task import REWARD_FUNCTIONS, build_default_task, keyword_reward
+from rlhf_influence.keyword_task import build_keyword_task
 from rlhf_influence.trainer.progress import RoundProgress
 
 DATA_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -80,6 +84,16 @@ class RecipeArguments:
     reward_keywords: list[str] | None = field(
         default=None, metadata={"help": "Words rewarded by --reward_function keywords (one point each)."}
     )
+    embedded_task: str = field(
+        default="sentiment",
+        metadata={
+            "help": "Without --model_name_or_path: which embedded task runs. 'sentiment': a tiny GPT-2 from "
+            "random weights, VADER sentiment reward. 'keywords': a tiny GPT-2 pre-trained here for a few "
+            "seconds on a generated corpus where the rewarded colour words are rare (cached under "
+            "$RLHF_INFLUENCE_CACHE or ~/.cache/rlhf_influence); PPO needs many rounds to plateau on it.",
+            "choices": ["sentiment", "keywords"],
+        },
+    )
     value_model_path: str | None = field(
         default=None,
         metadata={
@@ -111,6 +125,16 @@ EMBEDDED_DEFAULTS = {
 }
 
 
+# What the keyword task changes: longer responses (room for several colour words) and a KL
+# penalty strong enough that the climb takes tens of rounds (0.02 lets it collapse into colour salad
+# in ~25 rounds; 0.3 stalls it near the start).
+EMBEDDED_TASK_DEFAULTS = {
+    "sentiment": {},
+    "keywords": {"output_dir": "runs/ppo_iif_keywords", "response_length": 12, "kl_coef": 0.1,
+                 "total_episodes": 32 * 100},
+}  # fmt: skip
+
+
 def fail(message: str) -> None:
     """A clear one-line error and a non-zero exit, before any training."""
     print(f"ppo_iif.py: error: {message}", file=sys.stderr)
@@ -131,7 +155,7 @@ def _parse(argv: list[str] | None):
     parser.set_defaults(use_peft=True, use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported())
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
     if model_args.model_name_or_path is None:  # embedded default: its own defaults, flags still win
-        parser.set_defaults(**EMBEDDED_DEFAULTS)
+        parser.set_defaults(**{**EMBEDDED_DEFAULTS, **EMBEDDED_TASK_DEFAULTS[script_args.embedded_task]})
         script_args, training_args, model_args = parser.parse_args_and_config(argv)
     return script_args, training_args, model_args
 
@@ -265,7 +289,10 @@ def summarise(history: list[dict], training_args: IIFPPOConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     script_args, training_args, model_args = parse(argv)
     if model_args.model_name_or_path is None:
-        task = build_default_task(seed=training_args.seed)
+        if script_args.embedded_task == "keywords":
+            task = build_keyword_task(seed=training_args.seed)
+        else:
+            task = build_default_task(seed=training_args.seed)
         tokenizer, policy, value_model, reward = task.tokenizer, task.policy, task.value_model, task.reward
         train, heldout, peft_config = task.train_dataset, task.heldout_dataset, task.lora_config
     else:

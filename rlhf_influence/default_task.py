@@ -63,8 +63,8 @@ REWARD_FUNCTIONS = {"sentiment": sentiment_reward}
 
 
 @dataclass
-class DefaultTask:
-    """Everything the recipe needs for the embedded default run."""
+class EmbeddedTask:
+    """Everything the recipe needs for an embedded run: models, reward, prompts, LoRA config."""
 
     tokenizer: object
     policy: torch.nn.Module
@@ -75,7 +75,7 @@ class DefaultTask:
     lora_config: object
 
 
-def build_default_task(seed: int = 0, hidden: int = 64, layers: int = 2) -> DefaultTask:
+def build_default_task(seed: int = 0, hidden: int = 64, layers: int = 2) -> EmbeddedTask:
     tokenizer = word_tokenizer(TOY_WORDS)
     vocab = len(tokenizer)
     train, heldout = default_prompts()
@@ -84,7 +84,7 @@ def build_default_task(seed: int = 0, hidden: int = 64, layers: int = 2) -> Defa
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         return Dataset.from_dict({"input_ids": ids, "prompt": prompts})
 
-    return DefaultTask(
+    return EmbeddedTask(
         tokenizer=tokenizer,
         policy=tiny_causal_lm(vocab, hidden=hidden, layers=layers, seed=seed),
         value_model=tiny_scalar_head_model(vocab, hidden=hidden, layers=1, seed=seed + 1),
