@@ -32,9 +32,13 @@ def _jump_rule(parser: argparse.ArgumentParser, top: int) -> None:
     )
 
 
-def _behaviour(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", required=True, help="the prompt text")
-    parser.add_argument("--response", required=True, help="the response text whose likelihood is traced")
+class UsageError(Exception):
+    """Flags that parse but do not go together (reported like a store error: one line, exit 2)."""
+
+
+def _behaviour(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--prompt", required=required, help="the prompt text")
+    parser.add_argument("--response", required=required, help="the response text whose likelihood is traced")
 
 
 def _json(parser: argparse.ArgumentParser) -> None:
@@ -102,14 +106,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     intervene = commands.add_parser(
         "intervene",
-        help="re-run a round without the records that most raised a behaviour; compare the change",
+        help="re-run a round without the records that most raised a behaviour or its return target",
         description="Re-run round K's PPO policy update from its stored snapshot three ways: on all records, "
-        "without the --remove records that most raised log p(RESPONSE | PROMPT) (exact influence at the "
-        "snapshot), and without as many random records. Prints the behaviour's log-prob after each.",
+        "without the --remove records that most raised the target (exact influence at the snapshot), and "
+        "without as many random records. Prints the target after each. The target is a behaviour, "
+        "log p(RESPONSE | PROMPT), or with --return-target the round's own return target: the held-out "
+        "samples it drew that round with their advantages (or its buffer, for buffer_return runs), i.e. what "
+        "IIF filtered against.",
     )
     _run(intervene)
     intervene.add_argument("--round", type=int, required=True, help="the round to re-run")
-    _behaviour(intervene)
+    _behaviour(intervene, required=False)
+    intervene.add_argument(
+        "--return-target",
+        action="store_true",
+        help="trace the round's return target instead of a behaviour (no --prompt/--response)",
+    )
     intervene.add_argument("--remove", type=int, help="records removed (default: 10%% of the round)")
     intervene.add_argument(
         "--seed", type=int, default=0, help="seed of the mini-batch order and random control"
@@ -133,13 +145,24 @@ def build_parser() -> argparse.ArgumentParser:
 def run_intervene(args) -> int:
     from dataclasses import asdict
 
-    from .audit.intervention import intervene
+    from .audit.intervention import intervene, intervene_return
 
-    result = intervene(args.run, args.round, args.prompt, args.response, remove=args.remove, seed=args.seed)
+    if args.return_target:
+        if args.prompt is not None or args.response is not None:
+            raise UsageError(
+                "--return-target traces the round's return target: leave out --prompt/--response"
+            )
+        result = intervene_return(args.run, args.round, remove=args.remove, seed=args.seed)
+    else:
+        if args.prompt is None or args.response is None:
+            raise UsageError("give the behaviour as --prompt and --response, or use --return-target")
+        result = intervene(
+            args.run, args.round, args.prompt, args.response, remove=args.remove, seed=args.seed
+        )
     if args.json:
         print(json.dumps(asdict(result), indent=2))
         return 0
-    print(f"round {result.round}: log p({result.response!r} | {result.prompt!r})")
+    print(f"round {result.round}: {result.target}")
     print(f"  at the round start                          {result.target_before:+.4f}")
     print(f"  after the round's update on all records     {result.target_all:+.4f}")
     print(f"  ... without the top {result.removed} records for it      {result.target_without_top:+.4f}")
@@ -282,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             "intervene": run_intervene,
         }
         return commands[args.command](args)
-    except StoreError as exc:
+    except (StoreError, UsageError) as exc:
         print(f"rlhf-influence: error: {exc}", file=sys.stderr)
         return 2
 

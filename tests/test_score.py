@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from scipy.stats import spearmanr
 from trainer_setup import Setup, ppo_kwargs, seed_everything
 
@@ -103,3 +104,73 @@ def test_intervention_without_top_records_moves_the_behaviour_least(run_dir, cap
     assert main(["intervene", str(run_dir), "--round", "2", "--prompt", PROMPT, "--response", RESPONSE,
                  "--remove", "40"]) == 2  # fmt: skip
     assert "--remove must be between 1 and 31" in capsys.readouterr().err
+
+
+class RecordsTargetGradient(IIFPPOTrainer):
+    """Keeps the return-target gradient the trainer scored each round against (first scoring)."""
+
+    def _target_gradient(self, policy, target_batch):
+        grad = super()._target_gradient(policy, target_batch)
+        self.target_gradients_seen.setdefault(self._round, grad.detach().cpu().clone())
+        return grad
+
+    def build_target_batch(self, batch, round_index):
+        self._round = round_index
+        return super().build_target_batch(batch, round_index)
+
+
+@pytest.fixture(scope="module")
+def return_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("return-run")
+    setup = Setup(hidden=32)
+    seed_everything(0)
+    kwargs = ppo_kwargs(out, per_device_train_batch_size=8, gradient_accumulation_steps=1, total_episodes=32,
+                        iif_num_heldout_prompts=8, iif_drop_fraction=0.5)  # fmt: skip
+    trainer = RecordsTargetGradient(
+        args=IIFPPOConfig(**kwargs), processing_class=setup.tokenizer, model=setup.peft_policy(), ref_model=None,
+        reward_model=setup.reward, train_dataset=setup.train, value_model=setup.value, target_dataset=setup.heldout,
+    )  # fmt: skip
+    trainer.target_gradients_seen = {}
+    seed_everything(0)
+    trainer.train()
+    return out, trainer.target_gradients_seen
+
+
+def test_stored_heldout_samples_rebuild_the_target_the_trainer_scored_against(return_run):
+    """The held-out samples and advantages in the store give, through the generic target path at
+    the stored round-start adapter, the same target gradient the trainer computed in the round."""
+    from rlhf_influence.audit.intervention import RoundReplay
+    from rlhf_influence.audit.rescore import SnapshotScorer
+
+    run_dir, seen = return_run
+    scorer = SnapshotScorer(run_dir)
+    assert sorted(seen) == scorer.rounds == [1, 2, 3, 4]
+    for round_index in scorer.rounds:
+        replay = RoundReplay(scorer, round_index)
+        target = replay.return_target()
+        assert target.input_ids.shape[0] == 8
+        scorer.load_round(round_index)
+        rebuilt = target_gradients(scorer.policy, target, layout=scorer.layout)
+        expected = seen[round_index].to(rebuilt)
+        assert torch.allclose(rebuilt, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_intervention_on_the_return_target(return_run, capsys):
+    """Removing the records that most raised the round's return target lowers it more than
+    removing as many random ones (re-run of the round's update from its snapshot)."""
+    from rlhf_influence.audit.intervention import intervene_return
+
+    run_dir, _ = return_run
+    wins = 0
+    for round_index in (1, 2, 3, 4):
+        result = intervene_return(run_dir, round_index, remove=3, random_draws=3)
+        assert result.removed == 3 and result.prompt == "" and "heldout_return" in result.target
+        wins += result.target_without_top < result.target_without_random
+    assert wins >= 3, wins
+    assert main(["intervene", str(run_dir), "--round", "2", "--return-target", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["round"] == 2 and out["removed"] == 1  # 10% of 8 records, rounded up
+    assert main(["intervene", str(run_dir), "--round", "2", "--return-target", "--prompt", "x"]) == 2
+    assert "leave out --prompt/--response" in capsys.readouterr().err
+    assert main(["intervene", str(run_dir), "--round", "2"]) == 2
+    assert "or use --return-target" in capsys.readouterr().err

@@ -1,12 +1,13 @@
-"""Targeted intervention: re-run one round's policy update without the records behind a behaviour.
+"""Targeted intervention: re-run one round's policy update without the records behind a target.
 
 From the store: the policy at the round start (its stored adapter), the round's records (token
 ids, sampling log-probs, advantages) and the run's PPO settings. The records are scored exactly
-against the log-prob target log pi(response | prompt) at that snapshot; then the round's PPO
-policy update (clipped surrogate, mini-batches, AdamW, the run's epochs and learning rate) is
-re-run three ways: on all records, without the k records that most raised the behaviour, and
-without k random records. If attribution is right, removing the top records moves the target
-least (or down) of the three.
+against a target at that snapshot (a behaviour, log pi(response | prompt), or the round's own
+return target: the held-out samples it drew, or its buffer); then the round's PPO policy update
+(clipped surrogate, mini-batches, AdamW, the run's epochs and learning rate) is re-run three
+ways: on all records, without the k records that most raised the target, and without k random
+records. If attribution is right, removing the top records moves the target least (or down) of
+the three.
 
 The value model takes no part (it is a separate network; advantages are fixed for the round),
 and the optimizer starts from fresh moments in all three re-runs, so they are compared on equal
@@ -27,17 +28,18 @@ from ..gradients import target_gradients
 from ..influence import scores_from_factors
 from ..projection import RandomProjector
 from ..store import StoreError
-from ..targets import LogProbTarget, ppo_policy_loss
+from ..targets import LogProbTarget, ReturnTarget, TokenWeightedLogProb, ppo_policy_loss
 from .rescore import SnapshotScorer
 
 
 @dataclass
 class InterventionResult:
     round: int
-    prompt: str
+    target: str  # what was traced: "log p(response | prompt)" or the round's return target
+    prompt: str  # the behaviour's prompt and response ("" for the return target)
     response: str
     removed: int
-    target_before: float  # log pi(response | prompt) at the round start
+    target_before: float  # the target's value at the round start
     target_all: float  # after re-running the round's update on every record
     target_without_top: float  # ... without the `removed` records most raising the target
     target_without_random: float  # ... without `removed` random records (mean over draws)
@@ -85,11 +87,45 @@ class RoundReplay:
 
         return loss_fn
 
-    def influence(self, target: LogProbTarget) -> torch.Tensor:
+    def return_target(self) -> ReturnTarget:
+        """The return target this round was filtered against, as the trainer built it: the held-out
+        samples drawn that round with their last-token advantages (``heldout_return``), or the
+        round's own records with their per-token advantages (``buffer_return``)."""
+        kind = self.scorer.store.manifest.get("target", "heldout_return")
+        if kind == "buffer_return":
+            return ReturnTarget.from_buffer(
+                self.query_responses,
+                self.attention_mask,
+                self.response_mask,
+                self.advantages,
+                self.temperature,
+            )
+        try:
+            tensors = self.scorer.store.read_tensors(self.round, "target")
+        except StoreError:
+            raise StoreError(
+                f"round {self.round} has no held-out target samples (target.safetensors): the run predates "
+                "storing them"
+            ) from None
+        queries, responses = tensors["queries"].long(), tensors["responses"].long()
+        query_responses = torch.cat([queries, responses], dim=1)
+        valid = tensors["padding_mask"] == 0
+        response_mask = torch.nn.functional.pad(valid, (queries.shape[1], 0), value=False)
+        return ReturnTarget.from_heldout(
+            query_responses,
+            query_responses != self.pad_id,
+            response_mask,
+            tensors["last_token_advantages"].float(),
+            self.temperature,
+        )
+
+    def influence(self, target: TokenWeightedLogProb) -> torch.Tensor:
         """Exact influence of every record on ``target`` at the round start, ``[N]``."""
         return self.scores(target)[0]
 
-    def scores(self, target: LogProbTarget, projectors: Sequence[RandomProjector] = ()) -> list[torch.Tensor]:
+    def scores(
+        self, target: TokenWeightedLogProb, projectors: Sequence[RandomProjector] = ()
+    ) -> list[torch.Tensor]:
         """``[exact, *projected]`` influence ``[N]`` on ``target`` at the round start: one
         forward+backward per micro-batch serves the exact score and every projector's estimate."""
         self.scorer.load_round(self.round)
@@ -128,34 +164,29 @@ class RoundReplay:
                 optimizer.zero_grad()
 
 
-def _target_value(scorer: SnapshotScorer, target: LogProbTarget) -> float:
+def _target_value(scorer: SnapshotScorer, target: TokenWeightedLogProb) -> float:
     with torch.no_grad():
         return float(target(scorer.policy).sum())
 
 
-def intervene(
-    path,
-    round_index: int,
-    prompt: str,
-    response: str,
-    remove: int | None = None,
-    seed: int = 0,
-    random_draws: int = 3,
-) -> InterventionResult:
-    """Re-run round ``round_index`` without the records that most raised log pi(response | prompt)."""
-    scorer = SnapshotScorer(path)
-    replay = RoundReplay(scorer, round_index)
-    n = len(replay)
+def _check_remove(remove: int | None, n: int) -> int:
     remove = max(1, math.ceil(0.1 * n)) if remove is None else remove
     if not 0 < remove < n:
         raise StoreError(f"--remove must be between 1 and {n - 1} (the round has {n} records), got {remove}")
-    try:
-        target = LogProbTarget.from_text(scorer.tokenizer, [prompt], [response])
-    except ValueError as exc:
-        raise StoreError(f"cannot score this behaviour: {exc}") from None
-    target.temperature = scorer.temperature
+    return remove
 
-    scorer.load_round(round_index)
+
+def counterfactual(
+    replay: RoundReplay,
+    target: TokenWeightedLogProb,
+    remove: int,
+    seed: int = 0,
+    random_draws: int = 3,
+) -> tuple[float, float, float, float, np.ndarray]:
+    """(value at the round start, after all records, without the top ``remove``, without random
+    ``remove`` (mean over draws), the removed top records) for ``target``."""
+    scorer, n = replay.scorer, len(replay)
+    scorer.load_round(replay.round)
     before = _target_value(scorer, target)
     influence = replay.influence(target)
     top = torch.argsort(influence, descending=True)[:remove].numpy()
@@ -171,14 +202,66 @@ def intervene(
         dropped = rng.choice(n, size=remove, replace=False)
         replay.rerun(np.setdiff1d(everyone, dropped), seed)
         random_values.append(_target_value(scorer, target))
+    return before, after_all, after_top, float(np.mean(random_values)), top
+
+
+def intervene(
+    path,
+    round_index: int,
+    prompt: str,
+    response: str,
+    remove: int | None = None,
+    seed: int = 0,
+    random_draws: int = 3,
+) -> InterventionResult:
+    """Re-run round ``round_index`` without the records that most raised log pi(response | prompt)."""
+    scorer = SnapshotScorer(path)
+    replay = RoundReplay(scorer, round_index)
+    remove = _check_remove(remove, len(replay))
+    try:
+        target = LogProbTarget.from_text(scorer.tokenizer, [prompt], [response])
+    except ValueError as exc:
+        raise StoreError(f"cannot score this behaviour: {exc}") from None
+    target.temperature = scorer.temperature
+    before, after_all, after_top, after_random, top = counterfactual(
+        replay, target, remove, seed, random_draws
+    )
     return InterventionResult(
         round=round_index,
+        target=f"log p({response!r} | {prompt!r})",
         prompt=prompt,
         response=response,
         removed=remove,
         target_before=before,
         target_all=after_all,
         target_without_top=after_top,
-        target_without_random=float(np.mean(random_values)),
+        target_without_random=after_random,
+        removed_records=sorted(int(i) for i in top),
+    )
+
+
+def intervene_return(
+    path, round_index: int, remove: int | None = None, seed: int = 0, random_draws: int = 3
+) -> InterventionResult:
+    """Re-run round ``round_index`` without the records that most raised its own return target
+    (the records IIF keeps first), against as many random ones."""
+    scorer = SnapshotScorer(path)
+    replay = RoundReplay(scorer, round_index)
+    remove = _check_remove(remove, len(replay))
+    target = replay.return_target()
+    kind = scorer.store.manifest.get("target", "heldout_return")
+    before, after_all, after_top, after_random, top = counterfactual(
+        replay, target, remove, seed, random_draws
+    )
+    return InterventionResult(
+        round=round_index,
+        target=f"{kind} (mean advantage-weighted log-prob over {target.input_ids.shape[0]} samples)",
+        prompt="",
+        response="",
+        removed=remove,
+        target_before=before,
+        target_all=after_all,
+        target_without_top=after_top,
+        target_without_random=after_random,
         removed_records=sorted(int(i) for i in top),
     )

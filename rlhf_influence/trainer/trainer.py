@@ -231,7 +231,7 @@ class IIFPPOTrainer(PPOTrainer):
                     self.ppo_epoch(batch, epochs[-1].keep_local, stats)
 
             metrics = {**self.round_metrics(batch, stats, epochs, start), **timer.metrics()}
-            self.store_round(round_index, batch, epochs, metrics, snapshot)
+            self.store_round(round_index, batch, epochs, metrics, snapshot, target_batch)
             self._end_round(metrics)
         self._end_training()
 
@@ -662,9 +662,10 @@ class IIFPPOTrainer(PPOTrainer):
         epochs: list[EpochScores],
         metrics: dict,
         snapshot: dict[str, torch.Tensor] | None,
+        target_batch: RolloutBatch | None = None,
     ) -> None:
-        """Hand the round's records, scores, kept flags, projected gradients and round-start adapter
-        to the attribution store (the main process writes)."""
+        """Hand the round's records, scores, kept flags, projected gradients, round-start adapter
+        and held-out target samples to the attribution store (the main process writes)."""
         if self.store is None:
             return
         decode = self.processing_class.batch_decode
@@ -681,6 +682,13 @@ class IIFPPOTrainer(PPOTrainer):
         if projected is not None:
             projected = self.accelerator.gather(projected.to(self.accelerator.device)).cpu()
         round_batch = self._gathered_batch(batch)
+        heldout = None
+        if target_batch is not None and target_batch is not batch:  # the held-out return target's samples
+            heldout = {
+                **self._gathered_batch(target_batch),
+                "last_token_advantages": self._global(target_batch.last_token_advantages()).float(),
+                "scores": self._global(target_batch.scores).float(),
+            }
         influence = [e.scores.tolist() for e in epochs]
         kept = [e.decision.keep.tolist() for e in epochs]
         if not self.accelerator.is_main_process:
@@ -706,6 +714,8 @@ class IIFPPOTrainer(PPOTrainer):
             "kept_on_each_process": epochs[0].keep_by_process.T.tolist(),
         }
         tensors = {"batch": round_batch}
+        if heldout is not None:
+            tensors["target"] = heldout
         if projected is not None:
             tensors["gradients"] = {"projected": projected}
         if snapshot is not None:
