@@ -8,6 +8,8 @@
    records by influence on that target, and without 10% random records, and compare the change
    in the target (rlhf_influence.audit.intervention). If attribution is right, removing the top
    records lowers the target clearly more than removing random ones.
+3. The same counterfactual for the return target IIF filters against: the held-out samples
+   each round drew, with their advantages, as stored in the round (target.safetensors).
 
     python recipes/ppo_iif.py --output_dir runs/fidelity          # any run (the default task here)
     python benchmarks/fidelity.py runs/fidelity --rounds 5 10 20 40 --dims 8 16 32 64 128
@@ -24,7 +26,7 @@ import torch
 from scipy.stats import spearmanr
 
 from rlhf_influence import RandomProjector
-from rlhf_influence.audit.intervention import RoundReplay, intervene
+from rlhf_influence.audit.intervention import InterventionResult, RoundReplay, intervene, intervene_return
 from rlhf_influence.audit.rescore import SnapshotScorer
 from rlhf_influence.targets import LogProbTarget
 
@@ -47,6 +49,20 @@ def projection_fidelity(scorer: SnapshotScorer, round_index: int, target: LogPro
             "features": RandomProjector(dim).output_size(scorer.layout),
         }
     return out
+
+
+def counterfactual_table(results: dict[int, InterventionResult]) -> dict[int, dict]:
+    """Print one row per round and the tally; the results as plain dicts."""
+    print("| round | at start | after all records | without top 10% | without random 10% | top - random |")
+    print("|---|---|---|---|---|---|")
+    for r, x in results.items():
+        print(f"| {r} | {x.target_before:+.4f} | {x.target_all:+.4f} | {x.target_without_top:+.4f} "
+              f"| {x.target_without_random:+.4f} | {x.target_without_top - x.target_without_random:+.4f} |")  # fmt: skip
+    worse = [x.target_without_top < x.target_without_random for x in results.values()]
+    below_all = [x.target_without_top < x.target_all for x in results.values()]
+    print(f"without the top records the target ends lower than without random ones in {sum(worse)}/{len(worse)} "
+          f"rounds, lower than with all records in {sum(below_all)}/{len(below_all)}")  # fmt: skip
+    return {r: x.__dict__ for r, x in results.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,21 +93,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {dim} | {features} | {statistics.median(rhos):.3f} [{min(rhos):.3f}, {max(rhos):.3f}] "
               f"| {statistics.median(overlaps):.2f} [{min(overlaps):.2f}, {max(overlaps):.2f}] |")  # fmt: skip
 
-    print("\n| round | log p at start | after all records | without top 10% | without random 10% |")
-    print("|---|---|---|---|---|")
-    counterfactual = {}
-    for r in args.rounds:
-        result = intervene(args.run, r, args.prompt, args.response, random_draws=3)
-        counterfactual[r] = result.__dict__
-        print(f"| {r} | {result.target_before:+.3f} | {result.target_all:+.3f} | {result.target_without_top:+.3f} "
-              f"| {result.target_without_random:+.3f} |")  # fmt: skip
-    worse = [c["target_without_top"] < c["target_without_random"] for c in counterfactual.values()]
-    print(
-        f"\nwithout the top records the target ends lower than without random ones in {sum(worse)}/{len(worse)} rounds"
+    print(f"\ncounterfactual, target log p({args.response!r} | {args.prompt!r}):")
+    counterfactual = counterfactual_table(
+        {r: intervene(args.run, r, args.prompt, args.response, random_draws=3) for r in args.rounds}
+    )
+    print("\ncounterfactual, target: each round's held-out return target (what IIF filtered against):")
+    counterfactual_return = counterfactual_table(
+        {r: intervene_return(args.run, r, random_draws=3) for r in args.rounds}
     )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"fidelity": fidelity, "counterfactual": counterfactual}, indent=2))
+        results = {
+            "fidelity": fidelity,
+            "counterfactual": counterfactual,
+            "counterfactual_return": counterfactual_return,
+        }
+        args.out.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

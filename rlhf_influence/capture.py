@@ -228,6 +228,21 @@ def _check_losses(losses: torch.Tensor, per_record: bool) -> None:
         raise NonFiniteError(f"loss_fn returned non-finite losses (records {bad} ...)")
 
 
+def _check_output_grads(layout: LoraLayout, calls, grads) -> None:
+    """Raise on a NaN/inf output-gradient, naming the adapter; one host sync for all of them
+    (max-abs propagates NaN and inf), not one per adapter."""
+    present = [(idx, g) for (idx, _, _), g in zip(calls, grads, strict=True) if g is not None]
+    if not present:
+        return
+    peaks = torch.stack([g.detach().abs().amax().float() for _, g in present])
+    if bool(torch.isfinite(peaks).all()):
+        return
+    first = int((~torch.isfinite(peaks)).nonzero()[0, 0])
+    raise NonFiniteError(
+        f"non-finite gradient reaching LoRA adapter '{layout.linears[present[first][0]].name}'"
+    )
+
+
 def _as_record_major(t: torch.Tensor, n: int, name: str, what: str) -> torch.Tensor:
     """Reshape an activation to [n, T, features]; reject layouts that are not record-first."""
     if t.dim() >= 2 and t.shape[0] == n:
@@ -278,12 +293,11 @@ def capture_factors(
     n = losses.shape[0] if per_record else 1
     dtype = torch.float64 if losses.dtype == torch.float64 else torch.float32
     adapters = [AdapterFactors(linear) for linear in layout.linears]
+    _check_output_grads(layout, recorder.calls, grads)
     for (idx, x, _), g in zip(recorder.calls, grads, strict=True):
         if g is None:  # this call does not reach the loss
             continue
         name = layout.linears[idx].name
-        if not bool(torch.isfinite(g).all()):
-            raise NonFiniteError(f"non-finite gradient reaching LoRA adapter '{name}'")
         if per_record:
             x = _as_record_major(x, n, name, "input")
             g = _as_record_major(g, n, name, "output")
