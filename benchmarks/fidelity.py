@@ -13,6 +13,9 @@
 
     python recipes/ppo_iif.py --output_dir runs/fidelity          # any run (the default task here)
     python benchmarks/fidelity.py runs/fidelity --rounds 5 10 20 40 --dims 8 16 32 64 128
+    # or let it train the run first: the default task with a 256-wide policy, so that every
+    # adapter side is wider than the smaller dims and the projection is really tested
+    python benchmarks/fidelity.py runs/fidelity256 --train-width 256 --rounds 5 10 20 40
 """
 
 from __future__ import annotations
@@ -51,6 +54,28 @@ def projection_fidelity(scorer: SnapshotScorer, round_index: int, target: LogPro
     return out
 
 
+def train_run(out: Path, width: int, rounds: int, seed: int = 0) -> None:
+    """The recipe's embedded default run, with a policy and value model ``width`` wide."""
+    from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
+    from rlhf_influence.default_task import build_default_task
+
+    task = build_default_task(seed=seed, hidden=width)
+    args = IIFPPOConfig(
+        output_dir=str(out), per_device_train_batch_size=32, gradient_accumulation_steps=1, num_mini_batches=4,
+        num_ppo_epochs=4, total_episodes=32 * rounds, response_length=8, local_rollout_forward_batch_size=32,
+        learning_rate=2e-3, lr_scheduler_type="constant", kl_coef=0.02, num_sample_generations=0,
+        iif_num_heldout_prompts=16, report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(),
+        bf16=False, seed=seed, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = IIFPPOTrainer(
+        args=args, processing_class=task.tokenizer, model=task.policy, ref_model=None, reward_model=task.reward,
+        train_dataset=task.train_dataset.select_columns(["input_ids"]), value_model=task.value_model,
+        target_dataset=task.heldout_dataset.select_columns(["input_ids"]), peft_config=task.lora_config,
+    )  # fmt: skip
+    trainer.train()
+    print(f"trained {rounds} rounds of the default task at width {width} into {out}\n")
+
+
 def counterfactual_table(results: dict[int, InterventionResult]) -> dict[int, dict]:
     """Print one row per round and the tally; the results as plain dicts."""
     print("| round | at start | after all records | without top 10% | without random 10% | top - random |")
@@ -76,7 +101,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", default="the movie was")
     parser.add_argument("--response", default="great fun and lovely")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument(
+        "--train-width",
+        type=int,
+        help="first train RUN (which must not exist): the embedded default task with a policy of this "
+        "hidden width, for max(--rounds) rounds, gradients stored at the default dim",
+    )
     args = parser.parse_args(argv)
+    if args.train_width:
+        if args.run.exists():
+            parser.error(f"{args.run} exists; --train-width trains a new run there")
+        train_run(args.run, args.train_width, max(args.rounds))
 
     scorer = SnapshotScorer(args.run)
     target = LogProbTarget.from_text(scorer.tokenizer, [args.prompt], [args.response])

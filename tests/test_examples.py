@@ -43,9 +43,8 @@ def test_overhead_benchmark_smoke(tmp_path):
 
 
 def test_fidelity_benchmark_smoke(tmp_path):
-    run_dir = tmp_path / "run"
-    run(
-        "recipes/ppo_iif.py", "--output_dir", str(run_dir), "--total_episodes", "96", "--disable_tqdm", "true"
-    )
-    out = run("benchmarks/fidelity.py", str(run_dir), "--rounds", "2", "--dims", "8", "64", "--seeds", "0")
+    run_dir = tmp_path / "run"  # trained by the script itself, on a 32-wide policy
+    out = run("benchmarks/fidelity.py", str(run_dir), "--train-width", "32", "--rounds", "2", "--dims", "8", "64",
+              "--seeds", "0")  # fmt: skip
+    assert "held-out return target" in out
     assert "| 8 |" in out and "| 64 |" in out and "rounds" in out.splitlines()[-1]
