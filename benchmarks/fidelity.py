@@ -26,7 +26,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from scipy.stats import spearmanr
+from scipy.stats import binomtest, spearmanr
 
 from rlhf_influence import RandomProjector
 from rlhf_influence.audit.intervention import InterventionResult, RoundReplay, intervene, intervene_return
@@ -85,8 +85,12 @@ def counterfactual_table(results: dict[int, InterventionResult]) -> dict[int, di
               f"| {x.target_without_random:+.4f} | {x.target_without_top - x.target_without_random:+.4f} |")  # fmt: skip
     worse = [x.target_without_top < x.target_without_random for x in results.values()]
     below_all = [x.target_without_top < x.target_all for x in results.values()]
+    gaps = [x.target_without_top - x.target_without_random for x in results.values()]
+    # one-sided sign test: H0 "removing the top records is no worse for the target than removing random ones"
+    p_value = binomtest(sum(worse), len(worse), 0.5, alternative="greater").pvalue
     print(f"without the top records the target ends lower than without random ones in {sum(worse)}/{len(worse)} "
-          f"rounds, lower than with all records in {sum(below_all)}/{len(below_all)}")  # fmt: skip
+          f"rounds (sign test p = {p_value:.3g}; median top - random {statistics.median(gaps):+.4f}), lower than "
+          f"with all records in {sum(below_all)}/{len(below_all)} rounds")  # fmt: skip
     return {r: x.__dict__ for r, x in results.items()}
 
 
@@ -100,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--prompt", default="the movie was")
     parser.add_argument("--response", default="great fun and lovely")
+    parser.add_argument("--random-draws", type=int, default=5, help="random removals per round (averaged)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument(
         "--train-width",
@@ -130,11 +135,14 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\ncounterfactual, target log p({args.response!r} | {args.prompt!r}):")
     counterfactual = counterfactual_table(
-        {r: intervene(args.run, r, args.prompt, args.response, random_draws=3) for r in args.rounds}
+        {
+            r: intervene(args.run, r, args.prompt, args.response, random_draws=args.random_draws)
+            for r in args.rounds
+        }
     )
     print("\ncounterfactual, target: each round's held-out return target (what IIF filtered against):")
     counterfactual_return = counterfactual_table(
-        {r: intervene_return(args.run, r, random_draws=3) for r in args.rounds}
+        {r: intervene_return(args.run, r, random_draws=args.random_draws) for r in args.rounds}
     )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
