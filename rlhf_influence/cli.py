@@ -163,10 +163,14 @@ def run_intervene(args) -> int:
         print(json.dumps(asdict(result), indent=2))
         return 0
     print(f"round {result.round}: {result.target}")
-    print(f"  at the round start                          {result.target_before:+.4f}")
-    print(f"  after the round's update on all records     {result.target_all:+.4f}")
-    print(f"  ... without the top {result.removed} records for it      {result.target_without_top:+.4f}")
-    print(f"  ... without {result.removed} random records (mean)       {result.target_without_random:+.4f}")
+    rows = [
+        ("at the round start", result.target_before),
+        ("after the round's update on all records", result.target_all),
+        (f"... without the top {result.removed} records for it", result.target_without_top),
+        (f"... without {result.removed} random records (mean)", result.target_without_random),
+    ]
+    for label, value in rows:
+        print(f"  {label:<46}{value:+.4f}")
     return 0
 
 
