@@ -87,5 +87,6 @@ def test_ddp_two_processes_default_task_reward_rises(tmp_path):
     tables = check_store(out, rounds=len(store.rounds()), per_process=32, drop_fraction=1.0)
     assert len(tables) == 60
     rewards = torch.tensor([store.read_metrics(r)["objective/scores"] for r in store.rounds()])
-    first, last = rewards[:15].mean(), rewards[-15:].mean()
-    assert last > first + 0.05, (float(first), float(last))
+    # the default task reaches its plateau within 10-20 rounds, so compare the start with the end
+    first, last = rewards[:3].mean(), rewards[-15:].mean()
+    assert last > first + 0.08, rewards.tolist()
