@@ -62,6 +62,12 @@ def keyword_reward(keywords: list[str]) -> Callable[[list[str], list[str]], list
 REWARD_FUNCTIONS = {"sentiment": sentiment_reward}
 
 
+def prompt_dataset(tokenizer, prompts: list[str]) -> Dataset:
+    """The prompts with their token ids (no special tokens): an embedded task's prompt set."""
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return Dataset.from_dict({"input_ids": ids, "prompt": prompts})
+
+
 @dataclass
 class EmbeddedTask:
     """Everything the recipe needs for an embedded run: models, reward, prompts, LoRA config."""
@@ -80,16 +86,12 @@ def build_default_task(seed: int = 0, hidden: int = 64, layers: int = 2) -> Embe
     vocab = len(tokenizer)
     train, heldout = default_prompts()
 
-    def tokenised(prompts: list[str]) -> Dataset:
-        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        return Dataset.from_dict({"input_ids": ids, "prompt": prompts})
-
     return EmbeddedTask(
         tokenizer=tokenizer,
         policy=tiny_causal_lm(vocab, hidden=hidden, layers=layers, seed=seed),
         value_model=tiny_scalar_head_model(vocab, hidden=hidden, layers=1, seed=seed + 1),
         reward=sentiment_reward,
-        train_dataset=tokenised(train),
-        heldout_dataset=tokenised(heldout),
+        train_dataset=prompt_dataset(tokenizer, train),
+        heldout_dataset=prompt_dataset(tokenizer, heldout),
         lora_config=toy_lora_config("gpt2", r=8),
     )

@@ -23,10 +23,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from .default_task import EmbeddedTask, keyword_reward
+from .default_task import EmbeddedTask, keyword_reward, prompt_dataset
 from .toy import tiny_causal_lm, toy_lora_config, word_tokenizer
 
 COLOURS = ["red", "blue", "green", "gold", "silver"]
@@ -171,16 +170,12 @@ def build_keyword_task(
         value_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     train, heldout = keyword_prompts(seed=0)
 
-    def tokenised(prompts: list[str]) -> Dataset:
-        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        return Dataset.from_dict({"input_ids": ids, "prompt": prompts})
-
     return EmbeddedTask(
         tokenizer=tokenizer,
         policy=policy,
         value_model=value_model,
         reward=keyword_reward(COLOURS),
-        train_dataset=tokenised(train),
-        heldout_dataset=tokenised(heldout),
+        train_dataset=prompt_dataset(tokenizer, train),
+        heldout_dataset=prompt_dataset(tokenizer, heldout),
         lora_config=toy_lora_config("gpt2", r=8),
     )

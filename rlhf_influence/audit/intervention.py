@@ -169,22 +169,28 @@ def _target_value(scorer: SnapshotScorer, target: TokenWeightedLogProb) -> float
         return float(target(scorer.policy).sum())
 
 
-def _check_remove(remove: int | None, n: int) -> int:
+def _open_round(path, round_index: int, remove: int | None) -> tuple[RoundReplay, int]:
+    """The round's replay and the checked number of records to remove (default: 10%, rounded up)."""
+    replay = RoundReplay(SnapshotScorer(path), round_index)
+    n = len(replay)
     remove = max(1, math.ceil(0.1 * n)) if remove is None else remove
     if not 0 < remove < n:
         raise StoreError(f"--remove must be between 1 and {n - 1} (the round has {n} records), got {remove}")
-    return remove
+    return replay, remove
 
 
 def counterfactual(
     replay: RoundReplay,
     target: TokenWeightedLogProb,
+    description: str,
     remove: int,
     seed: int = 0,
     random_draws: int = 3,
-) -> tuple[float, float, float, float, np.ndarray]:
-    """(value at the round start, after all records, without the top ``remove``, without random
-    ``remove`` (mean over draws), the removed top records) for ``target``."""
+    prompt: str = "",
+    response: str = "",
+) -> InterventionResult:
+    """``target`` at the round start, after the round's update on all records, without the top
+    ``remove`` records for it, and without ``remove`` random records (mean over draws)."""
     scorer, n = replay.scorer, len(replay)
     scorer.load_round(replay.round)
     before = _target_value(scorer, target)
@@ -202,7 +208,18 @@ def counterfactual(
         dropped = rng.choice(n, size=remove, replace=False)
         replay.rerun(np.setdiff1d(everyone, dropped), seed)
         random_values.append(_target_value(scorer, target))
-    return before, after_all, after_top, float(np.mean(random_values)), top
+    return InterventionResult(
+        round=replay.round,
+        target=description,
+        prompt=prompt,
+        response=response,
+        removed=remove,
+        target_before=before,
+        target_all=after_all,
+        target_without_top=after_top,
+        target_without_random=float(np.mean(random_values)),
+        removed_records=sorted(int(i) for i in top),
+    )
 
 
 def intervene(
@@ -215,29 +232,15 @@ def intervene(
     random_draws: int = 3,
 ) -> InterventionResult:
     """Re-run round ``round_index`` without the records that most raised log pi(response | prompt)."""
-    scorer = SnapshotScorer(path)
-    replay = RoundReplay(scorer, round_index)
-    remove = _check_remove(remove, len(replay))
+    replay, remove = _open_round(path, round_index, remove)
+    scorer = replay.scorer
     try:
         target = LogProbTarget.from_text(scorer.tokenizer, [prompt], [response])
     except ValueError as exc:
         raise StoreError(f"cannot score this behaviour: {exc}") from None
     target.temperature = scorer.temperature
-    before, after_all, after_top, after_random, top = counterfactual(
-        replay, target, remove, seed, random_draws
-    )
-    return InterventionResult(
-        round=round_index,
-        target=f"log p({response!r} | {prompt!r})",
-        prompt=prompt,
-        response=response,
-        removed=remove,
-        target_before=before,
-        target_all=after_all,
-        target_without_top=after_top,
-        target_without_random=after_random,
-        removed_records=sorted(int(i) for i in top),
-    )
+    description = f"log p({response!r} | {prompt!r})"
+    return counterfactual(replay, target, description, remove, seed, random_draws, prompt, response)
 
 
 def intervene_return(
@@ -245,23 +248,8 @@ def intervene_return(
 ) -> InterventionResult:
     """Re-run round ``round_index`` without the records that most raised its own return target
     (the records IIF keeps first), against as many random ones."""
-    scorer = SnapshotScorer(path)
-    replay = RoundReplay(scorer, round_index)
-    remove = _check_remove(remove, len(replay))
+    replay, remove = _open_round(path, round_index, remove)
     target = replay.return_target()
-    kind = scorer.store.manifest.get("target", "heldout_return")
-    before, after_all, after_top, after_random, top = counterfactual(
-        replay, target, remove, seed, random_draws
-    )
-    return InterventionResult(
-        round=round_index,
-        target=f"{kind} (mean advantage-weighted log-prob over {target.input_ids.shape[0]} samples)",
-        prompt="",
-        response="",
-        removed=remove,
-        target_before=before,
-        target_all=after_all,
-        target_without_top=after_top,
-        target_without_random=after_random,
-        removed_records=sorted(int(i) for i in top),
-    )
+    kind = replay.scorer.store.manifest.get("target", "heldout_return")
+    description = f"{kind} (mean advantage-weighted log-prob over {target.input_ids.shape[0]} samples)"
+    return counterfactual(replay, target, description, remove, seed, random_draws)
