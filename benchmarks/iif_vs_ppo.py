@@ -40,9 +40,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from rlhf_influence.default_task import HELDOUT_PROMPTS, TRAINING_DEFAULTS
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "ppo_iif.py"
-BATCH, HELDOUT = 32, 16  # the embedded tasks' records and held-out prompts per round
+BATCH = TRAINING_DEFAULTS["per_device_train_batch_size"]  # the embedded tasks' records per round
+HELDOUT = HELDOUT_PROMPTS  # and held-out prompts per round
 ROUNDS = {"sentiment": 80, "keywords": 100}
 RESULTS = {"sentiment": "iif_vs_ppo", "keywords": "iif_vs_ppo_keywords"}
 

@@ -61,7 +61,7 @@ def worker(arm: str, rounds: int, seed: int, out: Path, keep_gc: bool = False) -
     import torch
     from transformers import TrainerCallback
 
-    from rlhf_influence.default_task import build_default_task
+    from rlhf_influence.default_task import HELDOUT_PROMPTS, TRAINING_DEFAULTS, build_default_task
     from rlhf_influence.toy import tiny_scalar_head_model
 
     torch.manual_seed(seed)
@@ -69,11 +69,9 @@ def worker(arm: str, rounds: int, seed: int, out: Path, keep_gc: bool = False) -
     task = build_default_task(seed=seed)
     reward_model = tiny_scalar_head_model(len(task.tokenizer), hidden=64, layers=1, seed=seed + 2)
     common = dict(
-        output_dir=str(out.parent / f"{arm}-run"), per_device_train_batch_size=32, gradient_accumulation_steps=1,
-        num_mini_batches=4, num_ppo_epochs=4, total_episodes=32 * rounds, response_length=8,
-        local_rollout_forward_batch_size=32, learning_rate=5e-3, lr_scheduler_type="constant", temperature=1.0,
-        kl_coef=0.02, num_sample_generations=0, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
-        seed=seed, disable_tqdm=True,
+        **TRAINING_DEFAULTS, output_dir=str(out.parent / f"{arm}-run"),
+        total_episodes=TRAINING_DEFAULTS["per_device_train_batch_size"] * rounds, report_to="none",
+        save_strategy="no", use_cpu=True, bf16=False, seed=seed, disable_tqdm=True,
     )  # fmt: skip
 
     class RoundClock(TrainerCallback):
@@ -99,7 +97,7 @@ def worker(arm: str, rounds: int, seed: int, out: Path, keep_gc: bool = False) -
         from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
 
         trainer = IIFPPOTrainer(
-            args=IIFPPOConfig(**common, **ARMS[arm], iif_num_heldout_prompts=16, iif_store=False),
+            args=IIFPPOConfig(**common, **ARMS[arm], iif_num_heldout_prompts=HELDOUT_PROMPTS, iif_store=False),
             processing_class=task.tokenizer, model=task.policy, ref_model=None, reward_model=reward_model,
             train_dataset=task.train_dataset.select_columns(["input_ids"]), value_model=task.value_model,
             target_dataset=task.heldout_dataset.select_columns(["input_ids"]), peft_config=task.lora_config,

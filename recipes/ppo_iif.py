@@ -34,7 +34,7 @@ import torch
 from accelerate import PartialState
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
+from rlhf_influence import IIFPPOConfig, IIFPPOTrainer, default_task, keyword_task
 from rlhf_influence.default_task import REWARD_FUNCTIONS, build_default_task, keyword_reward
 from rlhf_influence.keyword_task import build_keyword_task
 from rlhf_influence.trainer.progress import RoundProgress
@@ -102,37 +102,27 @@ class RecipeArguments:
     )
 
 
-# The embedded default run: what a laptop CPU finishes in a couple of minutes with the reward up.
+# The embedded runs: the default task's settings (rlhf_influence.default_task), and what the
+# keyword task changes in them (rlhf_influence.keyword_task).
+_PER_ROUND = default_task.TRAINING_DEFAULTS["per_device_train_batch_size"]
 EMBEDDED_DEFAULTS = {
     "output_dir": "runs/ppo_iif",
-    "per_device_train_batch_size": 32,
-    "gradient_accumulation_steps": 1,
-    "num_mini_batches": 4,
-    "num_ppo_epochs": 4,
-    "total_episodes": 32 * 120,
-    "response_length": 8,
-    "local_rollout_forward_batch_size": 32,
-    "learning_rate": 5e-3,
-    "lr_scheduler_type": "constant",
-    "temperature": 1.0,
-    "kl_coef": 0.02,
-    "num_sample_generations": 0,
-    "iif_num_heldout_prompts": 16,
+    **default_task.TRAINING_DEFAULTS,
+    "total_episodes": _PER_ROUND * default_task.ROUNDS,
+    "iif_num_heldout_prompts": default_task.HELDOUT_PROMPTS,
     "report_to": "none",
     "save_strategy": "no",
     "logging_steps": 1,
     "seed": 0,
 }
-
-
-# What the keyword task changes: longer responses (room for several colour words) and a KL
-# penalty strong enough that the climb takes tens of rounds (0.02 lets it collapse into colour salad
-# in ~25 rounds; 0.3 stalls it near the start).
 EMBEDDED_TASK_DEFAULTS = {
     "sentiment": {},
-    "keywords": {"output_dir": "runs/ppo_iif_keywords", "response_length": 12, "kl_coef": 0.1,
-                 "total_episodes": 32 * 100},
-}  # fmt: skip
+    "keywords": {
+        "output_dir": "runs/ppo_iif_keywords",
+        **keyword_task.TRAINING_OVERRIDES,
+        "total_episodes": _PER_ROUND * keyword_task.ROUNDS,
+    },
+}
 
 
 def fail(message: str) -> None:

@@ -62,6 +62,25 @@ def keyword_reward(keywords: list[str]) -> Callable[[list[str], list[str]], list
 REWARD_FUNCTIONS = {"sentiment": sentiment_reward}
 
 
+# The embedded default run's PPO settings (PPOConfig fields): what a laptop CPU finishes in about a
+# minute with the reward clearly up. The recipe and the benchmarks start from these.
+TRAINING_DEFAULTS = {
+    "per_device_train_batch_size": 32,
+    "gradient_accumulation_steps": 1,
+    "num_mini_batches": 4,
+    "num_ppo_epochs": 4,
+    "response_length": 8,
+    "local_rollout_forward_batch_size": 32,
+    "learning_rate": 5e-3,
+    "lr_scheduler_type": "constant",
+    "temperature": 1.0,
+    "kl_coef": 0.02,
+    "num_sample_generations": 0,
+}
+HELDOUT_PROMPTS = 16  # held-out prompts sampled per round for the return target
+ROUNDS = 120
+
+
 def prompt_dataset(tokenizer, prompts: list[str]) -> Dataset:
     """The prompts with their token ids (no special tokens): an embedded task's prompt set."""
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]

@@ -28,6 +28,12 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from .default_task import EmbeddedTask, keyword_reward, prompt_dataset
 from .toy import tiny_causal_lm, toy_lora_config, word_tokenizer
 
+# What the keyword task changes in the default settings: longer responses (room for several colour
+# words) and a KL penalty strong enough that the climb takes tens of rounds (0.02 lets it collapse
+# into colour salad in ~25 rounds; 0.3 stalls it near the start).
+TRAINING_OVERRIDES = {"response_length": 12, "kl_coef": 0.1}
+ROUNDS = 100
+
 COLOURS = ["red", "blue", "green", "gold", "silver"]
 _ADJECTIVES = ["big", "small", "old", "young", "happy", "tired", "quiet", "little", "tall", "kind"]
 _AGENTS = ["dog", "cat", "man", "woman", "boy", "girl", "bird", "horse", "king", "child", "farmer", "teacher"]
