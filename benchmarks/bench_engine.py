@@ -46,7 +46,7 @@ from rlhf_influence import (
     target_gradients,
 )
 from rlhf_influence.targets import ReturnTarget
-from rlhf_influence.toy import tiny_causal_lm, toy_lora_config
+from rlhf_influence.tasks.toy import tiny_causal_lm, toy_lora_config
 
 METHODS = ("floor", "exact", "projected", "scoring", "loop", "vmap")
 

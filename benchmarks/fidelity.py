@@ -58,11 +58,11 @@ def train_run(out: Path, width: int, rounds: int, seed: int = 0) -> None:
     """The default task's settings (sampling temperature 0.7, lr 2e-3), policy and value model
     ``width`` wide."""
     from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
-    from rlhf_influence.default_task import HELDOUT_PROMPTS, TRAINING_DEFAULTS, build_default_task
+    from rlhf_influence.tasks.sentiment import HELDOUT_PROMPTS, TRAINING, build
 
-    task = build_default_task(seed=seed, hidden=width)
+    task = build(seed=seed, hidden=width)
     settings = {
-        **TRAINING_DEFAULTS,
+        **TRAINING,
         "learning_rate": 2e-3,  # the default 5e-3 is a large step for a 256-wide policy
         "temperature": 0.7,  # PPOConfig's default, which the published fidelity results were measured with
     }

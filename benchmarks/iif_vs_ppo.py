@@ -6,6 +6,8 @@ metrics come from each run's attribution store.
   --task sentiment  tiny GPT-2 + LoRA from random weights, VADER sentiment reward (80 rounds)
   --task keywords   tiny GPT-2 pre-trained on a generated corpus where the rewarded colour
                     words are rare, reward = colour words per completion (100 rounds)
+  --task reviews    SmolLM2-135M-Instruct + LoRA r=16 continuing movie-review openings, VADER
+                    sentiment reward (30 rounds; about 15-35 s a round on 2 CPU cores)
 
   ppo          iif_drop_fraction=0: PPO's updates (records are still scored, for the curves)
   ppo_matched  as ppo, with as many more rollout records per round as the held-out target
@@ -26,6 +28,7 @@ Finished runs are kept (done.json) and reused, so more seeds can be added later.
 
     python benchmarks/iif_vs_ppo.py --task sentiment --seeds 0 1 2 3 4 5 6 7 8 9 --parallel 2  # ~30 min
     python benchmarks/iif_vs_ppo.py --task keywords --seeds 0 1 2 3 4 5 6 7 8 9 --parallel 2   # ~35 min
+    python benchmarks/iif_vs_ppo.py --task reviews --arms ppo iif iif_round random --seeds 0 --parallel 1
 """
 
 from __future__ import annotations
@@ -40,18 +43,24 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from rlhf_influence.default_task import HELDOUT_PROMPTS, TRAINING_DEFAULTS
+from rlhf_influence.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "ppo_iif.py"
-BATCH = TRAINING_DEFAULTS["per_device_train_batch_size"]  # the embedded tasks' records per round
-HELDOUT = HELDOUT_PROMPTS  # and held-out prompts per round
-ROUNDS = {"sentiment": 80, "keywords": 100}
-RESULTS = {"sentiment": "iif_vs_ppo", "keywords": "iif_vs_ppo_keywords"}
+ROUNDS = {"sentiment": 80, "keywords": 100, "reviews": 30}
+RESULTS = {"sentiment": "iif_vs_ppo", "keywords": "iif_vs_ppo_keywords", "reviews": "iif_vs_ppo_reviews"}
+
+
+def records_per_round(task: str, arm: str) -> int:
+    """The task's records per round; ppo_matched adds as many as the held-out target samples."""
+    settings = get_task(task).settings
+    batch = settings["per_device_train_batch_size"]
+    return batch + settings["iif_num_heldout_prompts"] if arm == "ppo_matched" else batch
+
 
 ARMS = {
     "ppo": ["--iif_drop_fraction", "0"],
-    "ppo_matched": ["--iif_drop_fraction", "0", "--per_device_train_batch_size", str(BATCH + HELDOUT)],
+    "ppo_matched": ["--iif_drop_fraction", "0"],  # and records_per_round(task, "ppo_matched") records
     "iif": [],
     "iif_round": ["--iif_schedule", "round"],
     "iif_half": ["--iif_drop_fraction", "0.5"],
@@ -65,8 +74,9 @@ def run_one(arm: str, seed: int, rounds: int, out: Path, task: str = "sentiment"
     run_dir = out / arm / f"seed{seed}"
     if (run_dir / "done.json").is_file():
         return run_dir
-    batch = BATCH + HELDOUT if arm == "ppo_matched" else BATCH
-    cmd = [sys.executable, str(RECIPE), "--embedded_task", task, *ARMS[arm], "--seed", str(seed), "--total_episodes", str(batch * rounds),
+    batch = records_per_round(task, arm)
+    cmd = [sys.executable, str(RECIPE), "--embedded_task", task, *ARMS[arm], "--per_device_train_batch_size", str(batch),
+           "--seed", str(seed), "--total_episodes", str(batch * rounds),
            "--output_dir", str(run_dir), "--disable_tqdm", "true", "--iif_store_projection_dim", "0"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     start = time.time()
@@ -193,10 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--task", choices=list(ROUNDS), default="sentiment", help="which embedded task")
-    parser.add_argument("--rounds", type=int, default=None, help="default: 80 (sentiment), 100 (keywords)")
+    parser.add_argument("--rounds", type=int, default=None, help="default: 80 (sentiment), 100 (keywords), 30 (reviews)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (each uses one thread)")
     parser.add_argument(
-        "--out", type=Path, default=None, help="default: benchmarks/results/iif_vs_ppo[_keywords]"
+        "--out", type=Path, default=None, help="default: benchmarks/results/iif_vs_ppo[_keywords|_reviews]"
     )
     args = parser.parse_args(argv)
     args.rounds = args.rounds or ROUNDS[args.task]

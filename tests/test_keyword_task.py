@@ -8,15 +8,15 @@ import pytest
 import torch
 from test_recipe import recipe_main
 
-from rlhf_influence.keyword_task import (
+from rlhf_influence.store import AttributionStore
+from rlhf_influence.tasks.keywords import (
     COLOURS,
     SentenceGrammar,
-    build_keyword_task,
+    build,
     cached_keyword_lm,
     keyword_prompts,
 )
-from rlhf_influence.store import AttributionStore
-from rlhf_influence.toy import tiny_causal_lm
+from rlhf_influence.tasks.toy import tiny_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_corpus_makes_the_rewarded_words_rare():
 
 
 def test_reward_counts_colour_words(cache_dir):
-    reward = build_keyword_task(seed=0, cache_dir=cache_dir).reward
+    reward = build(seed=0, cache_dir=cache_dir).reward
     completions = ["the red ball near a gold hat .", "the dog ran .", "Blue, blue!"]
     assert reward(["a", "b", "c"], completions) == [2.0, 0.0, 2.0]
 
@@ -46,7 +46,7 @@ def test_pretrained_lm_is_fluent_cached_and_rarely_says_a_colour(cache_dir):
     assert (path / "config.json").stat().st_mtime_ns == stamp
     assert cached_keyword_lm(seed=1, cache_dir=cache_dir, steps=300) != path
 
-    task = build_keyword_task(seed=0, cache_dir=cache_dir)
+    task = build(seed=0, cache_dir=cache_dir)
     tokenizer, policy = task.tokenizer, task.policy
     text = " ".join(SentenceGrammar(random.Random(123)).text(2000))
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])[:, :512].reshape(8, 64)
@@ -77,6 +77,6 @@ def test_recipe_runs_the_keyword_task(cache_dir, tmp_path, monkeypatch):
 
 
 def tokenizer_words() -> set[str]:
-    from rlhf_influence.keyword_task import VOCABULARY
+    from rlhf_influence.tasks.keywords import VOCABULARY
 
     return set(VOCABULARY) | {"<eos>", "<unk>"}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_influence.store import AttributionStore
-from rlhf_influence.toy import TOY_WORDS, tiny_causal_lm, word_tokenizer
+from rlhf_influence.tasks.toy import TOY_WORDS, tiny_causal_lm, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "ppo_iif.py"

@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset
 from peft import get_peft_model
 
-from rlhf_influence.toy import (
+from rlhf_influence.tasks.toy import (
     TOY_WORDS,
     tiny_causal_lm,
     tiny_scalar_head_model,

@@ -9,13 +9,8 @@ positive words. Nothing is downloaded.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import lru_cache
-
-import torch
-from datasets import Dataset
-
+from .base import EmbeddedTask, TaskSpec, prompt_dataset, run_settings
+from .rewards import sentiment_reward
 from .toy import TOY_WORDS, tiny_causal_lm, tiny_scalar_head_model, toy_lora_config, word_tokenizer
 
 _SUBJECTS = ["the movie", "the film", "this story", "the show", "the ending", "the music", "the plot", "the actor",
@@ -32,39 +27,9 @@ def default_prompts() -> tuple[list[str], list[str]]:
     return train, heldout
 
 
-@lru_cache(maxsize=1)
-def _vader():
-    try:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-    except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise ImportError("the sentiment reward needs vaderSentiment: pip install vaderSentiment") from exc
-    return SentimentIntensityAnalyzer()
-
-
-def sentiment_reward(prompts: list[str], completions: list[str]) -> list[float]:
-    """VADER compound sentiment of each completion, in [-1, 1] (the prompt is not scored)."""
-    analyzer = _vader()
-    return [float(analyzer.polarity_scores(text)["compound"]) for text in completions]
-
-
-def keyword_reward(keywords: list[str]) -> Callable[[list[str], list[str]], list[float]]:
-    """Reward = how many of ``keywords`` a completion contains (whole words, case-insensitive)."""
-    wanted = {k.lower() for k in keywords}
-    if not wanted:
-        raise ValueError("keyword reward needs at least one keyword")
-
-    def reward(prompts: list[str], completions: list[str]) -> list[float]:
-        return [float(sum(w.lower().strip(".,!?") in wanted for w in text.split())) for text in completions]
-
-    return reward
-
-
-REWARD_FUNCTIONS = {"sentiment": sentiment_reward}
-
-
-# The embedded default run's PPO settings (PPOConfig fields): what a laptop CPU finishes in about a
-# minute with the reward clearly up. The recipe and the benchmarks start from these.
-TRAINING_DEFAULTS = {
+# The run's PPO settings (PPOConfig fields): what a laptop CPU finishes in about a minute with the
+# reward clearly up. The recipe and the benchmarks start from these.
+TRAINING = {
     "per_device_train_batch_size": 32,
     "gradient_accumulation_steps": 1,
     "num_mini_batches": 4,
@@ -81,30 +46,11 @@ HELDOUT_PROMPTS = 16  # held-out prompts sampled per round for the return target
 ROUNDS = 120
 
 
-def prompt_dataset(tokenizer, prompts: list[str]) -> Dataset:
-    """The prompts with their token ids (no special tokens): an embedded task's prompt set."""
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    return Dataset.from_dict({"input_ids": ids, "prompt": prompts})
-
-
-@dataclass
-class EmbeddedTask:
-    """Everything the recipe needs for an embedded run: models, reward, prompts, LoRA config."""
-
-    tokenizer: object
-    policy: torch.nn.Module
-    value_model: torch.nn.Module
-    reward: Callable[[list[str], list[str]], list[float]]
-    train_dataset: Dataset
-    heldout_dataset: Dataset
-    lora_config: object
-
-
-def build_default_task(seed: int = 0, hidden: int = 64, layers: int = 2) -> EmbeddedTask:
+def build(seed: int = 0, hidden: int = 64, layers: int = 2) -> EmbeddedTask:
+    """The default task's models (random weights, seeded), reward and prompt sets."""
     tokenizer = word_tokenizer(TOY_WORDS)
     vocab = len(tokenizer)
     train, heldout = default_prompts()
-
     return EmbeddedTask(
         tokenizer=tokenizer,
         policy=tiny_causal_lm(vocab, hidden=hidden, layers=layers, seed=seed),
@@ -114,3 +60,11 @@ def build_default_task(seed: int = 0, hidden: int = 64, layers: int = 2) -> Embe
         heldout_dataset=prompt_dataset(tokenizer, heldout),
         lora_config=toy_lora_config("gpt2", r=8),
     )
+
+
+SPEC = TaskSpec(
+    name="sentiment",
+    summary="a tiny GPT-2 from random weights, word tokenizer, VADER sentiment reward (about a minute on a CPU)",
+    settings=run_settings("runs/ppo_iif", TRAINING, rounds=ROUNDS, heldout_prompts=HELDOUT_PROMPTS),
+    build=build,
+)

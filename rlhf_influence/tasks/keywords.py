@@ -18,20 +18,22 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from .default_task import EmbeddedTask, keyword_reward, prompt_dataset
+from ..models import cache_root, publish_directory
+from . import sentiment
+from .base import EmbeddedTask, TaskSpec, prompt_dataset, run_settings
+from .rewards import keyword_reward
 from .toy import tiny_causal_lm, toy_lora_config, word_tokenizer
 
-# What the keyword task changes in the default settings: longer responses (room for several colour
-# words) and a KL penalty strong enough that the climb takes tens of rounds (0.02 lets it collapse
-# into colour salad in ~25 rounds; 0.3 stalls it near the start).
-TRAINING_OVERRIDES = {"response_length": 12, "kl_coef": 0.1}
+# What the keyword task changes in the default task's settings: longer responses (room for several
+# colour words) and a KL penalty strong enough that the climb takes tens of rounds (0.02 lets it
+# collapse into colour salad in ~25 rounds; 0.3 stalls it near the start).
+TRAINING = {**sentiment.TRAINING, "response_length": 12, "kl_coef": 0.1}
 ROUNDS = 100
 
 COLOURS = ["red", "blue", "green", "gold", "silver"]
@@ -137,18 +139,11 @@ def pretrain_keyword_lm(
     return model, tokenizer
 
 
-def _cache_root() -> Path:
-    base = os.environ.get("RLHF_INFLUENCE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rlhf_influence"
-    )
-    return Path(base)
-
-
 def cached_keyword_lm(seed: int = 0, cache_dir: str | os.PathLike | None = None, **settings) -> Path:
     """The directory of the pre-trained keyword-task LM for these settings, training it if absent."""
     key = json.dumps({"seed": seed, "vocabulary": VOCABULARY, **settings}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = Path(cache_dir) if cache_dir is not None else _cache_root()
+    path = Path(cache_dir) if cache_dir is not None else cache_root()
     path = path / f"keyword_lm_{digest}"
     if (path / "config.json").is_file():
         return path
@@ -157,14 +152,10 @@ def cached_keyword_lm(seed: int = 0, cache_dir: str | os.PathLike | None = None,
     staging = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    try:
-        staging.rename(path)  # atomic: a concurrent run that got there first wins
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+    return publish_directory(staging, path)
 
 
-def build_keyword_task(
+def build(
     seed: int = 0, cache_dir: str | os.PathLike | None = None, pretrain_steps: int = 300
 ) -> EmbeddedTask:
     """The keyword task: pre-trained policy, value model from the same weights, colour-count reward."""
@@ -185,3 +176,14 @@ def build_keyword_task(
         heldout_dataset=prompt_dataset(tokenizer, heldout),
         lora_config=toy_lora_config("gpt2", r=8),
     )
+
+
+SPEC = TaskSpec(
+    name="keywords",
+    summary="a tiny GPT-2 pre-trained here for a few seconds on a generated corpus where the rewarded colour "
+    "words are rare; reward = colour words per completion; PPO needs 40-60 rounds to plateau",
+    settings=run_settings(
+        "runs/ppo_iif_keywords", TRAINING, rounds=ROUNDS, heldout_prompts=sentiment.HELDOUT_PROMPTS
+    ),
+    build=build,
+)

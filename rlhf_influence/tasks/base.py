@@ -1,0 +1,71 @@
+"""What an embedded task is: its models, reward, prompt sets, LoRA config and run settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+# Settings every embedded run shares (IIFPPOConfig fields), under each task's own.
+COMMON_SETTINGS = {"report_to": "none", "save_strategy": "no", "logging_steps": 1, "seed": 0}
+
+
+@dataclass
+class EmbeddedTask:
+    """Everything a run needs from a task: models, reward, prompt sets, LoRA config."""
+
+    tokenizer: Any
+    policy: torch.nn.Module
+    value_model: torch.nn.Module
+    reward: Callable[[list[str], list[str]], list[float]]
+    train_dataset: Dataset
+    heldout_dataset: Dataset
+    lora_config: Any
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task by name: a one-line summary, its run's settings, and how to build it.
+
+    ``settings`` are IIFPPOConfig fields (``total_episodes`` and ``iif_num_heldout_prompts``
+    included); the recipe uses them as defaults that flags override, the benchmarks start from
+    them. They are known without building the task (no model is loaded to read them).
+    """
+
+    name: str
+    summary: str
+    settings: dict[str, Any]
+    build: Callable[..., EmbeddedTask] = field(repr=False)
+
+    @property
+    def records_per_round(self) -> int:
+        return self.settings["per_device_train_batch_size"] * self.settings.get(
+            "gradient_accumulation_steps", 1
+        )
+
+    @property
+    def rounds(self) -> int:
+        return self.settings["total_episodes"] // self.records_per_round
+
+
+def run_settings(
+    output_dir: str, training: dict[str, Any], rounds: int, heldout_prompts: int
+) -> dict[str, Any]:
+    """A task's full run settings: the shared ones, its PPO settings, its length and held-out prompts."""
+    per_round = training["per_device_train_batch_size"] * training.get("gradient_accumulation_steps", 1)
+    return {
+        **COMMON_SETTINGS,
+        "output_dir": output_dir,
+        **training,
+        "total_episodes": per_round * rounds,
+        "iif_num_heldout_prompts": heldout_prompts,
+    }
+
+
+def prompt_dataset(tokenizer, prompts: list[str]) -> Dataset:
+    """The prompts with their token ids (no special tokens): an embedded task's prompt set."""
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return Dataset.from_dict({"input_ids": ids, "prompt": prompts})
