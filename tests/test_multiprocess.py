@@ -1,4 +1,4 @@
-"""The main job on 2 CPU processes: DDP, DeepSpeed ZeRO-2 and ZeRO-3 (slow: process start-up)."""
+"""The main job on 2 CPU processes: every shipped accelerate config as shipped (slow: process start-up)."""
 
 from __future__ import annotations
 
@@ -19,35 +19,36 @@ RECIPE = str(ROOT / "recipes" / "ppo_iif.py")
 BIN = Path(sys.executable).parent
 
 
-def launch(kind: str, out: Path, *flags: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    if kind == "ddp":
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29517", RECIPE]
-    else:
-        config = ROOT / "accelerate_configs" / f"deepspeed_{kind}.yaml"
-        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--num_processes", "2",
-               "--mixed_precision", "no", "--main_process_port", "29518", RECIPE]  # fmt: skip
+def launch(config: str, out: Path, *flags: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """A shipped config launched as shipped, with only the process count set (the GPU configs say 8;
+    here 2 CPU processes, 1 for single_gpu)."""
+    processes = "1" if config == "single_gpu" else "2"
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / f"{config}.yaml"),
+           "--num_processes", processes, "--main_process_port", "29518", RECIPE]  # fmt: skip
     cmd += ["--output_dir", str(out), "--disable_tqdm", "true", *flags]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     try:  # a hang becomes a failure
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{kind} run did not finish in {timeout} s (hang?)\n{(exc.stderr or b'')[-3000:]}")
+        pytest.fail(f"{config} run did not finish in {timeout} s (hang?)\n{(exc.stderr or b'')[-3000:]}")
     assert result.returncode == 0, result.stderr[-5000:]
     return result
 
 
-def check_store(out: Path, rounds: int, per_process: int, drop_fraction: float) -> list[dict]:
+def check_store(
+    out: Path, rounds: int, per_process: int, drop_fraction: float, processes: int = 2
+) -> list[dict]:
     store = AttributionStore(out / "attribution")
     assert store.rounds() == list(range(1, rounds + 1))
     manifest = json.loads((out / "attribution" / "manifest.json").read_text())
-    assert manifest["num_processes"] == 2
+    assert manifest["num_processes"] == processes
     tables = []
     for r in store.rounds():
         t = store.read_records(r).to_pydict()
-        n = 2 * per_process
+        n = processes * per_process
         # Every record of every process exactly once.
         assert sorted(t["record"]) == list(range(n))
-        assert [t["process"].count(p) for p in (0, 1)] == [per_process, per_process]
+        assert [t["process"].count(p) for p in range(processes)] == [per_process] * processes
         # Every process made the same decision for every record.
         assert all(len(set(views)) == 1 for views in t["kept_on_each_process"])
         assert all(views[0] == kept for views, kept in zip(t["kept_on_each_process"], t["kept"], strict=True))
@@ -68,21 +69,39 @@ def per_process_rule(t: dict, drop_fraction: float) -> list[bool]:
     return kept
 
 
+SHIPPED = {  # config -> (distributed type, processes)
+    "single_gpu": ("NO", 1),
+    "multi_gpu": ("MULTI_GPU", 2),
+    "deepspeed_zero2": ("DEEPSPEED", 2),
+    "deepspeed_zero3": ("DEEPSPEED", 2),
+}
+
+
+def test_every_shipped_config_is_tested():
+    # multi_cpu (DDP over gloo, no mixed precision) runs in the reward test below
+    assert sorted([*SHIPPED, "multi_cpu"]) == sorted(p.stem for p in (ROOT / "accelerate_configs").glob("*.yaml"))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["zero2", "zero3"])
-def test_deepspeed_two_processes(tmp_path, kind):
-    out = tmp_path / kind
-    launch(kind, out, "--total_episodes", "256", "--iif_drop_fraction", "0.5")
-    tables = check_store(out, rounds=4, per_process=32, drop_fraction=0.5)
-    # Filtering was global: a per-process rule would have decided otherwise in some round.
-    assert any(per_process_rule(t, 0.5) != t["kept"] for t in tables)
+@pytest.mark.parametrize("config", list(SHIPPED))
+def test_shipped_config_runs_as_shipped(tmp_path, config):
+    """Each config with its own mixed precision (bf16, which runs on CPU); filtering is global."""
+    distributed, processes = SHIPPED[config]
+    out = tmp_path / config
+    launch(config, out, "--total_episodes", str(128 * processes), "--iif_drop_fraction", "0.5", timeout=400)
+    tables = check_store(out, rounds=4, per_process=32, drop_fraction=0.5, processes=processes)
+    manifest = json.loads((out / "attribution" / "manifest.json").read_text())
+    assert manifest["mixed_precision"] == "bf16"
+    assert manifest["distributed_type"] == distributed
     assert all(0 < sum(t["kept"]) < len(t["kept"]) for t in tables)
+    if processes == 2:  # filtering was global: a per-process rule would have decided otherwise somewhere
+        assert any(per_process_rule(t, 0.5) != t["kept"] for t in tables)
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_default_task_reward_rises(tmp_path):
     out = tmp_path / "ddp"
-    launch("ddp", out, timeout=400)
+    launch("multi_cpu", out, timeout=400)
     store = AttributionStore(out / "attribution")
     tables = check_store(out, rounds=len(store.rounds()), per_process=32, drop_fraction=1.0)
     assert len(tables) == 60

@@ -134,22 +134,25 @@ class IIFPPOTrainer(PPOTrainer):
         if target_dataset is not None and "input_ids" not in target_dataset.column_names:
             raise ValueError("target_dataset must be tokenised like train_dataset (an 'input_ids' column)")
         _check_policy_has_lora(model, peft_config)
+        if peft_config is not None:  # wrapped here, as TRL would, but in the dtype ZeRO-3 needs
+            model, peft_config = _with_lora(model, peft_config, args), None
         reward_model = as_reward_module(reward_model)
         _check_reward_model(reward_model)
-        super().__init__(
-            args=args,
-            processing_class=processing_class,
-            model=model,
-            ref_model=ref_model,
-            reward_model=reward_model,
-            train_dataset=train_dataset,
-            value_model=value_model,
-            data_collator=data_collator,
-            eval_dataset=eval_dataset,
-            optimizers=optimizers,
-            callbacks=callbacks,
-            peft_config=peft_config,
-        )
+        with _mixed_precision_from(args):  # TRL's PPOTrainer builds its Accelerator without it
+            super().__init__(
+                args=args,
+                processing_class=processing_class,
+                model=model,
+                ref_model=ref_model,
+                reward_model=reward_model,
+                train_dataset=train_dataset,
+                value_model=value_model,
+                data_collator=data_collator,
+                eval_dataset=eval_dataset,
+                optimizers=optimizers,
+                callbacks=callbacks,
+                peft_config=peft_config,
+            )
         if len(self.dataloader) == 0:  # PPOTrainer would loop forever looking for a first batch
             raise ValueError(
                 f"train_dataset has {len(train_dataset)} prompts per process, fewer than one round's "
@@ -761,6 +764,8 @@ class IIFPPOTrainer(PPOTrainer):
             "projection_dim": args.iif_projection_dim,
             "projection_seed": args.iif_projection_seed,
             "num_processes": self.accelerator.num_processes,
+            "distributed_type": str(self.accelerator.distributed_type.value),
+            "mixed_precision": str(self.accelerator.mixed_precision),
             "records_per_round": args.batch_size,
             "num_ppo_epochs": args.num_ppo_epochs,
             "lora_parameters": self.layout.num_params,
@@ -803,7 +808,10 @@ class IIFPPOTrainer(PPOTrainer):
 
     # ------------------------------------------------------------------ trainer bookkeeping (as TRL)
     def _generation_kwargs(self) -> dict:
+        # pad finished sequences with the tokenizer's pad id, which the rollout reads as the end
+        # (the model's own generation config may name another, e.g. its eos)
         return {
+            "pad_token_id": self.processing_class.pad_token_id,
             "max_new_tokens": self.args.response_length,
             "temperature": self.args.temperature + 1e-7,
             "top_k": 0.0,
@@ -875,6 +883,43 @@ def _check_policy_has_lora(model: nn.Module, peft_config) -> None:
         raise NoLoraError(
             f"IIF scores the policy's LoRA weights, but the policy has none: {exc} Or pass peft_config=LoraConfig(...)."
         ) from None
+
+
+@contextmanager
+def _mixed_precision_from(args: IIFPPOConfig):
+    """Let the Accelerator TRL's PPOTrainer builds use the run's mixed precision.
+
+    TRL 1.12 builds ``Accelerator()`` without ``mixed_precision``, so only ``accelerate launch``'s
+    environment reaches it and ``--bf16 true`` alone trained in float32. transformers resolves the
+    run's precision into ``args.mixed_precision`` (the flags over the launcher's setting), as its
+    own Trainer hands it to accelerate; this hands it over the same way, through the variable the
+    launcher sets, for the Accelerator's construction only.
+    """
+    key = "ACCELERATE_MIXED_PRECISION"
+    previous = os.environ.get(key)
+    os.environ[key] = getattr(args, "mixed_precision", None) or previous or "no"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
+
+
+def _with_lora(model: nn.Module, peft_config, args: IIFPPOConfig) -> nn.Module:
+    """The policy wrapped with LoRA adapters, as TRL's PPOTrainer wraps it.
+
+    Under DeepSpeed ZeRO-3 the adapters are created in the base weights' dtype: PEFT upcasts them
+    to float32 by default, and with mixed precision the base and value model are bf16, so ZeRO-3
+    would see one parameter group of mixed dtypes and fail at start (``defragment``'s assert,
+    DeepSpeed 0.19). TRL's GRPOTrainer does the same (``autocast_adapter_dtype=False``).
+    """
+    from peft import get_peft_model
+
+    plugin = getattr(args, "deepspeed_plugin", None)
+    zero3 = plugin is not None and plugin.zero_stage == 3
+    return get_peft_model(model, peft_config, autocast_adapter_dtype=not zero3)
 
 
 def _check_reward_model(reward_model: nn.Module) -> None:
