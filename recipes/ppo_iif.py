@@ -42,8 +42,10 @@ from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
 from rlhf_influence.models import (
     ModelLoadError,
     check_fits_in_memory,
+    gguf_cache_path,
     gguf_checkpoint,
     parameter_count,
+    require_gguf_package,
     split_gguf_path,
 )
 from rlhf_influence.tasks import DEFAULT_TASK, TASKS, get_task
@@ -216,13 +218,19 @@ def resolve_model_source(script_args: RecipeArguments, model_args: ModelConfig) 
         return model_args.model_name_or_path
     directory, name = gguf
     try:
-        # converting holds the dequantised model and its plain copy, in float32
-        check_fits_in_memory(parameter_count(directory, gguf_file=name), 4, 2, f"GGUF model {name!r}")
+        if not (gguf_cache_path(directory, name) / "config.json").is_file():  # first use: convert it
+            require_gguf_package()
+            try:
+                num_params = parameter_count(directory, gguf_file=name)
+            except Exception as exc:
+                fail(
+                    f"cannot read GGUF file {name!r} in {directory!r}: {type(exc).__name__}: {first_line(exc)}"
+                )
+            # converting holds the dequantised model and its plain copy, in float32
+            check_fits_in_memory(num_params, 4, 2, f"GGUF model {name!r}")
         return str(gguf_checkpoint(directory, name))
     except ModelLoadError as exc:
         fail(str(exc))
-    except Exception as exc:
-        fail(f"cannot read GGUF file {name!r} in {directory!r}: {type(exc).__name__}: {first_line(exc)}")
 
 
 def check_model_memory(source: str, dtype) -> None:

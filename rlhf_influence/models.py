@@ -54,13 +54,30 @@ def split_gguf_path(model_name_or_path: str, gguf_file: str | None) -> tuple[str
     return None
 
 
-def _require_gguf_package() -> None:
+def require_gguf_package() -> None:
+    """Raise a one-line ModelLoadError where the ``gguf`` package (transformers' GGUF reader) is missing."""
     try:
         import gguf  # noqa: F401
     except ImportError:
         raise ModelLoadError(
             "loading a .gguf checkpoint needs the 'gguf' package: pip install gguf"
         ) from None
+
+
+def gguf_cache_path(directory: str, file_name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the conversion of this GGUF file is cached (keyed by its path, size and modification time).
+
+    Raises:
+        ModelLoadError: no such file.
+    """
+    source = Path(directory) / file_name
+    if not source.is_file():
+        raise ModelLoadError(f"GGUF file {str(source)!r} does not exist")
+    stat = source.stat()
+    key = f"{source.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    return root / f"gguf_{source.stem}_{digest}"
 
 
 def gguf_checkpoint(directory: str, file_name: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -73,17 +90,11 @@ def gguf_checkpoint(directory: str, file_name: str, cache_dir: str | os.PathLike
     Raises:
         ModelLoadError: no such file, no ``gguf`` package, or a file transformers cannot read.
     """
-    source = Path(directory) / file_name
-    if not source.is_file():
-        raise ModelLoadError(f"GGUF file {str(source)!r} does not exist")
-    stat = source.stat()
-    key = f"{source.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
-    path = root / f"gguf_{source.stem}_{digest}"
+    path = gguf_cache_path(directory, file_name, cache_dir)
     if (path / "config.json").is_file():
         return path
-    _require_gguf_package()
+    require_gguf_package()
+    source, root = Path(directory) / file_name, path.parent
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:

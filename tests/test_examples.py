@@ -48,3 +48,20 @@ def test_fidelity_benchmark_smoke(tmp_path):
               "--seeds", "0")  # fmt: skip
     assert "held-out return target" in out
     assert "| 8 |" in out and "| 64 |" in out and "rounds" in out.splitlines()[-1]
+
+
+def test_reviews_rounds_script_smoke(tmp_path):
+    """The script the real-LM time-per-round figures come from, on the tiny task (--smoke)."""
+    import json
+    import os
+
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs"), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", "benchmarks/reviews_rounds.sh", "--smoke"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for arm in ("| ppo |", "| iif_round |", "| iif_epoch |"):
+        assert arm in result.stdout
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["runs"]["ppo"]["rounds"] == 2
+    assert summary["runs"]["iif_round"]["kept_fraction"] < 1.0  # IIF filtered, PPO did not
+    assert summary["runs"]["ppo"]["kept_fraction"] == 1.0

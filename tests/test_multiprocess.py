@@ -69,9 +69,11 @@ def per_process_rule(t: dict, drop_fraction: float) -> list[bool]:
     return kept
 
 
-SHIPPED = {  # config -> (distributed type, processes)
+# config -> (distributed type, processes); without CUDA a MULTI_GPU launch runs as MULTI_CPU (gloo)
+DDP = "MULTI_GPU" if torch.cuda.is_available() else "MULTI_CPU"
+SHIPPED = {
     "single_gpu": ("NO", 1),
-    "multi_gpu": ("MULTI_GPU", 2),
+    "multi_gpu": (DDP, 2),
     "deepspeed_zero2": ("DEEPSPEED", 2),
     "deepspeed_zero3": ("DEEPSPEED", 2),
 }
@@ -103,6 +105,8 @@ def test_ddp_two_processes_default_task_reward_rises(tmp_path):
     out = tmp_path / "ddp"
     launch("multi_cpu", out, timeout=400)
     store = AttributionStore(out / "attribution")
+    manifest = json.loads((out / "attribution" / "manifest.json").read_text())
+    assert (manifest["distributed_type"], manifest["mixed_precision"]) == (DDP, "no")
     tables = check_store(out, rounds=len(store.rounds()), per_process=32, drop_fraction=1.0)
     assert len(tables) == 60
     rewards = torch.tensor([store.read_metrics(r)["objective/scores"] for r in store.rounds()])

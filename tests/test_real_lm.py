@@ -208,3 +208,24 @@ def test_score_of_ordinary_words_agrees_with_exact_influence_at_the_snapshot(rev
     exact = -(brute_force_per_record(policy, loss_fn) @ target_grad)
     rho = spearmanr(exact.numpy(), [scored[i] for i in range(len(exact))]).statistic
     assert rho >= 0.8, rho
+
+
+def test_recipe_starts_from_a_gguf_file(tmp_path, checkpoint):
+    """A user's GGUF checkpoint: the policy, the value model and the store's files come from its conversion."""
+    gguf = reviews.smollm2_gguf()
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p}) for p in reviews.review_openings()[0][:40]))
+    out = tmp_path / "run"
+    argv = ["--model_name_or_path", str(gguf), "--dataset_name", str(data), "--reward_function", "sentiment",
+            "--lora_r", "8", "--lora_target_modules", "q_proj", "v_proj", "--heldout_size", "8",
+            "--per_device_train_batch_size", "8", "--total_episodes", "8", "--num_ppo_epochs", "1",
+            "--response_length", "8", "--iif_num_heldout_prompts", "4", "--output_dir", str(out),
+            "--disable_tqdm", "true", "--report_to", "none"]  # fmt: skip
+    assert recipe_main()(argv) == 0
+    from rlhf_influence.store import AttributionStore
+
+    store = AttributionStore.open(out)
+    assert store.rounds() == [1]
+    info = json.loads((store.path / "model.json").read_text())
+    assert info["base_model_reference"] == str(checkpoint)  # the cached conversion, loadable later
+    assert (store.path / "tokenizer" / "tokenizer.json").is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,3 +121,91 @@ def test_config_yaml_sets_flags_and_cli_overrides_it(tmp_path):
     store = AttributionStore.open(out)
     assert store.rounds() == [1]  # the command line's 32 episodes won over the file's 64
     assert store.manifest["drop_fraction"] == 0.5 and store.manifest["schedule"] == "round"
+
+
+def test_gguf_file_that_does_not_load(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_INFLUENCE_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF but not really" * 10)
+    data = write_prompts(tmp_path / "prompts.jsonl", 400)
+    argv = ["--model_name_or_path", str(bad), "--dataset_name", str(data), "--reward_function", "sentiment",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    fails_with(capsys, argv, "cannot read GGUF file 'model.gguf'")
+    argv[1] = str(tmp_path / "missing.gguf")
+    fails_with(capsys, argv, "missing.gguf' does not exist")
+    argv[1:2] = [str(tmp_path), "--gguf_file", "model.gguf"]  # a directory and a file name in it
+    fails_with(capsys, argv, "cannot read GGUF file 'model.gguf'")
+
+
+def test_gguf_without_the_gguf_package(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_INFLUENCE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf raises ImportError
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"0" * 64)
+    data = write_prompts(tmp_path / "prompts.jsonl", 400)
+    argv = ["--model_name_or_path", str(model), "--dataset_name", str(data), "--reward_function", "sentiment",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    fails_with(capsys, argv, "needs the 'gguf' package: pip install gguf")
+
+
+def test_model_too_large_for_memory(capsys, tmp_path, local_model, monkeypatch):
+    import rlhf_influence.models
+
+    monkeypatch.setattr(rlhf_influence.models, "available_memory_bytes", lambda: 100_000)
+    data = write_prompts(tmp_path / "prompts.jsonl", 400)
+    argv = ["--model_name_or_path", str(local_model), "--dataset_name", str(data), "--reward_function", "sentiment",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    fails_with(capsys, argv, "GiB of memory is available")
+
+
+def test_tokenizer_without_pad_token(capsys, tmp_path, local_model):
+    from transformers import AutoTokenizer
+
+    no_pad = tmp_path / "no-pad"
+    shutil.copytree(local_model, no_pad)
+    tokenizer = AutoTokenizer.from_pretrained(no_pad)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(no_pad)
+    data = write_prompts(tmp_path / "prompts.jsonl", 400)
+    argv = ["--model_name_or_path", str(no_pad), "--dataset_name", str(data), "--reward_function", "sentiment",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    fails_with(capsys, argv, "the tokenizer has no pad token; name one of its tokens with --pad_token")
+    fails_with(capsys, [*argv, "--pad_token", "<nonsense>"], "--pad_token '<nonsense>' is not a token")
+
+
+def test_prompts_holding_the_pad_token(capsys, tmp_path, local_model):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": "the <pad> movie was"}) for _ in range(400)))
+    argv = ["--model_name_or_path", str(local_model), "--dataset_name", str(data), "--reward_function", "sentiment",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    fails_with(capsys, argv, "prompt(s) contain the pad token '<pad>'")
+
+
+def test_chat_message_prompts_are_tokenised_with_the_template(tmp_path, local_model):
+    """Chat prompts become the template's token ids (transformers 5 returns a dict unless told not to)."""
+    from transformers import AutoTokenizer
+
+    chat = tmp_path / "chat-model"
+    shutil.copytree(local_model, chat)
+    tokenizer = AutoTokenizer.from_pretrained(chat)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tokenizer.save_pretrained(chat)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": [{"role": "user", "content": "the movie was"}]}) for _ in range(48)))
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", str(chat), "--dataset_name", str(data), "--reward_function", "sentiment",
+            "--heldout_size", "8", "--per_device_train_batch_size", "8", "--total_episodes", "8",
+            "--response_length", "4", "--lora_r", "4", "--lora_target_modules", "c_attn", "--output_dir", str(out),
+            "--disable_tqdm", "true", "--report_to", "none"]  # fmt: skip
+    assert recipe_main()(argv) == 0
+    prompts = AttributionStore.open(out).read_records(1).to_pydict()["prompt"]
+    assert set(prompts) == {"the movie was"}
+
+
+def test_split_gguf_path():
+    from rlhf_influence.models import split_gguf_path
+
+    assert split_gguf_path("org/model", None) is None
+    assert split_gguf_path("/models/x.gguf", None) == ("/models", "x.gguf")
+    assert split_gguf_path("/models", "x.gguf") == ("/models", "x.gguf")
+    assert split_gguf_path("ignored", "/elsewhere/y.GGUF") == ("/elsewhere", "y.GGUF")
