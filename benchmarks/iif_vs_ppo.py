@@ -43,12 +43,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from rlhf_influence.tasks import get_task
+from rlhf_influence.tasks import DEFAULT_TASK, TASKS, get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "ppo_iif.py"
-ROUNDS = {"sentiment": 80, "keywords": 100, "reviews": 30}
-RESULTS = {"sentiment": "iif_vs_ppo", "keywords": "iif_vs_ppo_keywords", "reviews": "iif_vs_ppo_reviews"}
+ROUNDS = {"sentiment": 80}  # where this benchmark runs fewer rounds than the task's own run
+
+
+def rounds_of(task: str) -> int:
+    return ROUNDS.get(task, get_task(task).rounds)
+
+
+def results_dir(task: str) -> Path:
+    name = "iif_vs_ppo" if task == DEFAULT_TASK else f"iif_vs_ppo_{task}"
+    return ROOT / "benchmarks" / "results" / name
 
 
 def records_per_round(task: str, arm: str) -> int:
@@ -202,15 +210,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--task", choices=list(ROUNDS), default="sentiment", help="which embedded task")
-    parser.add_argument("--rounds", type=int, default=None, help="default: 80 (sentiment), 100 (keywords), 30 (reviews)")
+    parser.add_argument("--task", choices=list(TASKS), default=DEFAULT_TASK, help="which embedded task")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="default: 80 (sentiment), else the task's own (keywords 100, reviews 30)",
+    )
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (each uses one thread)")
     parser.add_argument(
         "--out", type=Path, default=None, help="default: benchmarks/results/iif_vs_ppo[_keywords|_reviews]"
     )
     args = parser.parse_args(argv)
-    args.rounds = args.rounds or ROUNDS[args.task]
-    args.out = args.out or ROOT / "benchmarks" / "results" / RESULTS[args.task]
+    args.rounds = args.rounds or rounds_of(args.task)
+    args.out = args.out or results_dir(args.task)
     if "ppo" not in args.arms:
         parser.error("the ppo arm is the reference; include it")
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]

@@ -42,6 +42,7 @@ def summarise(name: str, rounds: list[dict]) -> dict:
         "reward_last": statistics.fmean(rewards[-k:]),
         "kl_last": statistics.fmean(r["objective/kl"] for r in rounds[-k:]),
         "rewards": rewards,
+        "kls": [r["objective/kl"] for r in rounds],
     }
 
 
@@ -58,6 +59,30 @@ def table(summary: dict) -> str:
             f"{s['reward_first']:+.3f} -> {s['reward_last']:+.3f} |"
         )
     return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    """Reward and KL to the reference per round, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_r, ax_k) = plt.subplots(1, 2, figsize=(12, 4))
+    for name, s in summary.items():
+        rounds = range(1, len(s["rewards"]) + 1)
+        ax_r.plot(rounds, s["rewards"], alpha=0.35, lw=1)
+        smooth = [statistics.fmean(s["rewards"][max(0, i - 4) : i + 1]) for i in range(len(s["rewards"]))]
+        ax_r.plot(rounds, smooth, lw=2, label=name, color=ax_r.lines[-1].get_color())
+        ax_k.plot(rounds, s["kls"], lw=2, label=name)
+    ax_r.set(title="mean reward per round (thin) and its 5-round moving average", xlabel="round")
+    ax_k.set(title="KL to the reference", xlabel="round")
+    for ax in (ax_r, ax_k):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "summary.json").write_text(json.dumps({"device": device, "runs": summary}, indent=2))
         (args.out / "table.md").write_text(text)
+        plot(summary, args.out / "reward_curves.png", device)
 
 
 if __name__ == "__main__":

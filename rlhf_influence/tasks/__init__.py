@@ -1,9 +1,9 @@
 """The embedded tasks: runs that need no data, model or reward of the user's, picked by name.
 
-Each task module provides a :class:`TaskSpec` (``SPEC``): a name, its run's settings and a
-``build(seed=...)`` that returns an :class:`EmbeddedTask` (tokenizer, policy, value model,
-reward, training and held-out prompt sets, LoRA config). Adding a task is one module and one
-line in ``TASKS``.
+Each module of this package that defines ``SPEC`` (a :class:`TaskSpec`: a name, its run's
+settings and ``build(seed=...)`` returning an :class:`EmbeddedTask`: tokenizer, policy, value
+model, reward, training and held-out prompt sets, LoRA config) is a task; adding a task is
+adding one module. The recipe's ``--embedded_task``, the benchmarks and the tests pick them by name.
 
 - ``sentiment`` (the default): a tiny GPT-2 from random weights, VADER reward; about a minute.
 - ``keywords``: a tiny GPT-2 briefly pre-trained here, rare rewarded colour words.
@@ -12,11 +12,26 @@ line in ``TASKS``.
 
 from __future__ import annotations
 
-from . import keywords, reviews, sentiment
+import importlib
+import pkgutil
+
 from .base import EmbeddedTask, TaskSpec, prompt_dataset
 
-TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (sentiment.SPEC, keywords.SPEC, reviews.SPEC)}
 DEFAULT_TASK = "sentiment"
+
+
+def _discover() -> dict[str, TaskSpec]:
+    found: dict[str, TaskSpec] = {}
+    for info in pkgutil.iter_modules(__path__):
+        spec = getattr(importlib.import_module(f"{__name__}.{info.name}"), "SPEC", None)
+        if isinstance(spec, TaskSpec):
+            if spec.name in found:
+                raise RuntimeError(f"two embedded tasks are called {spec.name!r}")
+            found[spec.name] = spec
+    return dict(sorted(found.items(), key=lambda item: (item[0] != DEFAULT_TASK, item[0])))
+
+
+TASKS: dict[str, TaskSpec] = _discover()
 
 
 def get_task(name: str) -> TaskSpec:

