@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -42,6 +44,7 @@ from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
 from rlhf_influence.models import (
     ModelLoadError,
     check_fits_in_memory,
+    first_line,
     gguf_cache_path,
     gguf_checkpoint,
     parameter_count,
@@ -246,11 +249,6 @@ def check_model_memory(source: str, dtype) -> None:
         fail(str(exc))
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
-
-
 def set_pad_token(tokenizer, pad_token: str | None) -> None:
     """A pad token from the vocabulary (--pad_token), or a clear error where the tokenizer has none."""
     if pad_token is not None:
@@ -321,6 +319,26 @@ def load_real_job(script_args: RecipeArguments, training_args: IIFPPOConfig, mod
     return tokenizer, policy, value_model, reward, train, heldout, peft_config
 
 
+class StopSignal:
+    """SIGTERM (what schedulers and `timeout` send) stops a run as Ctrl-C does: the round being
+    written is discarded, the finished ones stay, and the exit status says which signal it was."""
+
+    def __init__(self) -> None:
+        self.number, self.name = signal.SIGINT.value, "interrupted"
+
+    @contextmanager
+    def on_sigterm(self):
+        def stop(signum, frame):
+            self.number, self.name = signum, "terminated (SIGTERM)"
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def sparkline(values: list[float]) -> str:
     blocks = "▁▂▃▄▅▆▇█"
     lo, hi = min(values), max(values)
@@ -384,15 +402,17 @@ def main(argv: list[str] | None = None) -> int:
 
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(progress)
+    stop = StopSignal()
     try:
-        trainer.train()
+        with stop.on_sigterm():
+            trainer.train()
     except KeyboardInterrupt:
         if trainer.accelerator.is_main_process:
             done = trainer.store.rounds() if trainer.store else []
             print(
-                f"\ninterrupted: {len(done)} complete round(s) are on disk in {training_args.attribution_dir}"
+                f"\n{stop.name}: {len(done)} complete round(s) are on disk in {training_args.attribution_dir}"
             )
-        return 130
+        return 128 + stop.number
     if trainer.accelerator.is_main_process:
         summarise(trainer.iif_history, training_args)
     return 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import warnings
 
 from . import __version__
 
@@ -30,6 +32,25 @@ def _jump_rule(parser: argparse.ArgumentParser, top: int) -> None:
     parser.add_argument(
         "--top", type=int, default=top, help=f"records listed per jump and side (default {top})"
     )
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def terminal_text(text) -> str:
+    """Model or user text made safe to print: control characters (terminal escape sequences among
+    them) and newlines shown as visible escapes, so a response cannot recolour or retitle the terminal."""
+    return _CONTROL.sub(lambda m: "\\n" if m.group() == "\n" else f"\\x{ord(m.group()):02x}", str(text))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning) -> None:
+    """This package's warnings as one line on stderr; anything else as Python shows it."""
+    from .errors import UnknownTokenWarning
+
+    if issubclass(category, UnknownTokenWarning):
+        print(f"rlhf-influence: warning: {terminal_text(message)}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
 
 
 class UsageError(Exception):
@@ -162,7 +183,7 @@ def run_intervene(args) -> int:
     if args.json:
         print(json.dumps(asdict(result), indent=2))
         return 0
-    print(f"round {result.round}: {result.target}")
+    print(f"round {result.round}: {terminal_text(result.target)}")
     rows = [
         ("at the round start", result.target_before),
         ("after the round's update on all records", result.target_all),
@@ -218,14 +239,15 @@ def run_formation(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"records making {args.response!r} more likely after {args.prompt!r}, by round")
+    table = Table(title=f"records making {args.response!r} more likely after {args.prompt!r}, by round")  # repr: escaped
     for name, justify in (("round", "right"), ("positive", "right"), ("influence", "right"), ("reward", "right"),
                           ("prompt", "left"), ("response", "left")):  # fmt: skip
         table.add_column(name, justify=justify, overflow="fold")
     for r in result["rounds"]:
         for i, rec in enumerate(r["top_records"]):
             table.add_row(str(r["round"]) if i == 0 else "", f"{r['positive_fraction']:.0%}" if i == 0 else "",
-                          f"{rec['influence']:+.3e}", f"{rec['reward']:+.3f}", rec["prompt"], rec["response"])  # fmt: skip
+                          f"{rec['influence']:+.3e}", f"{rec['reward']:+.3f}", terminal_text(rec["prompt"]),
+                          terminal_text(rec["response"]))  # fmt: skip
     Console().print(table, markup=False)
     return 0
 
@@ -242,7 +264,7 @@ def print_records(title: str, groups: list[tuple[str, list, str]]) -> None:
     for label, rows, style in groups:
         for r in rows:
             table.add_row(label, f"{r.influence:+.3e}", f"{r.reward:+.3f}", "yes" if r.kept else "no",
-                          str(r.prompt), str(r.response), style=style)  # fmt: skip
+                          terminal_text(r.prompt), terminal_text(r.response), style=style)  # fmt: skip
     Console().print(table, markup=False)
 
 
@@ -297,9 +319,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from .store import StoreError
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _dispatch(args)
+
+
+def _dispatch(args) -> int:
+    from .store import AttributionStore, StoreError
 
     try:
+        stale = AttributionStore.open(args.run).stale_temporaries()
+        if stale:
+            names = ", ".join(terminal_text(p.name) for p in stale)
+            print(f"rlhf-influence: note: ignoring {len(stale)} half-written round(s) of a killed run: {names}",
+                  file=sys.stderr)  # fmt: skip
         commands = {
             "audit": run_audit,
             "score": run_score,

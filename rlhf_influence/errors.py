@@ -19,3 +19,7 @@ class LossShapeError(InfluenceError, ValueError):
 
 class NonFiniteError(InfluenceError, FloatingPointError):
     """A loss or a gradient is NaN or infinite."""
+
+
+class UnknownTokenWarning(UserWarning):
+    """Text given as a behaviour holds pieces the tokenizer maps to its unknown token."""

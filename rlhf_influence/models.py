@@ -33,6 +33,9 @@ def cache_root() -> Path:
 
 def publish_directory(staging: Path, path: Path) -> Path:
     """Rename a fully written ``staging`` directory to ``path`` (atomic; a concurrent writer that won keeps its copy)."""
+    from .store.writer import honour_umask
+
+    honour_umask(staging)  # mkdtemp made it 0700, safetensors its files 0600
     try:
         staging.rename(path)
     except OSError:
@@ -104,7 +107,7 @@ def gguf_checkpoint(directory: str, file_name: str, cache_dir: str | os.PathLike
         )
     except Exception as exc:
         raise ModelLoadError(
-            f"cannot load GGUF file {str(source)!r}: {type(exc).__name__}: {_first_line(exc)}"
+            f"cannot load GGUF file {str(source)!r}: {type(exc).__name__}: {first_line(exc)}"
         ) from None
     # The loaded model is flagged as quantized (it refuses save_pretrained): copy its weights into
     # a plain model of the same class and config, which matches every key.
@@ -120,7 +123,8 @@ def gguf_checkpoint(directory: str, file_name: str, cache_dir: str | os.PathLike
     return publish_directory(staging, path)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's message in one line, for one-line errors."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
 

@@ -14,10 +14,13 @@ each position, so a target is a weighted sum of it:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from .errors import UnknownTokenWarning
 
 
 def token_logprobs(
@@ -184,12 +187,21 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str]):
     if not prompts:
         raise ValueError("no prompt-response pairs given")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    unk_id = getattr(tokenizer, "unk_token_id", None)
     rows = []
     for prompt, response in zip(prompts, responses, strict=True):
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         r = tokenizer(response, add_special_tokens=False)["input_ids"]
         if not p or not r:
             raise ValueError(f"empty prompt or response after tokenisation: {prompt!r} -> {response!r}")
+        unknown = (p + r).count(unk_id) if unk_id is not None else 0
+        if unknown:
+            warnings.warn(
+                f"{unknown} piece(s) of {prompt!r} -> {response!r} are unknown to the tokenizer (read as "
+                f"{tokenizer.unk_token!r}): the scores are for that, not for the words typed",
+                UnknownTokenWarning,
+                stacklevel=2,
+            )
         rows.append((p, r))
     width = max(len(p) + len(r) for p, r in rows)
     m = len(rows)

@@ -90,7 +90,11 @@ def test_half_written_round_is_ignored_and_a_resume_appends(tmp_path, capsys):
     store = AttributionStore.open(run)
     assert store.rounds() == [1, 2, 3]
     assert main(["audit", str(run), "--json"]) == 0
-    assert len(json.loads(capsys.readouterr().out)["rounds"]) == 3
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)["rounds"]) == 3
+    assert "note: ignoring 1 half-written round(s) of a killed run: .round_000004.tmp-123-456" in err
+    assert half.is_dir()  # a reader reports it, only a writer removes it
+    assert store.remove_stale_temporaries() == [half.name] and not half.exists()
     store.write_round(4, {"record": [0], "prompt": ["p"], "response": ["r"], "reward": [1.0],
                           "influence": [0.1], "kept": [True]}, {})  # fmt: skip
     assert store.rounds() == [1, 2, 3, 4]
@@ -146,3 +150,33 @@ def test_diagnose_counts_wrong_sign_advantages(tmp_path, capsys):
     assert r["all_wrong_sign"] == pytest.approx(wrong / 10)
     assert out["overall"]["bottom_wrong_sign"] == 1.0
     assert main(["diagnose", str(run), "--bottom-fraction", "0.9"]) == 2
+
+
+def test_store_files_honour_the_umask(tmp_path):
+    """safetensors writes 0600 whatever the umask; a shared run must be readable by the group."""
+    import os
+    import stat
+
+    import torch
+
+    previous = os.umask(0o022)
+    try:
+        store = AttributionStore(tmp_path / "attribution")
+        store.write_manifest({"target": "heldout_return"})
+        final = store.write_round(1, {"record": [0]}, {}, {"adapter": {"w": torch.zeros(2)}})
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [final, *final.iterdir()]}
+    assert modes == {final.name: 0o755, "records.parquet": 0o644, "metrics.json": 0o644, "adapter.safetensors": 0o644}
+
+
+def test_terminal_text_shows_control_characters(capsys):
+    from types import SimpleNamespace
+
+    from rlhf_influence.cli import print_records, terminal_text
+
+    assert terminal_text("a\x1b[31mred\nnext\x9b") == "a\\x1b[31mred\\nnext\\x9b"
+    record = SimpleNamespace(influence=1.0, reward=0.5, kept=True, prompt="p\x1b]0;pwned\x07", response="r\x1b[2J")
+    print_records("records", [("top", [record], "green")])
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x1b]0;pwned" in out and "\\x1b[2J" in out

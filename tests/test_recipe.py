@@ -111,6 +111,27 @@ def test_ctrl_c_stops_cleanly_with_rounds_on_disk(tmp_path):
         assert len(store.read_records(r)) == 32
 
 
+def test_sigterm_stops_like_ctrl_c(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(RECIPE), "--output_dir", str(out), "--disable_tqdm", "true"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    store = AttributionStore(out / "attribution")
+    deadline = time.time() + 120
+    while len(store.rounds()) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    done = store.rounds()
+    assert f"terminated (SIGTERM): {len(done)} complete round(s) are on disk" in stdout
+    assert done == list(range(1, len(done) + 1)) and len(done) >= 2
+    assert not store.stale_temporaries()  # the round being written was discarded
+
+
 def test_config_yaml_sets_flags_and_cli_overrides_it(tmp_path):
     out = tmp_path / "from-yaml"
     config = tmp_path / "recipe.yaml"

@@ -74,6 +74,13 @@ def test_score_cli_json_and_errors(run_dir, capsys):
         score_behaviour(run_dir, 1, PROMPT, "")
 
 
+def test_score_warns_about_words_the_tokenizer_does_not_know(run_dir, capsys):
+    assert main(["score", str(run_dir), "--round", "1", "--prompt", PROMPT, "--response", "great zorblax"]) == 0
+    err = capsys.readouterr().err
+    assert "rlhf-influence: warning: 1 piece(s) of 'the movie was' -> 'great zorblax' are unknown" in err
+    assert sum(line.startswith("rlhf-influence: warning:") for line in err.splitlines()) == 1
+
+
 def test_formation_follows_the_exact_influence_of_each_round(run_dir, capsys):
     from rlhf_influence.audit.analyses import formation
     from rlhf_influence.store import AttributionStore

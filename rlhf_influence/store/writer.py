@@ -28,6 +28,35 @@ from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
 ROUND_PREFIX = "round_"
+TEMPORARY_PREFIXES = (f".{ROUND_PREFIX}", ".manifest.json.tmp-")  # names written before their rename
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path) -> None:
+    """Give ``path`` and everything under it the modes a plain ``open``/``mkdir`` would have.
+
+    safetensors writes its files 0600 and ``tempfile.mkdtemp`` makes 0700 folders whatever the
+    umask, so a teammate could not read a shared run or cache.
+    """
+    mask = current_umask()
+    targets = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for target in targets:
+        if target.is_symlink():
+            continue
+        target.chmod((0o777 if target.is_dir() else 0o666) & ~mask)
 
 
 def save_base_model(peft_base, path: Path) -> None:
@@ -99,6 +128,25 @@ class AttributionStore:
                 out.append(int(name[len(ROUND_PREFIX) :]))
         return sorted(out)
 
+    def stale_temporaries(self) -> list[Path]:
+        """Half-written rounds (and manifests) that a killed run left under their temporary names."""
+        if not self.path.is_dir():
+            return []
+        return sorted(
+            p for p in self.path.iterdir() if p.name.startswith(TEMPORARY_PREFIXES) and ".tmp-" in p.name
+        )
+
+    def remove_stale_temporaries(self) -> list[str]:
+        """Remove what :meth:`stale_temporaries` finds (a writer opening the store does); their names."""
+        removed = []
+        for path in self.stale_temporaries():
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path.name)
+        return removed
+
     def write_manifest(self, info: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         manifest = {"format": "rlhf-influence attribution store", "format_version": FORMAT_VERSION, **info}
@@ -114,6 +162,7 @@ class AttributionStore:
         base = files.get("base_model")
         if base is not None:
             save_base_model(base, self.path / "base_model")
+            honour_umask(self.path / "base_model")
         info = {
             "base_model_saved": base is not None,
             "base_model_reference": files.get("base_model_reference"),
@@ -141,6 +190,7 @@ class AttributionStore:
             (tmp / "metrics.json").write_text(
                 json.dumps({"round": round_index, **metrics}, indent=2, sort_keys=True)
             )
+            honour_umask(tmp)
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

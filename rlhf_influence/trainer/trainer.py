@@ -166,6 +166,14 @@ class IIFPPOTrainer(PPOTrainer):
             else None
         )
         self.store = AttributionStore(args.attribution_dir) if args.iif_store else None
+        if self.store is not None and self.accelerator.is_main_process:
+            removed = self.store.remove_stale_temporaries()
+            if removed:
+                warnings.warn(
+                    f"removed {len(removed)} half-written round(s) that a killed run left in {self.store.path}: "
+                    + ", ".join(removed),
+                    stacklevel=2,
+                )
         self.store_projector = (
             RandomProjector(args.iif_store_projection_dim, seed=args.iif_projection_seed)
             if self.store is not None and args.iif_store_projection_dim
