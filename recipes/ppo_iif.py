@@ -26,12 +26,15 @@ Each round's attribution (records, influence, kept flags, metrics) is written to
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
 import sys
+import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -360,8 +363,97 @@ def summarise(history: list[dict], training_args: IIFPPOConfig) -> None:
     print(f"audit it:      rlhf-influence audit {training_args.output_dir}")
 
 
+# Recipe flags that only a real job (with --model_name_or_path) reads, with their defaults.
+REAL_JOB_FLAGS = {f.name: f.default for f in fields(RecipeArguments) if f.name != "embedded_task"}
+DEFAULT_REWARD_MODEL = next(f.default for f in fields(IIFPPOConfig) if f.name == "reward_model_path")
+AT_LEAST_ONE = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches", "num_ppo_epochs",
+                "response_length", "local_rollout_forward_batch_size")  # fmt: skip
+FINITE_RANGES = {  # flag: (low, high, low included); the reason shows in the message
+    "learning_rate": (0.0, math.inf, False),
+    "temperature": (0.0, math.inf, False),
+    "kl_coef": (0.0, math.inf, True),
+    "cliprange": (0.0, math.inf, False),
+    "cliprange_value": (0.0, math.inf, False),
+    "vf_coef": (0.0, math.inf, True),
+    "gamma": (0.0, 1.0, True),
+    "lam": (0.0, 1.0, True),
+}
+
+
+def check_flags(
+    script_args: RecipeArguments, training_args: IIFPPOConfig, model_args: ModelConfig, argv
+) -> None:
+    """Refuse, before any model loads, flags out of range, or that do not go together."""
+    args = training_args
+    for name in AT_LEAST_ONE:
+        value = getattr(args, name)
+        if not isinstance(value, int) or value < 1:
+            fail(f"--{name} must be a whole number >= 1, got {value!r}")
+    for name, (low, high, closed) in FINITE_RANGES.items():
+        value = getattr(args, name)
+        inside = (low <= value if closed else low < value) and value <= high
+        if not (math.isfinite(value) and inside):
+            bound = f"{'>=' if closed else '>'} {low:g}" + ("" if high == math.inf else f" and <= {high:g}")
+            fail(f"--{name} must be a finite number {bound}, got {value!r}")
+    if args.missing_eos_penalty is not None and not math.isfinite(args.missing_eos_penalty):
+        fail(f"--missing_eos_penalty must be a finite number, got {args.missing_eos_penalty!r}")
+    local = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    if args.num_mini_batches > local or local % args.num_mini_batches:
+        fail(
+            f"--num_mini_batches {args.num_mini_batches} must divide the {local} records each process collects "
+            "a round (--per_device_train_batch_size x --gradient_accumulation_steps)"
+        )
+    per_round = local * PartialState().num_processes
+    if args.total_episodes is not None and args.total_episodes < per_round:
+        fail(
+            f"--total_episodes {args.total_episodes} is less than one round of {per_round} records: nothing would train"
+        )
+    if model_args.model_name_or_path is None:  # an embedded task brings its own data, model and reward
+        given = [name for name, default in REAL_JOB_FLAGS.items() if getattr(script_args, name) != default]
+        given += ["reward_model_path"] if args.reward_model_path != DEFAULT_REWARD_MODEL else []
+        if given:
+            fail(
+                f"--{given[0]} applies to a job on your own model (--model_name_or_path); without one the "
+                f"embedded task {script_args.embedded_task!r} runs with its own data, model and reward"
+            )
+        return
+    if any(a == "--embedded_task" or a.startswith("--embedded_task=") for a in argv or sys.argv[1:]):
+        fail("--embedded_task applies only without --model_name_or_path (a job on your own model)")
+    if script_args.reward_function is None and args.reward_model_path == DEFAULT_REWARD_MODEL:
+        fail(
+            "a job on your own model needs a reward: --reward_model_path (a sequence classifier) or --reward_function"
+        )
+    for name in ("heldout_size", "max_prompt_length"):
+        if getattr(script_args, name) < 1:
+            fail(f"--{name} must be a whole number >= 1, got {getattr(script_args, name)!r}")
+
+
+def check_output_location(training_args: IIFPPOConfig) -> None:
+    """The run's directory must be writable, not a file, and not inside another run."""
+    out = Path(training_args.output_dir).resolve()
+    for path in (out, Path(training_args.attribution_dir).resolve()):
+        if path.exists() and not path.is_dir():
+            fail(f"--output_dir: {path} is a file, not a directory")
+    for parent in out.parents:
+        if (parent / "attribution" / "manifest.json").is_file() or (
+            parent.name == "attribution" and (parent / "manifest.json").is_file()
+        ):
+            fail(f"--output_dir {out} lies inside the run {parent}; choose a directory outside it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        fail(f"cannot write to --output_dir {out}: {exc.strerror or exc}")
+    store = Path(training_args.attribution_dir)
+    if training_args.iif_store and store.is_dir() and any(store.iterdir()):
+        fail(f"{store} already holds a run; choose another --output_dir")
+
+
 def main(argv: list[str] | None = None) -> int:
     script_args, training_args, model_args = parse(argv)
+    check_flags(script_args, training_args, model_args, argv)
+    check_output_location(training_args)
     if model_args.model_name_or_path is None:
         try:
             task = get_task(script_args.embedded_task).build(seed=training_args.seed)
@@ -377,12 +469,6 @@ def main(argv: list[str] | None = None) -> int:
     per_round = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
     if len(train) < per_round:
         fail(f"{len(train)} training prompts are fewer than one round's batch of {per_round} records")
-    if (
-        training_args.iif_store
-        and os.path.isdir(training_args.attribution_dir)
-        and os.listdir(training_args.attribution_dir)
-    ):
-        fail(f"{training_args.attribution_dir} already holds a run; choose another --output_dir")
     target = heldout if (training_args.iif_target or "heldout_return") == "heldout_return" else None
 
     trainer = IIFPPOTrainer(

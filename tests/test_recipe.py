@@ -230,3 +230,68 @@ def test_split_gguf_path():
     assert split_gguf_path("/models/x.gguf", None) == ("/models", "x.gguf")
     assert split_gguf_path("/models", "x.gguf") == ("/models", "x.gguf")
     assert split_gguf_path("ignored", "/elsewhere/y.GGUF") == ("/elsewhere", "y.GGUF")
+
+
+BAD_FLAGS = [  # (flags, a phrase of the one-line message); every case fails before any model loads
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a whole number >= 1, got 0"),
+    (["--response_length", "0"], "--response_length must be a whole number >= 1, got 0"),
+    (["--num_mini_batches", "0"], "--num_mini_batches must be a whole number >= 1, got 0"),
+    (["--num_mini_batches", "64"], "--num_mini_batches 64 must divide the 32 records each process collects"),
+    (["--num_mini_batches", "3"], "--num_mini_batches 3 must divide the 32 records"),
+    (["--total_episodes", "0"], "--total_episodes 0 is less than one round of 32 records: nothing would train"),
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0, got nan"),
+    (["--temperature", "-1"], "--temperature must be a finite number > 0, got -1.0"),
+    (["--kl_coef", "inf"], "--kl_coef must be a finite number >= 0, got inf"),
+    (["--gamma", "1.5"], "--gamma must be a finite number >= 0 and <= 1, got 1.5"),
+    (["--iif_drop_fraction", "nan"], "iif_drop_fraction must be in [0, 1], got nan"),
+    (["--dataset_name", "/no/such.jsonl", "--reward_model_path", "/no/such_dir"],
+     "--dataset_name applies to a job on your own model (--model_name_or_path); without one the embedded task"),
+    (["--reward_model_path", "/no/such_dir"], "--reward_model_path applies to a job on your own model"),
+    (["--heldout_size", "8"], "--heldout_size applies to a job on your own model"),
+    (["--embedded_task", "keywords", "--pad_token", "<pad>"], "--pad_token applies to a job on your own model"),
+]  # fmt: skip
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any model load fails the test: the checks must come first."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    for auto in (AutoModelForCausalLM, AutoModelForSequenceClassification):
+        monkeypatch.setattr(auto, "from_config", refuse)
+        monkeypatch.setattr(auto, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("flags, message", BAD_FLAGS)
+def test_bad_flags_of_the_embedded_run(capsys, tmp_path, no_model_loads, flags, message):
+    fails_with(capsys, ["--output_dir", str(tmp_path / "out"), *flags], message)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--reward_function", "sentiment", "--embedded_task", "keywords"],
+         "--embedded_task applies only without --model_name_or_path"),
+        ([], "a job on your own model needs a reward: --reward_model_path (a sequence classifier) or --reward_function"),
+        (["--reward_function", "sentiment", "--heldout_size", "0"], "--heldout_size must be a whole number >= 1, got 0"),
+    ],
+)  # fmt: skip
+def test_bad_flags_of_a_real_job(capsys, tmp_path, local_model, no_model_loads, flags, message):
+    data = write_prompts(tmp_path / "prompts.jsonl", 400)
+    argv = ["--model_name_or_path", str(local_model), "--dataset_name", str(data), "--output_dir", str(tmp_path / "o")]
+    fails_with(capsys, [*argv, *flags], message)
+
+
+def test_bad_output_locations(capsys, tmp_path, no_model_loads):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    fails_with(capsys, ["--output_dir", str(a_file)], "is a file, not a directory")
+    fails_with(capsys, ["--output_dir", str(a_file / "sub")], "cannot write to --output_dir")
+    run = tmp_path / "run"
+    AttributionStore(run / "attribution").write_manifest({"target": "heldout_return"})
+    fails_with(capsys, ["--output_dir", str(run)], "already holds a run; choose another --output_dir")
+    fails_with(capsys, ["--output_dir", str(run / "nested")], f"lies inside the run {run.resolve()}")
+    fails_with(capsys, ["--output_dir", str(run / "attribution" / "x")], "lies inside the run")
