@@ -199,9 +199,20 @@ def run_report(args) -> int:
     from pathlib import Path
 
     from .audit.report import render_report
+    from .store import AttributionStore
 
+    output = Path(args.output).resolve()
+    store = AttributionStore.open(args.run).path.resolve()
+    run = store.parent if store.name == "attribution" else store
+    if output == run or run in output.parents:
+        raise UsageError(f"--output {args.output} lies inside the run {run}: the CLI never writes there")
+    if output.is_dir():
+        raise UsageError(f"--output {args.output} is a directory; name the HTML file to write")
     page = render_report(args.run, z=args.z, min_delta=args.min_delta, top=args.top)
-    Path(args.output).write_text(page, encoding="utf-8")
+    try:
+        output.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write --output {args.output}: {exc.strerror or exc}") from None
     print(f"wrote {args.output}")
     return 0
 

@@ -68,3 +68,18 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert "Round 4: reward +0.880, driven by round 3" in dom
     assert "&lt;script&gt;alert('pwned')&lt;/script&gt;" in dom  # shown as text, never run
     assert "<script>" not in dom
+
+
+def test_report_never_writes_inside_the_run(tmp_path, capsys):
+    from test_audit import tree_digest
+
+    run = make_run(tmp_path)
+    before = tree_digest(run)
+    for target in (run / "report.html", run / "attribution" / "manifest.json", run):
+        assert main(["report", str(run), "-o", str(target)]) == 2
+        assert "lies inside the run" in capsys.readouterr().err
+    assert main(["report", str(run), "-o", str(tmp_path)]) == 2
+    assert "is a directory; name the HTML file to write" in capsys.readouterr().err
+    assert main(["report", str(run), "-o", str(tmp_path / "no-such-dir" / "r.html")]) == 2
+    assert "cannot write --output" in capsys.readouterr().err
+    assert tree_digest(run) == before
