@@ -161,11 +161,30 @@ def _parse(argv: list[str] | None):
     return script_args, training_args, model_args
 
 
-def load_prompts(script_args: RecipeArguments, tokenizer, seed: int):
-    """(train, held-out) datasets with an input_ids column, from any `datasets` source."""
+def prompt_problem(value) -> str | None:
+    """Why ``value`` is not a usable prompt (a non-empty string or a list of chat messages), or None."""
+    if isinstance(value, str):
+        return None if value.strip() else "empty text"
+    if isinstance(value, list) and value:
+        good = all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                   for m in value)  # fmt: skip
+        return None if good else "a list that is not chat messages ({'role': str, 'content': str})"
+    return f"not text or chat messages ({type(value).__name__}: {str(value)[:40]!r})"
+
+
+def load_prompts(
+    script_args: RecipeArguments, tokenizer, seed: int, context: int | None = None, response_length: int = 0
+):
+    """(train, held-out) datasets with an input_ids column, from any `datasets` source.
+
+    Every prompt must be a non-empty string or a list of chat messages (else one clear line);
+    prompts longer than --max_prompt_length tokens, or than the model's context leaves room for
+    with --response_length, are dropped, and the count is said."""
     from datasets import load_dataset
 
     name = script_args.dataset_name
+    if os.path.isfile(name) and os.path.getsize(name) < 4096 and not Path(name).read_bytes().strip():
+        fail(f"data file {name!r} is empty")
     try:
         suffix = os.path.splitext(name)[1].lower()
         if os.path.isfile(name) and suffix in DATA_FILE_FORMATS:
@@ -173,7 +192,9 @@ def load_prompts(script_args: RecipeArguments, tokenizer, seed: int):
         else:
             data = load_dataset(name, script_args.dataset_config)
     except Exception as exc:
-        fail(f"cannot load dataset {name!r}: {type(exc).__name__}: {first_line(exc)}")
+        fail(
+            f"cannot load dataset {name!r}: {type(exc).__name__}: {first_line(exc) or 'no rows could be read'}"
+        )
     if script_args.dataset_train_split not in data:
         fail(f"dataset {name!r} has no split {script_args.dataset_train_split!r} (it has {sorted(data)})")
     train = data[script_args.dataset_train_split]
@@ -193,6 +214,21 @@ def load_prompts(script_args: RecipeArguments, tokenizer, seed: int):
         train, heldout = parts["train"], parts["test"]
 
     column = script_args.prompt_column
+    for split, ds in (("training", train), ("held-out", heldout)):
+        problems = [(i, why) for i, value in enumerate(ds[column]) if (why := prompt_problem(value))]
+        if problems:
+            row, why = problems[0]
+            fail(
+                f"{len(problems)} of {len(ds)} {split} prompts in column {column!r} are unusable; the first, row "
+                f"{row}, is {why}. Every prompt must be a non-empty string or a list of chat messages"
+            )
+    limit = script_args.max_prompt_length
+    if context is not None:
+        if context - response_length < 1:
+            fail(
+                f"--response_length {response_length} leaves no room for a prompt in the model's context of {context}"
+            )
+        limit = min(limit, context - response_length)
 
     def tokenise(row):
         prompt = row[column]
@@ -212,7 +248,15 @@ def load_prompts(script_args: RecipeArguments, tokenizer, seed: int):
                 f"{with_pad} prompt(s) contain the pad token {tokenizer.pad_token!r}, which TRL's PPO reads as "
                 "padding (it masks it out); choose another pad token with --pad_token"
             )
-        return ds.filter(lambda row: 0 < row["length"] <= script_args.max_prompt_length)
+        kept = ds.filter(lambda row: 0 < row["length"] <= limit)
+        if len(kept) < len(ds) and PartialState().is_main_process:
+            why = f"--max_prompt_length {script_args.max_prompt_length}"
+            if limit < script_args.max_prompt_length:
+                why = f"the model's context of {context} tokens minus --response_length {response_length}"
+            print(
+                f"ppo_iif.py: dropped {len(ds) - len(kept)} of {len(ds)} prompts longer than {limit} tokens ({why})"
+            )
+        return kept
 
     return prepare(train), prepare(heldout)
 
@@ -266,7 +310,12 @@ def set_pad_token(tokenizer, pad_token: str | None) -> None:
 
 
 def load_real_job(script_args: RecipeArguments, training_args: IIFPPOConfig, model_args: ModelConfig):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     if not model_args.use_peft:
         fail(
@@ -286,6 +335,16 @@ def load_real_job(script_args: RecipeArguments, training_args: IIFPPOConfig, mod
 
     tokenizer = load(AutoTokenizer, source, "tokenizer", padding_side="left")
     set_pad_token(tokenizer, script_args.pad_token)
+    config = load(AutoConfig, source, "model config")
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    # the data is checked before the models load: a bad file costs seconds, not a model load
+    train, heldout = load_prompts(
+        script_args,
+        tokenizer,
+        training_args.seed,
+        context=context,
+        response_length=training_args.response_length,
+    )
     policy = load(
         AutoModelForCausalLM,
         source,
@@ -312,7 +371,6 @@ def load_real_job(script_args: RecipeArguments, training_args: IIFPPOConfig, mod
         AutoModelForSequenceClassification, value_path, "value model", num_labels=1, dtype=dtype
     )
     value_model.config.pad_token_id = tokenizer.pad_token_id
-    train, heldout = load_prompts(script_args, tokenizer, training_args.seed)
     peft_config = get_peft_config(model_args)
     modules = peft_config.target_modules
     if isinstance(modules, str) and modules != "all-linear" and re.fullmatch(r"[\w.]+", modules):

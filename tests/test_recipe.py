@@ -295,3 +295,46 @@ def test_bad_output_locations(capsys, tmp_path, no_model_loads):
     fails_with(capsys, ["--output_dir", str(run)], "already holds a run; choose another --output_dir")
     fails_with(capsys, ["--output_dir", str(run / "nested")], f"lies inside the run {run.resolve()}")
     fails_with(capsys, ["--output_dir", str(run / "attribution" / "x")], "lies inside the run")
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"prompt": None}] * 400, "row 0, is not text or chat messages (NoneType"),
+        ([{"prompt": 7}] * 400, "is not text or chat messages (int: '7')"),
+        ([{"prompt": "the movie was"}] * 399 + [{"prompt": "  "}], "is empty text"),
+        ([{"prompt": [{"role": "user"}]}] * 400, "is a list that is not chat messages"),
+    ],
+)  # fmt: skip
+def test_unusable_prompts(capsys, tmp_path, local_model, rows, message):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    argv = ["--model_name_or_path", str(local_model), "--dataset_name", str(data), "--reward_function", "sentiment",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    fails_with(capsys, argv, message)
+
+
+def test_prompts_longer_than_the_context_are_dropped_and_counted(capsys, tmp_path, local_model):
+    data = tmp_path / "prompts.jsonl"  # the tiny model's context is 128 tokens; 8 of these prompts exceed it
+    long_prompt = " ".join(["the movie was"] * 50)
+    data.write_text("\n".join(json.dumps({"prompt": long_prompt if i < 8 else "the movie was"}) for i in range(48)))
+    argv = ["--model_name_or_path", str(local_model), "--dataset_name", str(data), "--reward_function", "sentiment",
+            "--heldout_size", "8", "--per_device_train_batch_size", "40", "--response_length", "28",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(SystemExit):
+        recipe_main()(argv)
+    out, err = capsys.readouterr()
+    assert "prompts longer than 100 tokens (the model's context of 128 tokens minus --response_length 28)" in out
+    assert "training prompts are fewer than one round's batch of 40 records" in err
+
+
+def test_empty_data_file(capsys, tmp_path, local_model):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("")
+    argv = ["--model_name_or_path", str(local_model), "--dataset_name", str(data), "--reward_function", "sentiment",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        recipe_main()(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ppo_iif.py: error:"), err
