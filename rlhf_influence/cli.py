@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import warnings
@@ -18,19 +19,59 @@ JUMP_RULE = (
 )
 
 
+def whole_number(low: int):
+    """An argparse type: a whole number >= ``low``, said in the error when it is not."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def finite_number(low: float, high: float = math.inf, low_included: bool = True):
+    """An argparse type: a finite number in [low, high] (or (low, high]), said in the error when it is not."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        inside = (value >= low if low_included else value > low) and value <= high
+        if not (math.isfinite(value) and inside):
+            span = f"{'[' if low_included else '('}{low:g}, {high:g}]" if high != math.inf else f">= {low:g}"
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {'in ' if high != math.inf else ''}{span}, got {text}"
+            )
+        return value
+
+    return parse
+
+
 def _run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="a run's output directory (or its attribution/ folder)")
 
 
 def _jump_rule(parser: argparse.ArgumentParser, top: int) -> None:
     parser.add_argument(
-        "--z", type=float, default=1.5, help="jump threshold in standard deviations (default 1.5)"
+        "--z",
+        type=finite_number(0.0),
+        default=1.5,
+        help="jump threshold in standard deviations (default 1.5)",
     )
     parser.add_argument(
-        "--min-delta", type=float, default=0.0, help="smallest reward change that counts (default 0)"
+        "--min-delta",
+        type=finite_number(0.0),
+        default=0.0,
+        help="smallest reward change that counts (default 0)",
     )
     parser.add_argument(
-        "--top", type=int, default=top, help=f"records listed per jump and side (default {top})"
+        "--top", type=whole_number(1), default=top, help=f"records listed per jump and side (default {top})"
     )
 
 
@@ -43,7 +84,9 @@ def terminal_text(text) -> str:
     return _CONTROL.sub(lambda m: "\\n" if m.group() == "\n" else f"\\x{ord(m.group()):02x}", str(text))
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning) -> None:
+def _show_warning(
+    message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning
+) -> None:
     """This package's warnings as one line on stderr; anything else as Python shows it."""
     from .errors import UnknownTokenWarning
 
@@ -66,8 +109,15 @@ def _json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON for machines instead of tables")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (no usage block), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {terminal_text(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="rlhf-influence",
         description=(
             "Local data attribution for RLHF: which rollout records drove a PPO update, and "
@@ -95,9 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
         "dotted with every record's gradient. Positive: the record's update made the response more likely.",
     )
     _run(score)
-    score.add_argument("--round", type=int, required=True, help="the round whose records are scored")
+    score.add_argument(
+        "--round", type=whole_number(1), required=True, help="the round whose records are scored"
+    )
     _behaviour(score)
-    score.add_argument("--top", type=int, default=10, help="records listed on each side (default 10)")
+    score.add_argument(
+        "--top", type=whole_number(1), default=10, help="records listed on each side (default 10)"
+    )
     _json(score)
 
     diagnose = commands.add_parser(
@@ -109,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _run(diagnose)
     diagnose.add_argument(
-        "--bottom-fraction", type=float, default=0.1, help="share of records called bottom/top (default 0.1)"
+        "--bottom-fraction",
+        type=finite_number(0.0, 0.5, low_included=False),
+        default=0.1,
+        help="share of records called bottom/top, in (0, 0.5] (default 0.1)",
     )
     _json(diagnose)
 
@@ -121,8 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _run(formation)
     _behaviour(formation)
-    formation.add_argument("--top", type=int, default=3, help="records listed per round (default 3)")
-    formation.add_argument("--rounds", type=int, nargs="+", help="only these rounds (default: all)")
+    formation.add_argument(
+        "--top", type=whole_number(1), default=3, help="records listed per round (default 3)"
+    )
+    formation.add_argument(
+        "--rounds", type=whole_number(1), nargs="+", help="only these rounds (default: all)"
+    )
     _json(formation)
 
     intervene = commands.add_parser(
@@ -136,16 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
         "IIF filtered against.",
     )
     _run(intervene)
-    intervene.add_argument("--round", type=int, required=True, help="the round to re-run")
+    intervene.add_argument("--round", type=whole_number(1), required=True, help="the round to re-run")
     _behaviour(intervene, required=False)
     intervene.add_argument(
         "--return-target",
         action="store_true",
         help="trace the round's return target instead of a behaviour (no --prompt/--response)",
     )
-    intervene.add_argument("--remove", type=int, help="records removed (default: 10%% of the round)")
     intervene.add_argument(
-        "--seed", type=int, default=0, help="seed of the mini-batch order and random control"
+        "--remove", type=whole_number(1), help="records removed (default: 10%% of the round)"
+    )
+    intervene.add_argument(
+        "--seed", type=whole_number(0), default=0, help="seed of the mini-batch order and random control"
     )
     _json(intervene)
 
@@ -250,7 +313,9 @@ def run_formation(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"records making {args.response!r} more likely after {args.prompt!r}, by round")  # repr: escaped
+    table = Table(
+        title=f"records making {args.response!r} more likely after {args.prompt!r}, by round"
+    )  # repr: escaped
     for name, justify in (("round", "right"), ("positive", "right"), ("influence", "right"), ("reward", "right"),
                           ("prompt", "left"), ("response", "left")):  # fmt: skip
         table.add_column(name, justify=justify, overflow="fold")
