@@ -149,7 +149,14 @@ def test_diagnose_counts_wrong_sign_advantages(tmp_path, capsys):
     wrong = sum((a > 0) != (w - 0.5 > 0) for a, w in zip(advantages, rewards, strict=True))
     assert r["all_wrong_sign"] == pytest.approx(wrong / 10)
     assert out["overall"]["bottom_wrong_sign"] == 1.0
-    assert main(["diagnose", str(run), "--bottom-fraction", "0.9"]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # refused by the argument's type, before the store is read
+        main(["diagnose", str(run), "--bottom-fraction", "0.9"])
+    assert exit_info.value.code == 2
+    from rlhf_influence.audit.analyses import diagnose
+    from rlhf_influence.store import StoreError
+
+    with pytest.raises(StoreError, match=r"must be in \(0, 0.5\], got 0.9"):  # and by the library, for API users
+        diagnose(run, bottom_fraction=0.9)
 
 
 def test_store_files_honour_the_umask(tmp_path):
