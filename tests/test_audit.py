@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from rlhf_influence.audit import find_jumps
@@ -36,6 +39,12 @@ def make_run(tmp_path: Path, rewards=REWARDS, n: int = 6) -> Path:
             {"objective/scores": mean},
         )
     return run
+
+
+def rewrite_records(run: Path, round_index: int, change) -> None:
+    """Damage a round's records table in place (parses, but wrong)."""
+    path = run / "attribution" / f"round_{round_index:06d}" / "records.parquet"
+    pq.write_table(change(pq.read_table(path)), path)
 
 
 def tree_digest(path: Path) -> str:
@@ -109,6 +118,15 @@ def test_half_written_round_is_ignored_and_a_resume_appends(tmp_path, capsys):
         (lambda run: (run / "attribution" / "round_000002" / "records.parquet").unlink(), "round 2: cannot read"),
         (lambda run: (run / "attribution" / "round_000002" / "records.parquet").write_bytes(b"PAR1xx"), "round 2: cannot read"),
         (lambda run: (run / "attribution" / "manifest.json").write_text(json.dumps({"format_version": 99})), "format version 99"),
+        (lambda run: (run / "attribution" / "manifest.json").write_text("[1, 2]"), "manifest.json is damaged: a JSON list, not an object"),
+        (lambda run: rewrite_records(run, 2, lambda t: t.slice(0, 0)), "holds no records"),
+        (lambda run: rewrite_records(run, 2, lambda t: t.drop_columns(["kept"])), "lacks the column 'kept'"),
+        (lambda run: rewrite_records(run, 2, lambda t: t.set_column(3, "reward", pa.array(["high"] * 6))),
+         "column 'reward' holds string, not floats"),
+        (lambda run: rewrite_records(run, 2, lambda t: t.set_column(3, "reward", pa.array([None] * 6, pa.float64()))),
+         "column 'reward' has 6 empty value(s)"),
+        (lambda run: shutil.rmtree(run / "attribution" / "round_000003"),
+         "round(s) 3 missing among rounds 1..7"),
     ],
 )  # fmt: skip
 def test_bad_runs_get_one_line_errors(tmp_path, damage, message):
@@ -187,3 +205,21 @@ def test_terminal_text_shows_control_characters(capsys):
     print_records("records", [("top", [record], "green")])
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\\x1b]0;pwned" in out and "\\x1b[2J" in out
+
+
+def test_damaged_metrics_and_model_files(tmp_path):
+    from rlhf_influence.store import StoreError
+
+    run = make_run(tmp_path)
+    store = AttributionStore.open(run)
+    (store.round_dir(2) / "metrics.json").write_text("[]")
+    with pytest.raises(StoreError, match=r"metrics\.json is damaged: a JSON list"):
+        store.read_metrics(2)
+    with pytest.raises(StoreError, match="keeps no model files"):
+        store.read_model_info()
+    (store.path / "model.json").write_text("{broken")
+    with pytest.raises(StoreError, match=r"cannot read .*model\.json"):
+        store.read_model_info()
+    (store.path / "model.json").write_text(json.dumps({"base_model_saved": "yes"}))
+    with pytest.raises(StoreError, match=r"model\.json is damaged"):
+        store.read_model_info()

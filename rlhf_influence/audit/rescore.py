@@ -9,7 +9,6 @@ toward (positive) or away from (negative) saying ``response`` to ``prompt``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +67,12 @@ class SnapshotScorer:
         """Influence of every record of the round on log pi(response | prompt) at the round start."""
         self.load_round(round_index)
         gradients = self.store.read_tensors(round_index, "gradients")["projected"].float()
+        table = self.store.read_records(round_index).to_pydict()
+        if gradients.shape[0] != len(table["record"]):
+            raise StoreError(
+                f"round {round_index}: gradients.safetensors has {gradients.shape[0]} rows for "
+                f"{len(table['record'])} records"
+            )
         if self.projector.output_size(self.layout) != gradients.shape[1]:
             raise StoreError(
                 f"round {round_index}: stored gradients have {gradients.shape[1]} entries per record, the "
@@ -80,7 +85,6 @@ class SnapshotScorer:
         target.temperature = self.temperature
         target_grad = target_gradients(self.policy, target, layout=self.layout).float()
         influence = -(gradients @ self.projector.project(self.layout, target_grad))
-        table = self.store.read_records(round_index).to_pydict()
         return [
             ScoredRecord(
                 table["record"][i],
@@ -104,10 +108,7 @@ def _rebuild_policy(store: AttributionStore):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    info_path = store.path / "model.json"
-    if not info_path.is_file():
-        raise StoreError(f"{store.path} keeps no model files (model.json); the run predates stored snapshots")
-    info = json.loads(info_path.read_text())
+    info = store.read_model_info()
     if info.get("base_model_saved"):
         source = str(store.path / "base_model")
     elif info.get("base_model_reference"):

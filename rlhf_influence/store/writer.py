@@ -31,6 +31,19 @@ ROUND_PREFIX = "round_"
 TEMPORARY_PREFIXES = (f".{ROUND_PREFIX}", ".manifest.json.tmp-")  # names written before their rename
 
 
+# The records table's columns every reader relies on: (type test, what it should be).
+RECORD_COLUMNS = {
+    "record": (pa.types.is_integer, "integers"),
+    "prompt": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "text"),
+    "response": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "text"),
+    "reward": (pa.types.is_floating, "floats"),
+    "influence": (pa.types.is_floating, "floats"),
+    "kept": (pa.types.is_boolean, "true/false"),
+}
+# Named tensors the readers need in each round file, with their number of dimensions.
+TENSOR_DIMS = {"gradients": {"projected": 2}, "batch": {"queries": 2, "responses": 2, "advantages": 2}}
+
+
 def current_umask() -> int:
     """The process's umask, read without changing it (Linux), else by setting and restoring it."""
     try:
@@ -100,6 +113,8 @@ class AttributionStore:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as exc:
             raise StoreError(f"{manifest_path} is unreadable: {exc}") from None
+        if not isinstance(manifest, dict):
+            raise StoreError(f"{manifest_path} is damaged: a JSON {type(manifest).__name__}, not an object")
         version = manifest.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise StoreError(
@@ -108,6 +123,14 @@ class AttributionStore:
             )
         store = cls(path)
         store.manifest = manifest
+        rounds = store.rounds()
+        missing = sorted(set(range(1, rounds[-1] + 1)) - set(rounds)) if rounds else []
+        if missing:
+            shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+            raise StoreError(
+                f"{path} is damaged: round(s) {shown} missing among rounds 1..{rounds[-1]} (rounds are written "
+                "in sequence, so one was removed or lost)"
+            )
         return store
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -198,12 +221,27 @@ class AttributionStore:
         return final
 
     def read_records(self, round_index: int) -> pa.Table:
-        """The records table of a round (raises StoreError if it is missing or damaged)."""
+        """The records table of a round, checked against :data:`RECORD_COLUMNS` (StoreError if damaged)."""
         path = self.round_dir(round_index) / "records.parquet"
         try:
-            return pq.read_table(path)
+            table = pq.read_table(path)
         except (OSError, pa.ArrowException) as exc:
             raise StoreError(f"round {round_index}: cannot read {path}: {exc}") from None
+        if table.num_rows == 0:
+            raise StoreError(f"round {round_index}: {path} holds no records")
+        for name, (is_kind, kind) in RECORD_COLUMNS.items():
+            if name not in table.column_names:
+                raise StoreError(f"round {round_index}: {path} lacks the column {name!r}")
+            column = table.column(name)
+            if not is_kind(column.type):
+                raise StoreError(
+                    f"round {round_index}: {path} column {name!r} holds {column.type}, not {kind}"
+                )
+            if column.null_count:
+                raise StoreError(
+                    f"round {round_index}: {path} column {name!r} has {column.null_count} empty value(s)"
+                )
+        return table
 
     def read_tensors(self, round_index: int, name: str) -> dict[str, torch.Tensor]:
         """``gradients`` (``projected``: [N, D']) or ``adapter`` (LoRA weights at the round start)."""
@@ -211,13 +249,43 @@ class AttributionStore:
         if not path.is_file():
             raise StoreError(f"round {round_index} has no {name}.safetensors (the run stored none)")
         try:
-            return load_file(str(path))
+            tensors = load_file(str(path))
         except Exception as exc:
             raise StoreError(f"round {round_index}: cannot read {path}: {exc}") from None
+        for key, dims in TENSOR_DIMS.get(name, {}).items():
+            if key not in tensors or tensors[key].dim() != dims:
+                raise StoreError(f"round {round_index}: {path} lacks a {dims}-D tensor {key!r}")
+        return tensors
 
     def read_metrics(self, round_index: int) -> dict[str, Any]:
         path = self.round_dir(round_index) / "metrics.json"
         try:
-            return json.loads(path.read_text())
+            metrics = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise StoreError(f"round {round_index}: cannot read {path}: {exc}") from None
+        if not isinstance(metrics, dict):
+            raise StoreError(
+                f"round {round_index}: {path} is damaged: a JSON {type(metrics).__name__}, not an object"
+            )
+        return metrics
+
+    def read_model_info(self) -> dict[str, Any]:
+        """model.json: whether the base model was saved, or what it is called (StoreError if damaged)."""
+        path = self.path / "model.json"
+        if not path.is_file():
+            raise StoreError(
+                f"{self.path} keeps no model files (model.json); the run predates stored snapshots"
+            )
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from None
+        if not (
+            isinstance(info, dict)
+            and isinstance(info.get("base_model_saved"), bool)
+            and isinstance(info.get("base_model_reference"), str | None)
+        ):
+            raise StoreError(
+                f"{path} is damaged: expected base_model_saved (true/false) and base_model_reference"
+            )
+        return info
