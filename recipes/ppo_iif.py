@@ -142,15 +142,24 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
+class Parser(TrlParser):
+    """TRL's parser with argparse's own errors (bad choices, bad types) in one line, no usage block."""
+
+    def error(self, message: str):
+        fail(f"{message} (see --help)")
+
+
 def parse(argv: list[str] | None):
     try:
         return _parse(argv)
     except ValueError as exc:  # unknown flags, bad values (HfArgumentParser raises, not exits)
         fail(f"{exc}. See --help.")
+    except OSError as exc:  # --config FILE that cannot be read
+        fail(f"cannot read {getattr(exc, 'filename', None) or 'the --config file'}: {exc.strerror or exc}")
 
 
 def _parse(argv: list[str] | None):
-    parser = TrlParser((RecipeArguments, IIFPPOConfig, ModelConfig))
+    parser = Parser((RecipeArguments, IIFPPOConfig, ModelConfig))
     cuda = torch.cuda.is_available()
     # LoRA is what IIF scores; bf16 only where the hardware has it (PPOConfig turns it on everywhere).
     parser.set_defaults(use_peft=True, use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported())
@@ -376,7 +385,16 @@ def load_real_job(script_args: RecipeArguments, training_args: IIFPPOConfig, mod
     if isinstance(modules, str) and modules != "all-linear" and re.fullmatch(r"[\w.]+", modules):
         # TRL turns a single --lora_target_modules value into a string, which PEFT reads as a
         # regex over full module names (so "c_attn" would match nothing): make it a name list.
-        peft_config.target_modules = {modules}
+        peft_config.target_modules = modules = {modules}
+    if isinstance(modules, set | list | tuple):
+        names = {name.rsplit(".", 1)[-1] for name, _ in policy.named_modules()}
+        missing = sorted(set(modules) - names)
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in policy.named_modules() if type(m).__name__ in
+                             ("Linear", "Conv1D")})  # fmt: skip
+            fail(
+                f"--lora_target_modules {missing} name no module of the policy; its linear layers are {linear}"
+            )
     return tokenizer, policy, value_model, reward, train, heldout, peft_config
 
 
@@ -423,6 +441,10 @@ def summarise(history: list[dict], training_args: IIFPPOConfig) -> None:
 
 # Recipe flags that only a real job (with --model_name_or_path) reads, with their defaults.
 REAL_JOB_FLAGS = {f.name: f.default for f in fields(RecipeArguments) if f.name != "embedded_task"}
+# TRL's model flags, which an embedded task (its own model and LoRA config) would silently ignore.
+MODEL_FLAGS = {
+    f.name: f.default for f in fields(ModelConfig) if f.name not in ("model_name_or_path", "use_peft")
+}
 DEFAULT_REWARD_MODEL = next(f.default for f in fields(IIFPPOConfig) if f.name == "reward_model_path")
 AT_LEAST_ONE = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches", "num_ppo_epochs",
                 "response_length", "local_rollout_forward_batch_size")  # fmt: skip
@@ -468,6 +490,7 @@ def check_flags(
         )
     if model_args.model_name_or_path is None:  # an embedded task brings its own data, model and reward
         given = [name for name, default in REAL_JOB_FLAGS.items() if getattr(script_args, name) != default]
+        given += [name for name, default in MODEL_FLAGS.items() if getattr(model_args, name) != default]
         given += ["reward_model_path"] if args.reward_model_path != DEFAULT_REWARD_MODEL else []
         if given:
             fail(
@@ -477,10 +500,23 @@ def check_flags(
         return
     if any(a == "--embedded_task" or a.startswith("--embedded_task=") for a in argv or sys.argv[1:]):
         fail("--embedded_task applies only without --model_name_or_path (a job on your own model)")
+    if model_args.lora_r < 1 or not math.isfinite(model_args.lora_alpha) or model_args.lora_alpha <= 0:
+        fail(
+            f"--lora_r must be >= 1 and --lora_alpha > 0, got {model_args.lora_r} and {model_args.lora_alpha}"
+        )
+    if not 0.0 <= model_args.lora_dropout < 1.0:
+        fail(f"--lora_dropout must be in [0, 1), got {model_args.lora_dropout}")
     if script_args.reward_function is None and args.reward_model_path == DEFAULT_REWARD_MODEL:
         fail(
             "a job on your own model needs a reward: --reward_model_path (a sequence classifier) or --reward_function"
         )
+    paths = [("model", model_args.model_name_or_path), ("value model", script_args.value_model_path)]
+    paths += [("reward model", args.reward_model_path)] if script_args.reward_function is None else []
+    for what, path in paths:
+        # a hub id is "name" or "org/name"; anything else that is not on disk is a path that does not exist
+        local = bool(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1)
+        if local and not os.path.exists(os.path.expanduser(path)):
+            fail(f"cannot load the {what}: {path!r} does not exist")
     for name in ("heldout_size", "max_prompt_length"):
         if getattr(script_args, name) < 1:
             fail(f"--{name} must be a whole number >= 1, got {getattr(script_args, name)!r}")
@@ -528,6 +564,15 @@ def main(argv: list[str] | None = None) -> int:
     if len(train) < per_round:
         fail(f"{len(train)} training prompts are fewer than one round's batch of {per_round} records")
     target = heldout if (training_args.iif_target or "heldout_return") == "heldout_return" else None
+    if (
+        target is not None
+        and training_args.iif_num_heldout_prompts > len(target)
+        and PartialState().is_main_process
+    ):
+        print(
+            f"ppo_iif.py: note: the {training_args.iif_num_heldout_prompts} held-out samples a round takes "
+            f"(--iif_num_heldout_prompts) cycle through the {len(target)} held-out prompts there are"
+        )
 
     trainer = IIFPPOTrainer(
         args=training_args,

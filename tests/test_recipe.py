@@ -66,7 +66,7 @@ def test_reward_model_that_does_not_load(capsys, tmp_path, local_model):
     data = write_prompts(tmp_path / "prompts.jsonl", 400)
     argv = ["--model_name_or_path", str(local_model), "--dataset_name", str(data),
             "--reward_model_path", str(tmp_path / "no-such-model"), "--output_dir", str(tmp_path / "out")]  # fmt: skip
-    fails_with(capsys, argv, "cannot load the reward model from")
+    fails_with(capsys, argv, "cannot load the reward model: ")
 
 
 def test_dataset_too_small_for_one_batch(capsys, tmp_path, local_model):
@@ -249,6 +249,9 @@ BAD_FLAGS = [  # (flags, a phrase of the one-line message); every case fails bef
     (["--reward_model_path", "/no/such_dir"], "--reward_model_path applies to a job on your own model"),
     (["--heldout_size", "8"], "--heldout_size applies to a job on your own model"),
     (["--embedded_task", "keywords", "--pad_token", "<pad>"], "--pad_token applies to a job on your own model"),
+    (["--lora_r", "4"], "--lora_r applies to a job on your own model"),
+    (["--config", "/no/such.yaml"], "cannot read /no/such.yaml: No such file or directory"),
+    (["--iif_schedule", "weekly"], "invalid choice: 'weekly' (choose from 'epoch', 'round') (see --help)"),
 ]  # fmt: skip
 
 
@@ -276,6 +279,10 @@ def test_bad_flags_of_the_embedded_run(capsys, tmp_path, no_model_loads, flags, 
         (["--reward_function", "sentiment", "--embedded_task", "keywords"],
          "--embedded_task applies only without --model_name_or_path"),
         ([], "a job on your own model needs a reward: --reward_model_path (a sequence classifier) or --reward_function"),
+        (["--reward_model_path", "/no/such_dir"], "cannot load the reward model: '/no/such_dir' does not exist"),
+        (["--reward_function", "sentiment", "--value_model_path", "./nosuch"], "cannot load the value model: './nosuch' does not exist"),
+        (["--reward_function", "sentiment", "--lora_r", "0"], "--lora_r must be >= 1 and --lora_alpha > 0, got 0 and 32"),
+        (["--reward_function", "sentiment", "--lora_dropout", "1"], "--lora_dropout must be in [0, 1), got 1.0"),
         (["--reward_function", "sentiment", "--heldout_size", "0"], "--heldout_size must be a whole number >= 1, got 0"),
     ],
 )  # fmt: skip
@@ -338,3 +345,11 @@ def test_empty_data_file(capsys, tmp_path, local_model):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ppo_iif.py: error:"), err
+
+
+def test_bad_lora_targets(capsys, tmp_path, local_model):
+    data = write_prompts(tmp_path / "prompts.jsonl", 400)
+    argv = ["--model_name_or_path", str(local_model), "--dataset_name", str(data), "--reward_function", "sentiment",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    fails_with(capsys, [*argv, "--lora_target_modules", "nosuch", "c_attn"],
+               "--lora_target_modules ['nosuch'] name no module of the policy; its linear layers are ['c_attn',")  # fmt: skip
