@@ -483,6 +483,11 @@ def check_flags(
             f"--num_mini_batches {args.num_mini_batches} must divide the {local} records each process collects "
             "a round (--per_device_train_batch_size x --gradient_accumulation_steps)"
         )
+    if args.whiten_rewards and local // args.num_mini_batches < 8:
+        fail(
+            f"--whiten_rewards needs mini-batches of at least 8 records per process, got {local // args.num_mini_batches} "
+            "(fewer --num_mini_batches or more records a round)"
+        )
     per_round = local * PartialState().num_processes
     if args.total_episodes is not None and args.total_episodes < per_round:
         fail(

@@ -233,6 +233,7 @@ BAD_FLAGS = [  # (flags, a phrase of the one-line message); every case fails bef
     (["--heldout_size", "8"], "--heldout_size applies to a job on your own model"),
     (["--embedded_task", "keywords", "--pad_token", "<pad>"], "--pad_token applies to a job on your own model"),
     (["--lora_r", "4"], "--lora_r applies to a job on your own model"),
+    (["--whiten_rewards", "true", "--num_mini_batches", "8"], "--whiten_rewards needs mini-batches of at least 8 records per process, got 4"),
     (["--config", "/no/such.yaml"], "cannot read /no/such.yaml: No such file or directory"),
     (["--iif_schedule", "weekly"], "invalid choice: 'weekly' (choose from 'epoch', 'round') (see --help)"),
 ]  # fmt: skip
