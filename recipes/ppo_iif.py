@@ -44,6 +44,7 @@ from accelerate import PartialState
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
+from rlhf_influence.checks import finite_number_problem, whole_number_problem
 from rlhf_influence.models import (
     ModelLoadError,
     check_fits_in_memory,
@@ -466,15 +467,11 @@ def check_flags(
     """Refuse, before any model loads, flags out of range, or that do not go together."""
     args = training_args
     for name in AT_LEAST_ONE:
-        value = getattr(args, name)
-        if not isinstance(value, int) or value < 1:
-            fail(f"--{name} must be a whole number >= 1, got {value!r}")
+        if problem := whole_number_problem(getattr(args, name), 1):
+            fail(f"--{name} {problem}")
     for name, (low, high, closed) in FINITE_RANGES.items():
-        value = getattr(args, name)
-        inside = (low <= value if closed else low < value) and value <= high
-        if not (math.isfinite(value) and inside):
-            bound = f"{'>=' if closed else '>'} {low:g}" + ("" if high == math.inf else f" and <= {high:g}")
-            fail(f"--{name} must be a finite number {bound}, got {value!r}")
+        if problem := finite_number_problem(getattr(args, name), low, high, closed):
+            fail(f"--{name} {problem}")
     if args.missing_eos_penalty is not None and not math.isfinite(args.missing_eos_penalty):
         fail(f"--missing_eos_penalty must be a finite number, got {args.missing_eos_penalty!r}")
     local = args.per_device_train_batch_size * args.gradient_accumulation_steps
@@ -523,8 +520,8 @@ def check_flags(
         if local and not os.path.exists(os.path.expanduser(path)):
             fail(f"cannot load the {what}: {path!r} does not exist")
     for name in ("heldout_size", "max_prompt_length"):
-        if getattr(script_args, name) < 1:
-            fail(f"--{name} must be a whole number >= 1, got {getattr(script_args, name)!r}")
+        if problem := whole_number_problem(getattr(script_args, name), 1):
+            fail(f"--{name} {problem}")
 
 
 def check_output_location(training_args: IIFPPOConfig) -> None:

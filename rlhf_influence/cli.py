@@ -10,6 +10,7 @@ import sys
 import warnings
 
 from . import __version__
+from .checks import finite_number_problem, whole_number_problem
 
 JUMP_RULE = (
     "Round k is a jump when its mean reward minus round k-1's exceeds --z standard deviations of all "
@@ -27,27 +28,23 @@ def whole_number(low: int):
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if problem := whole_number_problem(value, low):
+            raise argparse.ArgumentTypeError(problem)
         return value
 
     return parse
 
 
 def finite_number(low: float, high: float = math.inf, low_included: bool = True):
-    """An argparse type: a finite number in [low, high] (or (low, high]), said in the error when it is not."""
+    """An argparse type: a finite number in the range, said in the error when it is not."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        inside = (value >= low if low_included else value > low) and value <= high
-        if not (math.isfinite(value) and inside):
-            span = f"{'[' if low_included else '('}{low:g}, {high:g}]" if high != math.inf else f">= {low:g}"
-            raise argparse.ArgumentTypeError(
-                f"must be a finite number {'in ' if high != math.inf else ''}{span}, got {text}"
-            )
+        if problem := finite_number_problem(value, low, high, low_included):
+            raise argparse.ArgumentTypeError(problem)
         return value
 
     return parse

@@ -23,15 +23,15 @@ def test_console_script_version_and_help():
 BEHAVIOUR = ["--prompt", "the movie was", "--response", "great"]
 BAD_ARGS = [  # (arguments after the run, phrase of the one-line message)
     (["audit", "--z", "nan"], "argument --z: must be a finite number >= 0, got nan"),
-    (["audit", "--min-delta", "-1"], "argument --min-delta: must be a finite number >= 0, got -1"),
-    (["audit", "--top", "0"], "argument --top: must be >= 1, got 0"),
-    (["score", "--round", "0", *BEHAVIOUR], "argument --round: must be >= 1, got 0"),
+    (["audit", "--min-delta", "-1"], "argument --min-delta: must be a finite number >= 0, got -1.0"),
+    (["audit", "--top", "0"], "argument --top: must be a whole number >= 1, got 0"),
+    (["score", "--round", "0", *BEHAVIOUR], "argument --round: must be a whole number >= 1, got 0"),
     (["score", "--round", "one", *BEHAVIOUR], "argument --round: 'one' is not a whole number"),
-    (["diagnose", "--bottom-fraction", "0.7"], "argument --bottom-fraction: must be a finite number in (0, 0.5], got 0.7"),
+    (["diagnose", "--bottom-fraction", "0.7"], "argument --bottom-fraction: must be a finite number > 0 and <= 0.5, got 0.7"),
     (["formation", *BEHAVIOUR, "--rounds", "2", "x"], "argument --rounds: 'x' is not a whole number"),
-    (["intervene", "--round", "1", "--remove", "-1", *BEHAVIOUR], "argument --remove: must be >= 1, got -1"),
-    (["intervene", "--round", "1", "--seed", "-3", *BEHAVIOUR], "argument --seed: must be >= 0, got -3"),
-    (["report", "--top", "-2"], "argument --top: must be >= 1, got -2"),
+    (["intervene", "--round", "1", "--remove", "-1", *BEHAVIOUR], "argument --remove: must be a whole number >= 1, got -1"),
+    (["intervene", "--round", "1", "--seed", "-3", *BEHAVIOUR], "argument --seed: must be a whole number >= 0, got -3"),
+    (["report", "--top", "-2"], "argument --top: must be a whole number >= 1, got -2"),
 ]  # fmt: skip
 
 
