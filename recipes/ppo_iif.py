@@ -436,6 +436,9 @@ def summarise(history: list[dict], training_args: IIFPPOConfig) -> None:
     print(f"\nmean reward per round: {sparkline(rewards)}")
     print(f"  first {k} rounds {first:+.3f} -> last {k} rounds {last:+.3f}; mean kept fraction {kept:.2f}")
     print(f"run directory: {os.path.abspath(training_args.output_dir)}")
+    if not (training_args.iif_enabled and training_args.iif_store):
+        print("attribution:   none stored (--iif_enabled false or --iif_store false)")
+        return
     print(f"attribution:   {os.path.abspath(training_args.attribution_dir)}")
     print(f"audit it:      rlhf-influence audit {training_args.output_dir}")
 
@@ -542,7 +545,7 @@ def check_output_location(training_args: IIFPPOConfig) -> None:
     except OSError as exc:
         fail(f"cannot write to --output_dir {out}: {exc.strerror or exc}")
     store = Path(training_args.attribution_dir)
-    if training_args.iif_store and store.is_dir() and any(store.iterdir()):
+    if training_args.iif_enabled and training_args.iif_store and store.is_dir() and any(store.iterdir()):
         fail(f"{store} already holds a run; choose another --output_dir")
 
 
@@ -565,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     per_round = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
     if len(train) < per_round:
         fail(f"{len(train)} training prompts are fewer than one round's batch of {per_round} records")
-    target = heldout if (training_args.iif_target or "heldout_return") == "heldout_return" else None
+    heldout_target = (training_args.iif_target or "heldout_return") == "heldout_return"
+    target = heldout if training_args.iif_enabled and heldout_target else None
     if (
         target is not None
         and training_args.iif_num_heldout_prompts > len(target)

@@ -52,13 +52,24 @@ def test_drop_fraction_zero_equals_trl_ppo(tmp_path):
     trl_trainer.train()
     expected = trainable_state(trl_trainer)
 
-    iif = run_iif(tmp_path / "iif", Setup(), iif_drop_fraction=0.0)
-    got = trainable_state(iif)
-    assert expected.keys() == got.keys()
     assert any(not torch.equal(before[k], expected[k]) for k in expected)  # training moved the weights
-    for name in expected:
-        assert torch.equal(got[name], expected[name]), name
-    assert iif.state.global_step == trl_trainer.state.global_step == 2
+    # p=0 scores, samples its held-out target and stores, and still trains exactly like TRL; with
+    # IIF switched off none of that runs
+    for overrides in ({"iif_drop_fraction": 0.0}, {"iif_enabled": False}):
+        iif = run_iif(tmp_path / str(overrides), Setup(), **overrides)
+        got = trainable_state(iif)
+        assert expected.keys() == got.keys()
+        for name in expected:
+            assert torch.equal(got[name], expected[name]), (overrides, name)
+        assert iif.state.global_step == trl_trainer.state.global_step == 2
+    rows = [row for row in iif.state.log_history if "objective/scores" in row]
+    assert len(rows) == 2
+    assert not any(key.startswith("iif/") for row in rows for key in row)
+    assert {key for row in rows for key in row if key.startswith("time/")} == {
+        "time/rollout_seconds",
+        "time/optimisation_seconds",
+    }
+    assert iif.store is None and not (tmp_path / str(overrides) / "attribution").exists()
 
 
 def log_rows(trainer) -> list[dict]:
@@ -107,8 +118,8 @@ class ForcedDecision(IIFPPOTrainer):
     keep = torch.tensor([True, False, True, True, False, True, True, False])
     corrupt_dropped = False
 
-    def score_and_filter(self, batch, target_batch, keep_gradients=False):
-        scored = super().score_and_filter(batch, target_batch, keep_gradients)
+    def score_and_filter(self, batch, target_batch, *args, **kwargs):
+        scored = super().score_and_filter(batch, target_batch, *args, **kwargs)
         if self.corrupt_dropped:
             dropped = (~self.keep).nonzero().flatten()
             batch.advantages[dropped] = 1e4 * torch.randn_like(batch.advantages[dropped])
@@ -147,7 +158,7 @@ def test_dropped_records_do_not_reach_the_optimizer(tmp_path):
 class WrongSign(IIFPPOTrainer):
     """Give record 3 a huge advantage of the sign that lowers the target (checked by autograd)."""
 
-    def score_and_filter(self, batch, target_batch, keep_gradients=False):
+    def score_and_filter(self, batch, target_batch, *args, **kwargs):
         from rlhf_influence import ReturnTarget, token_logprobs
 
         policy = self.unwrapped.policy
@@ -166,7 +177,7 @@ class WrongSign(IIFPPOTrainer):
         alignment = sum(float((a * b).sum()) for a, b in zip(v, u, strict=True))
         sign = 1.0 if alignment > 0 else -1.0
         batch.advantages[3] = torch.where(batch.padding_mask[3], 0.0, -50.0 * sign)
-        return super().score_and_filter(batch, target_batch, keep_gradients)
+        return super().score_and_filter(batch, target_batch, *args, **kwargs)
 
 
 def test_record_with_hugely_wrong_advantage_is_scored_negative_and_dropped(tmp_path):
@@ -274,3 +285,58 @@ def test_random_filter_control_drops_the_same_number(tmp_path):
     assert sum(first_iif["kept"]) == sum(first_control["kept"])  # as many dropped
     assert first_iif["kept"] != first_control["kept"]  # but not the same ones
     assert AttributionStore.open(control.store.path).manifest["filter"] == "random"
+
+
+class BruteForceReference(IIFPPOTrainer):
+    """Recomputes each scoring's influence by brute force: one autograd call per record's PPO loss
+    and one for the buffer target, at the weights the trainer scores at."""
+
+    def score_and_filter(self, batch, target_batch, *args, **kwargs):
+        from rlhf_influence import ReturnTarget, ppo_policy_loss
+
+        policy = self.unwrapped.policy
+        params = [p for p in policy.parameters() if p.requires_grad]
+        pad = self.processing_class.pad_token_id
+        temperature = self.args.temperature + 1e-7
+        qr, context = batch.query_responses, batch.context_length
+        pad_left = lambda t: torch.nn.functional.pad(t, (context, 0))  # noqa: E731
+        target = ReturnTarget.from_buffer(
+            qr, qr != pad, batch.response_mask(), pad_left(batch.advantages), temperature
+        )
+        v = torch.cat([g.flatten() for g in torch.autograd.grad(target(policy).sum(), params)])
+        normaliser = float((~batch.padding_mask).sum()) / len(batch) * self.args.per_device_train_batch_size
+        reference = []
+        for i in range(len(batch)):
+            rec = batch.select([i])
+            loss = ppo_policy_loss(
+                policy, rec.query_responses, rec.query_responses != pad, rec.response_mask(),
+                pad_left(rec.advantages), pad_left(rec.logprobs), clip_range=self.args.cliprange,
+                normaliser=normaliser, temperature=temperature,
+            )  # fmt: skip
+            g = torch.cat([x.flatten() for x in torch.autograd.grad(loss.sum(), params)])
+            reference.append(-float(v @ g))
+        scored = super().score_and_filter(batch, target_batch, *args, **kwargs)
+        self.pairs.append((torch.tensor(reference), scored.scores.float()))
+        return scored
+
+
+@pytest.mark.parametrize("schedule", ["round", "epoch"])
+def test_buffer_target_scores_match_brute_force(tmp_path, schedule):
+    """The round-start scoring takes the buffer target's gradient from the records' own (one pass);
+    a later epoch's scoring, where the ratio is no longer 1, takes it separately. Both must equal
+    brute-force influence."""
+    setup = Setup()
+    seed_everything(0)
+    trainer = BruteForceReference(
+        args=IIFPPOConfig(**ppo_kwargs(tmp_path, iif_target="buffer_return", iif_schedule=schedule)),
+        processing_class=setup.tokenizer, model=setup.peft_policy(), ref_model=None, reward_model=setup.reward,
+        train_dataset=setup.train, value_model=setup.value,
+    )  # fmt: skip
+    trainer.pairs = []
+    seed_everything(0)
+    trainer.train()
+    assert len(trainer.pairs) == (2 if schedule == "round" else 4)
+    for reference, scores in trainer.pairs:
+        scale = float(reference.abs().max())
+        assert scale > 0
+        torch.testing.assert_close(scores, reference, rtol=1e-4, atol=1e-5 * scale)

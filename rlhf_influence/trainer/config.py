@@ -20,6 +20,13 @@ class IIFPPOConfig(PPOConfig):
     Every field is also a command-line flag through ``TrlParser`` / ``HfArgumentParser``.
     """
 
+    iif_enabled: bool = field(
+        default=True,
+        metadata={
+            "help": "false: plain PPO with no attribution cost (no held-out sampling, no scoring, no store); "
+            "the run equals TRL's PPOTrainer. Switch IIF on and off without changing anything else."
+        },
+    )
     iif_drop_fraction: float = field(
         default=1.0,
         metadata={

@@ -165,7 +165,7 @@ class IIFPPOTrainer(PPOTrainer):
             if args.iif_projection_dim
             else None
         )
-        self.store = AttributionStore(args.attribution_dir) if args.iif_store else None
+        self.store = AttributionStore(args.attribution_dir) if args.iif_store and args.iif_enabled else None
         if self.store is not None and self.accelerator.is_main_process:
             removed = self.store.remove_stale_temporaries()
             if removed:
@@ -234,19 +234,24 @@ class IIFPPOTrainer(PPOTrainer):
             with timer("rollout"):
                 batch = self.rollout(queries)
                 self.compute_rewards_and_advantages(batch)
-            with timer("target_sampling"):
-                target_batch = self.build_target_batch(batch, round_index)
+            target_batch = None
+            if args.iif_enabled:
+                with timer("target_sampling"):
+                    target_batch = self.build_target_batch(batch, round_index)
 
             stats: dict[str, list[float]] = defaultdict(list)
             epochs: list[EpochScores] = []
             snapshot = self.adapter_snapshot() if self.store is not None else None
             for epoch in range(args.num_ppo_epochs):
-                if epoch == 0 or args.iif_schedule == "epoch":
+                if args.iif_enabled and (epoch == 0 or args.iif_schedule == "epoch"):
                     keep_gradients = epoch == 0 and self.store_projector is not None
                     with timer("scoring"):
-                        epochs.append(self.score_and_filter(batch, target_batch, keep_gradients))
+                        epochs.append(
+                            self.score_and_filter(batch, target_batch, keep_gradients, round_start=epoch == 0)
+                        )
+                keep_local = epochs[-1].keep_local if epochs else None  # None: plain PPO keeps all
                 with timer("optimisation"):
-                    self.ppo_epoch(batch, epochs[-1].keep_local, stats)
+                    self.ppo_epoch(batch, keep_local, stats)
 
             metrics = {**self.round_metrics(batch, stats, epochs, start), **timer.metrics()}
             self.store_round(round_index, batch, epochs, metrics, snapshot, target_batch)
@@ -411,18 +416,27 @@ class IIFPPOTrainer(PPOTrainer):
 
     # ------------------------------------------------------------------ step 4: score and filter
     def score_and_filter(
-        self, batch: RolloutBatch, target_batch: RolloutBatch, keep_gradients: bool = False
+        self,
+        batch: RolloutBatch,
+        target_batch: RolloutBatch,
+        keep_gradients: bool = False,
+        round_start: bool = True,
     ) -> EpochScores:
         """Influence of every record on the return target at the current weights; the IIF decision.
 
         ``keep_gradients``: also keep the records' projected gradients for the store.
+        ``round_start``: the weights are those the records were sampled with (the first scoring
+        of a round), where the buffer target's gradient is the records' own (one pass, not two).
         """
         args = self.args
         start = time.perf_counter()
         policy = self.unwrapped.policy  # dropout is disabled in it, as PPOTrainer does
-        target_grad = self._target_gradient(policy, target_batch)
         store_projector = self.store_projector if keep_gradients else None
-        local, projected = self._record_scores(policy, batch, target_grad, store_projector)
+        if self.iif_target == "buffer_return" and round_start:
+            local, projected = self._buffer_scores_at_round_start(policy, batch, store_projector)
+        else:
+            target_grad = self._target_gradient(policy, target_batch)
+            local, projected = self._record_scores(policy, batch, target_grad, store_projector)
         global_scores = self.accelerator.gather(local.to(self.accelerator.device)).cpu().double()
         decision = iif_keep_mask(global_scores, args.iif_drop_fraction, args.iif_min_keep_fraction)
         if args.iif_filter == "random":  # the control: as many records dropped, at random
@@ -494,42 +508,77 @@ class IIFPPOTrainer(PPOTrainer):
         With ``store_projector`` also the records' projected gradients ``[n, D']`` for the
         store, contracted from the same factors (no extra forward or backward).
         """
-        args = self.args
-        pad_id = self.processing_class.pad_token_id
-        # One normaliser for every record, so scores compare across micro-batches and processes:
-        # the expected number of response tokens in a training micro-batch.
-        tokens = self.accelerator.gather((~batch.padding_mask).sum().float().reshape(1)).sum()
-        normaliser = (
-            float(tokens) / (len(batch) * self.accelerator.num_processes) * args.per_device_train_batch_size
-        )
+        normaliser = self._loss_normaliser(batch)
         scores, projected = [], []
         for idx in self._chunks(len(batch)):
-            part = batch.select(idx)
-            context = part.context_length
-
-            def loss_fn(model, part=part, context=context):
-                return ppo_policy_loss(
-                    model,
-                    part.query_responses,
-                    part.query_responses != pad_id,
-                    part.response_mask(),
-                    torch.nn.functional.pad(part.advantages, (context, 0)),
-                    old_logprobs=torch.nn.functional.pad(part.logprobs, (context, 0)),
-                    clip_range=args.cliprange,
-                    normaliser=normaliser,
-                    temperature=args.temperature + 1e-7,
-                )
-
-            factors = capture_factors(policy, loss_fn, layout=self.layout)
+            factors = capture_factors(policy, self._record_loss(batch.select(idx), normaliser), layout=self.layout)
             scores.append(scores_from_factors(factors, target_grad[None], self.projector)[:, 0])
             if store_projector is not None:
                 projected.append(factors.gradients(store_projector).to(self._store_dtype).cpu())
         return torch.cat(scores), (torch.cat(projected) if projected else None)
 
-    # ------------------------------------------------------------------ step 5: one PPO epoch
-    def ppo_epoch(self, batch: RolloutBatch, keep_local: np.ndarray, stats: dict[str, list[float]]) -> None:
-        """Mini-batch PPO over the kept records, the same number of micro-batches on every process."""
+    def _buffer_scores_at_round_start(
+        self, policy: nn.Module, batch: RolloutBatch, store_projector: RandomProjector | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Influence on the buffer target at the round start, from one forward and backward.
+
+        There the ratio is 1 and record i's loss gradient is ``g_i = -sum_t A_t grad log pi / N``,
+        while the buffer target is ``f = (1/M) sum_i sum_t A_t log pi``: so ``grad f = -(N/M)
+        sum_i g_i`` over all M records of all processes, and the records' own gradients give the
+        target's. The local records' gradients (``[n, D]``, or ``[n, D']`` with a scoring
+        projection) are held until the sum is known; the ratio differs from 1 only by the float
+        difference between sampling and re-computing log-probs (tested against two passes).
+        """
+        normaliser = self._loss_normaliser(batch)
+        gradients, projected = [], []
+        for idx in self._chunks(len(batch)):
+            factors = capture_factors(policy, self._record_loss(batch.select(idx), normaliser), layout=self.layout)
+            gradients.append(factors.gradients(self.projector))
+            if store_projector is not None:
+                projected.append(factors.gradients(store_projector).to(self._store_dtype).cpu())
+            del factors
+        record_grads = torch.cat(gradients)
+        total = self.accelerator.reduce(record_grads.sum(dim=0), reduction="sum")
+        target_grad = -(normaliser / (len(batch) * self.accelerator.num_processes)) * total
+        scores = -(record_grads @ target_grad)
+        return scores, (torch.cat(projected) if projected else None)
+
+    def _loss_normaliser(self, batch: RolloutBatch) -> float:
+        """One normaliser for every record, so scores compare across micro-batches and processes:
+        the expected number of response tokens in a training micro-batch."""
+        tokens = self.accelerator.gather((~batch.padding_mask).sum().float().reshape(1)).sum()
+        return float(tokens) / (len(batch) * self.accelerator.num_processes) * self.args.per_device_train_batch_size
+
+    def _record_loss(self, part: RolloutBatch, normaliser: float):
+        """The records' PPO policy losses at the current weights, as a ``loss_fn`` for capture."""
         args = self.args
+        pad_id = self.processing_class.pad_token_id
+        context = part.context_length
+
+        def loss_fn(model: nn.Module) -> torch.Tensor:
+            return ppo_policy_loss(
+                model,
+                part.query_responses,
+                part.query_responses != pad_id,
+                part.response_mask(),
+                torch.nn.functional.pad(part.advantages, (context, 0)),
+                old_logprobs=torch.nn.functional.pad(part.logprobs, (context, 0)),
+                clip_range=args.cliprange,
+                normaliser=normaliser,
+                temperature=args.temperature + 1e-7,
+            )
+
+        return loss_fn
+
+    # ------------------------------------------------------------------ step 5: one PPO epoch
+    def ppo_epoch(
+        self, batch: RolloutBatch, keep_local: np.ndarray | None, stats: dict[str, list[float]]
+    ) -> None:
+        """Mini-batch PPO over the kept records (all when ``keep_local`` is None), the same number
+        of micro-batches on every process."""
+        args = self.args
+        if keep_local is None:
+            keep_local = np.ones(args.local_batch_size, dtype=bool)
         order = np.random.permutation(args.local_batch_size)
         kept_order = order[keep_local[order]]
         kept = torch.tensor([len(kept_order)], device=self.accelerator.device)
@@ -644,6 +693,8 @@ class IIFPPOTrainer(PPOTrainer):
         metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
         metrics["episode"] = self.state.episode
 
+        if not epochs:  # IIF switched off: plain PPO's metrics only
+            return metrics
         scores = torch.cat([e.scores for e in epochs])
         finite = scores[torch.isfinite(scores)]
         metrics["iif/kept_fraction"] = float(np.mean([e.decision.kept_fraction for e in epochs]))
