@@ -5,7 +5,7 @@ from .errors import InfluenceError, LossShapeError, NoLoraError, NonFiniteError,
 from .gradients import per_record_gradients, target_gradients
 from .influence import influence_scores, scores_from_factors
 from .lora import LoraLayout, find_lora_layout
-from .projection import RandomProjector
+from .projection import RandomProjector, SketchedProjector
 from .targets import LogProbTarget, ReturnTarget, encode_pairs, ppo_policy_loss, token_logprobs
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __all__ = [  # noqa: RUF022 - engine names, then the trainer's
     "NoLoraError",
     "NonFiniteError",
     "RandomProjector",
+    "SketchedProjector",
     "RecordFactors",
     "ReturnTarget",
     "UnsupportedLoraError",

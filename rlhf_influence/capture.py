@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import LossShapeError, NonFiniteError, UnsupportedLoraError
 from .lora import LoraLayout, LoraLinear, find_lora_layout
-from .projection import RandomProjector
+from .projection import RandomProjector, SketchedProjector
 
 LossFn = Callable[[nn.Module], torch.Tensor]
 
@@ -52,8 +52,10 @@ class RecordFactors:
     num_records: int
     dtype: torch.dtype
 
-    def gradients(self, projector: RandomProjector | None = None) -> torch.Tensor:
+    def gradients(self, projector: RandomProjector | SketchedProjector | None = None) -> torch.Tensor:
         """Per-record gradients ``[n, D]`` (exact) or ``[n, D']`` (projected from the factors)."""
+        if isinstance(projector, SketchedProjector):
+            return projector.fold(self._projected_gradients(projector.per_side))
         if projector is not None:
             return self._projected_gradients(projector)
         n = self.num_records

@@ -114,3 +114,60 @@ class RandomProjector:
                 pieces.append(bias if proj is None else bias @ proj.T)
         out = torch.cat(pieces, dim=1)
         return out[0] if squeeze else out
+
+
+DEFAULT_SKETCH_DIM = 16384
+
+
+class SketchedProjector:
+    """A per-side projection followed by one seeded sparse sign sketch of the whole vector.
+
+    The per-side stage (:class:`RandomProjector`, ``side_dim``) gives ``D'`` entries per record,
+    ``r * side_dim`` for each adapter side: 245,760 for SmolLM2-135M with r=16 on q, k, v, o at
+    ``side_dim=64``. The second stage folds them into ``dim`` entries with a count sketch
+    (each entry added, with a random sign, into one of ``dim`` buckets chosen by hash), as
+    TRAK and LoGra compress a whole model's gradient into one compact vector. Both stages are
+    linear and unbiased, so stored vectors dotted with a target projected the same way
+    estimate the exact influence; the sketch adds variance of order ``|g| |v| / sqrt(dim)``.
+    When ``D'`` is already no larger than ``dim`` the second stage is skipped.
+    """
+
+    def __init__(self, dim: int = DEFAULT_SKETCH_DIM, side_dim: int = 64, seed: int = 0) -> None:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"sketch dim must be a positive integer, got {dim!r}")
+        self.dim = dim
+        self.seed = seed
+        self.per_side = RandomProjector(side_dim, seed=seed)
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __repr__(self) -> str:
+        return f"SketchedProjector(dim={self.dim}, side_dim={self.per_side.dim}, seed={self.seed})"
+
+    def output_size(self, layout: LoraLayout) -> int:
+        return min(self.dim, self.per_side.output_size(layout))
+
+    def project(self, layout: LoraLayout, vectors: torch.Tensor) -> torch.Tensor:
+        """Project full gradients ``[m, D]`` (or ``[D]``) to ``[m, dim]``."""
+        squeeze = vectors.dim() == 1
+        folded = self.fold(self.per_side.project(layout, vectors.unsqueeze(0) if squeeze else vectors))
+        return folded[0] if squeeze else folded
+
+    def fold(self, side_projected: torch.Tensor) -> torch.Tensor:
+        """The second stage: ``[m, D']`` per-side projected gradients to ``[m, min(dim, D')]``."""
+        size = side_projected.shape[1]
+        if size <= self.dim:
+            return side_projected
+        buckets, signs = self._hash(size, side_projected.device, side_projected.dtype)
+        out = torch.zeros(side_projected.shape[0], self.dim, dtype=side_projected.dtype, device=side_projected.device)
+        return out.index_add_(1, buckets, side_projected * signs)
+
+    def _hash(self, size: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (size, str(device), dtype)
+        if key not in self._cache:
+            text = f"rlhf-influence/sketch/{self.seed}/{size}/{self.dim}"
+            seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            buckets = torch.randint(0, self.dim, (size,), generator=generator)
+            signs = torch.randint(0, 2, (size,), generator=generator) * 2 - 1
+            self._cache[key] = (buckets.to(device), signs.to(device=device, dtype=dtype))
+        return self._cache[key]

@@ -11,6 +11,7 @@ from scipy.stats import spearmanr
 from rlhf_influence import (
     RandomProjector,
     ReturnTarget,
+    SketchedProjector,
     capture_factors,
     find_lora_layout,
     influence_scores,
@@ -194,6 +195,47 @@ def test_projection_is_seeded_and_equals_projecting_exact_gradients():
     other = per_record_gradients(model, loss_fn, RandomProjector(dim=8, seed=4))
     assert torch.equal(projected, again)
     assert rel_err(other, projected) > 0.05
+
+
+def test_sketch_folds_the_per_side_projection_and_is_seeded():
+    model = tiny_lora_model("llama")
+    batch = record_batch(4, seed=11)
+    advantages = torch.randn(batch[0].shape, dtype=torch.float64)
+    loss_fn = ppo_loss_fn(batch, advantages)
+    layout = find_lora_layout(model)
+    side = RandomProjector(dim=8, seed=3).output_size(layout)
+    sketch = SketchedProjector(dim=side // 4, side_dim=8, seed=3)
+    folded = per_record_gradients(model, loss_fn, sketch)
+    assert folded.shape == (4, side // 4) == (4, sketch.output_size(layout))
+    # Built from factors; equals sketching the brute-force gradients: a fixed signed sum of the
+    # per-side projection's entries, each entry in exactly one bucket
+    exact = brute_force_per_record(model, loss_fn)
+    assert rel_err(folded, SketchedProjector(dim=side // 4, side_dim=8, seed=3).project(layout, exact)) < 1e-8
+    per_side = RandomProjector(dim=8, seed=3).project(layout, exact)
+    buckets, signs = sketch._hash(side, folded.device, folded.dtype)
+    by_hand = torch.zeros_like(folded)
+    for j in range(side):
+        by_hand[:, buckets[j]] += signs[j] * per_side[:, j]
+    assert rel_err(folded, by_hand) < 1e-10
+    assert not torch.equal(folded, per_record_gradients(model, loss_fn, SketchedProjector(side // 4, 8, seed=4)))
+    # a per-side projection no longer than the sketch is stored as it is
+    assert rel_err(per_record_gradients(model, loss_fn, SketchedProjector(side, 8, seed=3)), per_side) < 1e-8
+
+
+def test_sketched_inner_products_are_unbiased():
+    model = tiny_lora_model("llama", config=None)
+    batch = record_batch(4, seed=12)
+    advantages = torch.randn(batch[0].shape, dtype=torch.float64)
+    factors = capture_factors(model, ppo_loss_fn(batch, advantages))
+    exact = factors.gradients()
+    gram = exact @ exact.T
+    side = RandomProjector(dim=4).output_size(factors.layout)
+    draws = [factors.gradients(SketchedProjector(dim=side // 8, side_dim=4, seed=s)) for s in range(400)]
+    samples = torch.stack([g @ g.T for g in draws])
+    mean, stderr = samples.mean(0), samples.std(0) / 400**0.5
+    z = (mean - gram).abs() / stderr
+    assert float(z.max()) < 4.5, z
+    assert rel_err(mean, gram) < 0.1
 
 
 @pytest.mark.parametrize("orthogonal", [True, False])

@@ -27,15 +27,13 @@ class ScoresLogProbTarget(IIFPPOTrainer):
         return target_gradients(policy, target, layout=self.layout).to(self.accelerator.device)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("score-run")
+def train_scoring_run(out, **overrides):
     from datasets import concatenate_datasets
 
     setup = Setup(hidden=128)  # wider than the projection: every adapter side is compressed 2-8x
     seed_everything(0)
-    kwargs = ppo_kwargs(out, per_device_train_batch_size=16, total_episodes=96, iif_schedule="round",
-                         iif_drop_fraction=0.5)  # fmt: skip
+    settings = dict(per_device_train_batch_size=16, total_episodes=96, iif_schedule="round", iif_drop_fraction=0.5)
+    kwargs = ppo_kwargs(out, **{**settings, **overrides})
     trainer = ScoresLogProbTarget(
         args=IIFPPOConfig(**kwargs), processing_class=setup.tokenizer, model=setup.peft_policy(), ref_model=None,
         reward_model=setup.reward, train_dataset=concatenate_datasets([setup.train] * 2), value_model=setup.value,
@@ -46,17 +44,40 @@ def run_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return train_scoring_run(tmp_path_factory.mktemp("score-run"))
+
+
 @pytest.mark.parametrize("round_index", [1, 3])
 def test_score_from_store_agrees_with_exact_scoring(run_dir, round_index):
     from rlhf_influence.store import AttributionStore
 
     store = AttributionStore.open(run_dir)
-    assert store.manifest["stored_gradients"]["dim"] == 64  # the default
+    spec = store.manifest["stored_gradients"]
+    assert spec["dim"] == 64 and spec["sketch_dim"] == 16384  # the defaults
+    assert spec["size"] == 4096  # this model's per-side projection is shorter than the sketch: kept as it is
     exact = store.read_records(round_index).to_pydict()["influence"]
     scored = score_behaviour(run_dir, round_index, PROMPT, RESPONSE)
     assert [r.record for r in scored] == list(range(len(exact)))
     rho = spearmanr(exact, [r.influence for r in scored]).statistic
     assert rho >= 0.9, rho
+
+
+def test_score_from_a_sketched_bfloat16_store_agrees_with_exact_scoring(tmp_path):
+    """The per-side projection folded 4x by the sketch, and the snapshot stored in bfloat16."""
+    from rlhf_influence.store import AttributionStore
+
+    run = train_scoring_run(tmp_path, total_episodes=64, iif_store_sketch_dim=1024, iif_store_snapshot_dtype="bfloat16")
+    store = AttributionStore.open(run)
+    assert store.manifest["stored_gradients"]["size"] == 1024
+    assert store.manifest["snapshot_dtype"] == "bfloat16"
+    assert store.read_tensors(1, "gradients")["projected"].shape == (32, 1024)
+    assert {t.dtype for t in store.read_tensors(1, "adapter").values()} == {torch.bfloat16}
+    for round_index in (1, 2):
+        exact = store.read_records(round_index).to_pydict()["influence"]
+        rho = spearmanr(exact, [r.influence for r in score_behaviour(run, round_index, PROMPT, RESPONSE)]).statistic
+        assert rho >= 0.85, rho
 
 
 def test_score_cli_json_and_errors(run_dir, capsys):

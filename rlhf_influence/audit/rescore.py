@@ -15,7 +15,7 @@ import torch
 
 from ..gradients import target_gradients
 from ..lora import find_lora_layout
-from ..projection import RandomProjector
+from ..projection import RandomProjector, SketchedProjector
 from ..store import AttributionStore, StoreError
 from ..targets import LogProbTarget
 
@@ -44,7 +44,12 @@ class SnapshotScorer:
             )
         self.policy, self.tokenizer = _rebuild_policy(self.store)
         self.layout = find_lora_layout(self.policy)
-        self.projector = RandomProjector(self.spec["dim"], seed=self.spec["seed"])
+        sketch_dim = self.spec.get("sketch_dim")  # absent in stores written before the sketch
+        self.projector = (
+            SketchedProjector(sketch_dim, side_dim=self.spec["dim"], seed=self.spec["seed"])
+            if sketch_dim
+            else RandomProjector(self.spec["dim"], seed=self.spec["seed"])
+        )
         self.temperature = self.store.manifest.get("temperature", 1.0)
 
     def load_round(self, round_index: int) -> None:
@@ -61,7 +66,7 @@ class SnapshotScorer:
             )
         with torch.no_grad():
             for name, value in adapter.items():
-                params[name].copy_(value)
+                params[name].copy_(value)  # a bfloat16 snapshot is widened to the policy's dtype
 
     def score(self, round_index: int, prompt: str, response: str) -> list[ScoredRecord]:
         """Influence of every record of the round on log pi(response | prompt) at the round start."""

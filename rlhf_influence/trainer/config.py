@@ -92,6 +92,22 @@ class IIFPPOConfig(PPOConfig):
             "(rlhf-influence score). 0: store no gradients."
         },
     )
+    iif_store_sketch_dim: int = field(
+        default=16384,
+        metadata={
+            "help": "Fold each record's per-side projected gradient into one vector of this size with a seeded "
+            "sparse sign sketch (16384 float16 entries: 32 KiB a record), when it is longer. 0: store the "
+            "per-side projection as it is (r * iif_store_projection_dim per adapter side)."
+        },
+    )
+    iif_store_snapshot_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Precision of the round-start LoRA weights stored each round (which `score`, `formation` and "
+            "`intervene` rebuild the policy from).",
+            "choices": ["float32", "bfloat16"],
+        },
+    )
     iif_store_dtype: str = field(
         default="float16",
         metadata={"help": "Precision of the stored gradients.", "choices": ["float16", "float32"]},
@@ -124,6 +140,12 @@ class IIFPPOConfig(PPOConfig):
             )
         if self.iif_store_projection_dim < 0:
             raise ValueError(f"iif_store_projection_dim must be >= 0, got {self.iif_store_projection_dim}")
+        if self.iif_store_sketch_dim < 0:
+            raise ValueError(f"iif_store_sketch_dim must be >= 0, got {self.iif_store_sketch_dim}")
+        if self.iif_store_snapshot_dtype not in ("float32", "bfloat16"):
+            raise ValueError(
+                f"iif_store_snapshot_dtype must be float32 or bfloat16, got {self.iif_store_snapshot_dtype!r}"
+            )
         if self.iif_store_dtype not in ("float16", "float32"):
             raise ValueError(f"iif_store_dtype must be float16 or float32, got {self.iif_store_dtype!r}")
         if not 0.0 < self.iif_min_keep_fraction <= 1.0:

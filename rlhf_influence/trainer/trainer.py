@@ -50,7 +50,7 @@ from ..errors import NoLoraError
 from ..filtering import FilterDecision, iif_keep_mask, plan_epoch, random_keep_mask
 from ..influence import scores_from_factors
 from ..lora import canonical_name, find_lora_layout
-from ..projection import RandomProjector
+from ..projection import RandomProjector, SketchedProjector
 from ..records import RolloutBatch
 from ..store import AttributionStore
 from ..targets import ReturnTarget, ppo_policy_loss
@@ -174,11 +174,14 @@ class IIFPPOTrainer(PPOTrainer):
                     + ", ".join(removed),
                     stacklevel=2,
                 )
-        self.store_projector = (
-            RandomProjector(args.iif_store_projection_dim, seed=args.iif_projection_seed)
-            if self.store is not None and args.iif_store_projection_dim
-            else None
-        )
+        self.store_projector: RandomProjector | SketchedProjector | None = None
+        if self.store is not None and args.iif_store_projection_dim:
+            side_dim, seed = args.iif_store_projection_dim, args.iif_projection_seed
+            self.store_projector = (
+                SketchedProjector(args.iif_store_sketch_dim, side_dim=side_dim, seed=seed)
+                if args.iif_store_sketch_dim
+                else RandomProjector(side_dim, seed=seed)
+            )
         self._store_dtype = getattr(torch, args.iif_store_dtype)
         self.iif_history: list[dict] = []  # per-round summaries, also written to the store
         self._scorings = 0  # seeds the random-filter control identically on every process
@@ -713,7 +716,8 @@ class IIFPPOTrainer(PPOTrainer):
         return self.accelerator.gather(local.to(self.accelerator.device)).cpu().double()
 
     def adapter_snapshot(self) -> dict[str, torch.Tensor]:
-        """The policy's trainable LoRA weights now (gathered under ZeRO-3), on the CPU."""
+        """The policy's trainable LoRA weights now (gathered under ZeRO-3), on the CPU, in
+        ``iif_store_snapshot_dtype``."""
         policy = self.unwrapped.policy
         named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad and "lora_" in n]
         gather = nullcontext()
@@ -721,8 +725,9 @@ class IIFPPOTrainer(PPOTrainer):
             import deepspeed
 
             gather = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
+        dtype = getattr(torch, self.args.iif_store_snapshot_dtype)
         with gather:
-            return {canonical_name(n): p.detach().to("cpu", copy=True).contiguous() for n, p in named}
+            return {canonical_name(n): p.detach().to("cpu", dtype, copy=True).contiguous() for n, p in named}
 
     def store_round(
         self,
@@ -842,12 +847,15 @@ class IIFPPOTrainer(PPOTrainer):
             "stored_gradients": None
             if self.store_projector is None
             else {
-                "projection": "one-sided per LoRA adapter side, orthogonal",
-                "dim": self.store_projector.dim,
+                "projection": "one-sided per LoRA adapter side, orthogonal"
+                + (", then a sparse sign sketch of the whole vector" if args.iif_store_sketch_dim else ""),
+                "dim": args.iif_store_projection_dim,
+                "sketch_dim": args.iif_store_sketch_dim or None,
                 "seed": self.store_projector.seed,
                 "dtype": args.iif_store_dtype,
                 "size": self.store_projector.output_size(self.layout),
             },
+            "snapshot_dtype": args.iif_store_snapshot_dtype,
         }
 
     def _model_files(self) -> dict:
