@@ -158,7 +158,9 @@ class SketchedProjector:
         if size <= self.dim:
             return side_projected
         buckets, signs = self._hash(size, side_projected.device, side_projected.dtype)
-        out = torch.zeros(side_projected.shape[0], self.dim, dtype=side_projected.dtype, device=side_projected.device)
+        out = torch.zeros(
+            side_projected.shape[0], self.dim, dtype=side_projected.dtype, device=side_projected.device
+        )
         return out.index_add_(1, buckets, side_projected * signs)
 
     def _hash(self, size: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

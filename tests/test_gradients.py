@@ -217,7 +217,9 @@ def test_sketch_folds_the_per_side_projection_and_is_seeded():
     for j in range(side):
         by_hand[:, buckets[j]] += signs[j] * per_side[:, j]
     assert rel_err(folded, by_hand) < 1e-10
-    assert not torch.equal(folded, per_record_gradients(model, loss_fn, SketchedProjector(side // 4, 8, seed=4)))
+    assert not torch.equal(
+        folded, per_record_gradients(model, loss_fn, SketchedProjector(side // 4, 8, seed=4))
+    )
     # a per-side projection no longer than the sketch is stored as it is
     assert rel_err(per_record_gradients(model, loss_fn, SketchedProjector(side, 8, seed=3)), per_side) < 1e-8
 

@@ -32,7 +32,9 @@ def train_scoring_run(out, **overrides):
 
     setup = Setup(hidden=128)  # wider than the projection: every adapter side is compressed 2-8x
     seed_everything(0)
-    settings = dict(per_device_train_batch_size=16, total_episodes=96, iif_schedule="round", iif_drop_fraction=0.5)
+    settings = dict(
+        per_device_train_batch_size=16, total_episodes=96, iif_schedule="round", iif_drop_fraction=0.5
+    )
     kwargs = ppo_kwargs(out, **{**settings, **overrides})
     trainer = ScoresLogProbTarget(
         args=IIFPPOConfig(**kwargs), processing_class=setup.tokenizer, model=setup.peft_policy(), ref_model=None,
@@ -68,7 +70,9 @@ def test_score_from_a_sketched_bfloat16_store_agrees_with_exact_scoring(tmp_path
     """The per-side projection folded 4x by the sketch, and the snapshot stored in bfloat16."""
     from rlhf_influence.store import AttributionStore
 
-    run = train_scoring_run(tmp_path, total_episodes=64, iif_store_sketch_dim=1024, iif_store_snapshot_dtype="bfloat16")
+    run = train_scoring_run(
+        tmp_path, total_episodes=64, iif_store_sketch_dim=1024, iif_store_snapshot_dtype="bfloat16"
+    )
     store = AttributionStore.open(run)
     assert store.manifest["stored_gradients"]["size"] == 1024
     assert store.manifest["snapshot_dtype"] == "bfloat16"
@@ -76,7 +80,9 @@ def test_score_from_a_sketched_bfloat16_store_agrees_with_exact_scoring(tmp_path
     assert {t.dtype for t in store.read_tensors(1, "adapter").values()} == {torch.bfloat16}
     for round_index in (1, 2):
         exact = store.read_records(round_index).to_pydict()["influence"]
-        rho = spearmanr(exact, [r.influence for r in score_behaviour(run, round_index, PROMPT, RESPONSE)]).statistic
+        rho = spearmanr(
+            exact, [r.influence for r in score_behaviour(run, round_index, PROMPT, RESPONSE)]
+        ).statistic
         assert rho >= 0.85, rho
 
 
@@ -96,7 +102,9 @@ def test_score_cli_json_and_errors(run_dir, capsys):
 
 
 def test_score_warns_about_words_the_tokenizer_does_not_know(run_dir, capsys):
-    assert main(["score", str(run_dir), "--round", "1", "--prompt", PROMPT, "--response", "great zorblax"]) == 0
+    assert (
+        main(["score", str(run_dir), "--round", "1", "--prompt", PROMPT, "--response", "great zorblax"]) == 0
+    )
     err = capsys.readouterr().err
     assert "rlhf-influence: warning: 1 piece(s) of 'the movie was' -> 'great zorblax' are unknown" in err
     assert sum(line.startswith("rlhf-influence: warning:") for line in err.splitlines()) == 1

@@ -514,7 +514,9 @@ class IIFPPOTrainer(PPOTrainer):
         normaliser = self._loss_normaliser(batch)
         scores, projected = [], []
         for idx in self._chunks(len(batch)):
-            factors = capture_factors(policy, self._record_loss(batch.select(idx), normaliser), layout=self.layout)
+            factors = capture_factors(
+                policy, self._record_loss(batch.select(idx), normaliser), layout=self.layout
+            )
             scores.append(scores_from_factors(factors, target_grad[None], self.projector)[:, 0])
             if store_projector is not None:
                 projected.append(factors.gradients(store_projector).to(self._store_dtype).cpu())
@@ -535,7 +537,9 @@ class IIFPPOTrainer(PPOTrainer):
         normaliser = self._loss_normaliser(batch)
         gradients, projected = [], []
         for idx in self._chunks(len(batch)):
-            factors = capture_factors(policy, self._record_loss(batch.select(idx), normaliser), layout=self.layout)
+            factors = capture_factors(
+                policy, self._record_loss(batch.select(idx), normaliser), layout=self.layout
+            )
             gradients.append(factors.gradients(self.projector))
             if store_projector is not None:
                 projected.append(factors.gradients(store_projector).to(self._store_dtype).cpu())
@@ -550,7 +554,11 @@ class IIFPPOTrainer(PPOTrainer):
         """One normaliser for every record, so scores compare across micro-batches and processes:
         the expected number of response tokens in a training micro-batch."""
         tokens = self.accelerator.gather((~batch.padding_mask).sum().float().reshape(1)).sum()
-        return float(tokens) / (len(batch) * self.accelerator.num_processes) * self.args.per_device_train_batch_size
+        return (
+            float(tokens)
+            / (len(batch) * self.accelerator.num_processes)
+            * self.args.per_device_train_batch_size
+        )
 
     def _record_loss(self, part: RolloutBatch, normaliser: float):
         """The records' PPO policy losses at the current weights, as a ``loss_fn`` for capture."""
