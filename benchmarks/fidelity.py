@@ -28,29 +28,53 @@ from pathlib import Path
 import torch
 from scipy.stats import binomtest, spearmanr
 
-from rlhf_influence import RandomProjector
+from rlhf_influence import RandomProjector, SketchedProjector
 from rlhf_influence.audit.intervention import InterventionResult, RoundReplay, intervene, intervene_return
 from rlhf_influence.audit.rescore import SnapshotScorer
 from rlhf_influence.targets import LogProbTarget
 
 
-def projection_fidelity(scorer: SnapshotScorer, round_index: int, target: LogProbTarget, dims, seeds) -> dict:
+def projection_fidelity(
+    scorer: SnapshotScorer, round_index: int, target: LogProbTarget, dims, seeds, sketch_dims=(), side_dim=64
+) -> dict:
+    """Exact influence at the round's snapshot against projected estimates from the same factors:
+    per-side projections at each of ``dims`` (keys ``"side <dim>"``), and per-side ``side_dim``
+    folded by the sketch to each of ``sketch_dims`` (``"sketch <dim>"``); several seeds each. Also
+    ``"stored"``: the round's stored vectors as ``score`` reads them (one draw, the run's seed)."""
     replay = RoundReplay(scorer, round_index)
-    projectors = [RandomProjector(dim, seed=seed) for dim in dims for seed in seeds]
+    kinds = [(f"side {d}", lambda s, d=d: RandomProjector(d, seed=s)) for d in dims]
+    kinds += [
+        (f"sketch {d}", lambda s, d=d: SketchedProjector(d, side_dim=side_dim, seed=s)) for d in sketch_dims
+    ]
+    projectors = [make(seed) for _, make in kinds for seed in seeds]
     exact, *projected_all = replay.scores(target, projectors)
+    stored = torch.tensor(
+        [r.influence for r in scorer.score(round_index, scorer.fidelity_prompt, scorer.fidelity_response)]
+    )
     k = max(1, len(exact) // 10)
     top_exact = set(torch.argsort(exact, descending=True)[:k].tolist())
+
+    def agreement(estimates: list[torch.Tensor]) -> tuple[list[float], list[float]]:
+        rhos = [float(spearmanr(exact.numpy(), e.numpy()).statistic) for e in estimates]
+        overlaps = [
+            len(top_exact & set(torch.argsort(e, descending=True)[:k].tolist())) / k for e in estimates
+        ]
+        return rhos, overlaps
+
     out = {}
-    for i, dim in enumerate(dims):
-        rhos, overlaps = [], []
-        for projected in projected_all[i * len(seeds) : (i + 1) * len(seeds)]:
-            rhos.append(float(spearmanr(exact.numpy(), projected.numpy()).statistic))
-            overlaps.append(len(top_exact & set(torch.argsort(projected, descending=True)[:k].tolist())) / k)
-        out[dim] = {
+    for i, (name, make) in enumerate(kinds):
+        rhos, overlaps = agreement(projected_all[i * len(seeds) : (i + 1) * len(seeds)])
+        out[name] = {
             "spearman": rhos,
             "top10_overlap": overlaps,
-            "features": RandomProjector(dim).output_size(scorer.layout),
+            "features": make(0).output_size(scorer.layout),
         }
+    rhos, overlaps = agreement([stored])
+    out["stored"] = {
+        "spearman": rhos,
+        "top10_overlap": overlaps,
+        "features": scorer.projector.output_size(scorer.layout),
+    }
     return out
 
 
@@ -104,7 +128,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("run", type=Path, help="a run directory with stored rounds")
     parser.add_argument("--rounds", type=int, nargs="+", default=[5, 10, 20, 40])
-    parser.add_argument("--dims", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    parser.add_argument("--dims", type=int, nargs="+", default=[8, 16, 32, 64, 128], help="per-side dims")
+    parser.add_argument(
+        "--sketch-dims",
+        type=int,
+        nargs="*",
+        default=[],
+        help="sketch sizes over the per-side dim 64 (the store's)",
+    )
+    parser.add_argument("--skip-counterfactual", action="store_true", help="only the projection fidelity")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--prompt", default="the movie was")
     parser.add_argument("--response", default="great fun and lovely")
@@ -127,15 +159,27 @@ def main(argv: list[str] | None = None) -> None:
     target.temperature = scorer.temperature
     print(f"target: log p({args.response!r} | {args.prompt!r}); rounds {args.rounds}; {scorer.layout.num_params} "
           f"LoRA parameters\n")  # fmt: skip
-    fidelity = {r: projection_fidelity(scorer, r, target, args.dims, args.seeds) for r in args.rounds}
-    print("| dim | features per record | Spearman (median [min, max]) | top-10% overlap |")
-    print("|---|---|---|---|")
-    for dim in args.dims:
-        rhos = [x for r in args.rounds for x in fidelity[r][dim]["spearman"]]
-        overlaps = [x for r in args.rounds for x in fidelity[r][dim]["top10_overlap"]]
-        features = fidelity[args.rounds[0]][dim]["features"]
-        print(f"| {dim} | {features} | {statistics.median(rhos):.3f} [{min(rhos):.3f}, {max(rhos):.3f}] "
-              f"| {statistics.median(overlaps):.2f} [{min(overlaps):.2f}, {max(overlaps):.2f}] |")  # fmt: skip
+    scorer.fidelity_prompt, scorer.fidelity_response = args.prompt, args.response
+    fidelity = {
+        r: projection_fidelity(scorer, r, target, args.dims, args.seeds, args.sketch_dims)
+        for r in args.rounds
+    }
+    print(f"stored: {scorer.spec}\n")
+    print("| projection | features per record | Spearman (median [min, max]) | median over rounds of the per-round "
+          "median | top-10% overlap |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for name in fidelity[args.rounds[0]]:
+        rhos = [x for r in args.rounds for x in fidelity[r][name]["spearman"]]
+        per_round = statistics.median(statistics.median(fidelity[r][name]["spearman"]) for r in args.rounds)
+        overlaps = [x for r in args.rounds for x in fidelity[r][name]["top10_overlap"]]
+        features = fidelity[args.rounds[0]][name]["features"]
+        print(f"| {name} | {features} | {statistics.median(rhos):.3f} [{min(rhos):.3f}, {max(rhos):.3f}] "
+              f"| {per_round:.3f} | {statistics.median(overlaps):.2f} [{min(overlaps):.2f}, {max(overlaps):.2f}] |")  # fmt: skip
+    if args.skip_counterfactual:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"fidelity": fidelity}, indent=2))
+        return
 
     print(f"\ncounterfactual, target log p({args.response!r} | {args.prompt!r}):")
     counterfactual = counterfactual_table(

@@ -1,28 +1,30 @@
-"""What does IIF cost per round? PPO against IIF (round and epoch schedules, p=1).
+"""What does IIF cost per round? Plain PPO against IIF's schedules and targets, on any task.
 
-Each arm runs in its own process, one at a time, on the embedded default task (tiny GPT-2 +
-LoRA policy, 32 records per round, 4 PPO epochs), with a tiny reward *model* so that TRL's own
-PPOTrainer can run it, from the same seed. Two PPO baselines:
+Each arm runs in its own process, one after the other, from the same seed, on an embedded task
+(`--task`: the toy `sentiment` default, or the real LM `reviews`) with its own settings, the
+attribution store on at its defaults (what a user's run writes):
 
-  trl        TRL's PPOTrainer (wall time per round)
-  ppo        this project's loop at p=0: the same rollout and PPO epochs as TRL (bit-identical
-             weights, see tests/test_trainer.py); its round = rollout + optimisation
-  iif_round  IIF, round schedule; its round = rollout + held-out sampling + scoring + optimisation
-  iif_epoch  IIF, epoch schedule; the same
+  ppo               iif_enabled=false: plain PPO, no held-out sampling, scoring or store (the
+                    same updates as TRL's PPOTrainer, bit-identical weights: tests/test_trainer.py)
+  iif_round         IIF, round schedule (scored once a round, the paper's), p=1, held-out target
+  iif_epoch         IIF, epoch schedule (re-scored before each PPO epoch), p=1, held-out target
+  iif_round_buffer  round schedule with the buffer target (the round's own records: no held-out
+                    sampling, and one forward+backward scores the round)
+  iif_epoch_buffer  epoch schedule with the buffer target
 
-The goals compare IIF with `ppo` (same loop, same bookkeeping, phase times from the trainer's
-time/* metrics); the TRL column shows wall time per round. TRL's loop calls gc.collect() twice
-a round, which on a model this small is most of its round: by default gc.collect is made a
-no-op in every arm so that the times are compute (--keep-gc measures the loops as shipped).
+A round's time is its wall time, everything included (rollout, held-out sampling, scoring,
+optimisation, storing, logging), between the trainer's step callbacks; its split comes from
+the trainer's time/* metrics ("other" is the rest: storing, the adapter snapshot, metrics).
+Reported: mean over rounds after the first, as ratios to `ppo`'s; scoring as a share of a PPO
+round; peak resident memory of each arm's process and its ratio to `ppo`'s; the store's bytes
+per round and per record (projected gradients, adapter snapshot, the rest). The goals
+(issue 12): round schedule <= 1.0x PPO's round, epoch schedule <= 1.3x, scoring <= 15% of a
+PPO round, peak memory <= 1.1x, stored attribution <= 64 KB per record.
 
-Reported: mean per-round time over rounds after the first, as ratios to `ppo`; IIF's split
-(rollout, held-out sampling, scoring, optimisation); scoring as a share of a PPO round; peak
-resident memory and its increase over the memory in use before training, as ratios to TRL's.
+Timings need the machine to themselves: run nothing else meanwhile.
 
-Goals from the evidence issue: round schedule <= PPO's round time with scoring <= 15% of a PPO
-round; epoch schedule <= 1.3x PPO's; IIF peak memory <= 1.1x PPO's.
-
-    python benchmarks/overhead.py --rounds 30
+    python benchmarks/overhead.py --task sentiment --rounds 30
+    python benchmarks/overhead.py --task reviews --rounds 6 --out benchmarks/results/overhead_reviews
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -39,21 +42,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {
-    "trl": {},
-    "ppo": {"iif_drop_fraction": 0.0},
+    "ppo": {"iif_enabled": False},
     "iif_round": {"iif_schedule": "round"},
     "iif_epoch": {"iif_schedule": "epoch"},
+    "iif_round_buffer": {"iif_schedule": "round", "iif_target": "buffer_return"},
+    "iif_epoch_buffer": {"iif_schedule": "epoch", "iif_target": "buffer_return"},
 }
-PPO_PHASES = ("rollout", "optimisation")  # what PPO needs; the p=0 arm's scoring only feeds its store
 PHASES = ("rollout", "target_sampling", "scoring", "optimisation")
 
 
-def worker(arm: str, rounds: int, seed: int, out: Path, keep_gc: bool = False) -> None:
-    """Run one arm in this process and write its timings and memory to ``out``."""
+def worker(
+    arm: str, task_name: str, rounds: int, seed: int, out: Path, overrides: dict, keep_gc: bool
+) -> None:
+    """Run one arm in this process and write its timings, memory and store sizes to ``out``."""
     if not keep_gc:
         import gc
 
-        gc.collect = lambda *args, **kwargs: 0  # both loops call it every round; see the docstring
+        gc.collect = lambda *args, **kwargs: 0  # the loop calls it every round; see --keep-gc
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import numpy as np
@@ -61,17 +66,19 @@ def worker(arm: str, rounds: int, seed: int, out: Path, keep_gc: bool = False) -
     import torch
     from transformers import TrainerCallback
 
-    from rlhf_influence.tasks.sentiment import HELDOUT_PROMPTS, TRAINING, build
-    from rlhf_influence.tasks.toy import tiny_scalar_head_model
+    from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
+    from rlhf_influence.tasks import get_task
 
+    spec = get_task(task_name)
     torch.manual_seed(seed)
     np.random.seed(seed)
-    task = build(seed=seed)
-    reward_model = tiny_scalar_head_model(len(task.tokenizer), hidden=64, layers=1, seed=seed + 2)
-    common = dict(
-        **TRAINING, output_dir=str(out.parent / f"{arm}-run"),
-        total_episodes=TRAINING["per_device_train_batch_size"] * rounds, report_to="none",
-        save_strategy="no", use_cpu=True, bf16=False, seed=seed, disable_tqdm=True,
+    task = spec.build(seed=seed)
+    settings = {**spec.settings, **overrides, **ARMS[arm]}
+    per_round = settings["per_device_train_batch_size"] * settings.get("gradient_accumulation_steps", 1)
+    run_dir = out.parent / f"{arm}-run"
+    settings.update(
+        output_dir=str(run_dir), total_episodes=per_round * rounds, report_to="none", save_strategy="no",
+        use_cpu=not torch.cuda.is_available(), bf16=False, seed=seed, disable_tqdm=True,
     )  # fmt: skip
 
     class RoundClock(TrainerCallback):
@@ -85,108 +92,140 @@ def worker(arm: str, rounds: int, seed: int, out: Path, keep_gc: bool = False) -
             self.marks.append(time.perf_counter())
 
     clock = RoundClock()
-    if arm == "trl":
-        from trl.experimental.ppo import PPOConfig, PPOTrainer
-
-        trainer = PPOTrainer(
-            args=PPOConfig(**common), processing_class=task.tokenizer, model=task.policy, ref_model=None,
-            reward_model=reward_model, train_dataset=task.train_dataset.select_columns(["input_ids"]),
-            value_model=task.value_model, peft_config=task.lora_config,
-        )  # fmt: skip
-    else:
-        from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
-
-        trainer = IIFPPOTrainer(
-            args=IIFPPOConfig(**common, **ARMS[arm], iif_num_heldout_prompts=HELDOUT_PROMPTS, iif_store=False),
-            processing_class=task.tokenizer, model=task.policy, ref_model=None, reward_model=reward_model,
-            train_dataset=task.train_dataset.select_columns(["input_ids"]), value_model=task.value_model,
-            target_dataset=task.heldout_dataset.select_columns(["input_ids"]), peft_config=task.lora_config,
-        )  # fmt: skip
+    trainer = IIFPPOTrainer(
+        args=IIFPPOConfig(**settings), processing_class=task.tokenizer, model=task.policy, ref_model=None,
+        reward_model=task.reward, train_dataset=task.train_dataset.select_columns(["input_ids"]),
+        value_model=task.value_model, target_dataset=task.heldout_dataset.select_columns(["input_ids"]),
+        peft_config=task.lora_config,
+    )  # fmt: skip
     trainer.add_callback(clock)
     before = psutil.Process().memory_info().rss
     trainer.train()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    round_seconds = [b - a for a, b in zip(clock.marks, clock.marks[1:], strict=False)]
-    phases = {}
-    if arm != "trl":
-        rows = [r for r in trainer.state.log_history if "time/rollout_seconds" in r]
-        phases = {p: [r.get(f"time/{p}_seconds", 0.0) for r in rows] for p in PHASES}
-    out.write_text(
-        json.dumps({"round_seconds": round_seconds, "phases": phases, "peak": peak, "before": before})
-    )
+    rows = [r for r in trainer.state.log_history if "time/rollout_seconds" in r]
+    result = {
+        "round_seconds": [b - a for a, b in zip(clock.marks, clock.marks[1:], strict=False)],
+        "phases": {p: [r.get(f"time/{p}_seconds", 0.0) for r in rows] for p in PHASES},
+        "kept": [r.get("iif/kept_fraction", 1.0) for r in rows],
+        "peak": peak,
+        "before": before,
+        "records_per_round": per_round,
+        "store": store_bytes(Path(trainer.args.attribution_dir)) if trainer.store is not None else None,
+    }
+    out.write_text(json.dumps(result))
+
+
+def store_bytes(path: Path) -> dict:
+    """Mean bytes per stored round, by file kind: projected gradients, adapter snapshot, the rest."""
+    rounds = sorted(p for p in path.glob("round_*") if p.is_dir())
+    kinds = {"gradients": 0, "adapter": 0, "other": 0}
+    for round_dir in rounds:
+        for f in round_dir.iterdir():
+            kind = f.name.split(".")[0]
+            kinds[kind if kind in kinds else "other"] += f.stat().st_size
+    return {kind: size / max(1, len(rounds)) for kind, size in kinds.items()}
 
 
 def mean_after_first(values: list[float]) -> float:
-    """Mean, not median: a round's optimisation time is bimodal (kept records fill 2 or 3
-    mini-batches), and a median picks one mode."""
+    """Mean, not median: a round's optimisation time is multimodal (kept records fill one or
+    more mini-batches), and a median picks one mode."""
     return statistics.fmean(values[1:] if len(values) > 1 else values)
+
+
+def summarise(results: dict, rounds: int, seed: int, task: str, device: str) -> tuple[dict, list[str]]:
+    ppo = results["ppo"]
+    ppo_round = mean_after_first(ppo["round_seconds"])
+    summary = {"task": task, "rounds": rounds, "seed": seed, "device": device, "arms": {}}
+    lines = [
+        f"task {task}, {rounds} rounds of {ppo['records_per_round']} records, seed {seed}, {device}; mean per "
+        "round after the first, seconds; ratios to plain PPO (iif_enabled=false)\n",
+        "| arm | round | x PPO | rollout | held-out sampling | scoring | optimisation | other | scoring / PPO "
+        "round | kept | peak RSS MiB | x PPO | stored KiB / record | of which snapshot |",
+        "|---" * 14 + "|",
+    ]
+    for arm, r in results.items():
+        round_s = mean_after_first(r["round_seconds"])
+        split = {p: mean_after_first(r["phases"][p]) for p in PHASES}
+        other = round_s - sum(split.values())
+        store = r["store"]
+        per_record = None if store is None else sum(store.values()) / r["records_per_round"] / 1024
+        snapshot = None if store is None else store["adapter"] / r["records_per_round"] / 1024
+        s = summary["arms"][arm] = {
+            "round_seconds": round_s, "ratio": round_s / ppo_round, "split": {**split, "other": other},
+            "scoring_share_of_ppo_round": split["scoring"] / ppo_round, "kept": mean_after_first(r["kept"]),
+            "peak_mib": r["peak"] / 2**20, "peak_ratio": r["peak"] / ppo["peak"], "store_bytes_per_round": store,
+            "stored_kib_per_record": per_record, "snapshot_kib_per_record": snapshot,
+        }  # fmt: skip
+        cells = [f"{split[p]:.2f}" if split[p] else "-" for p in PHASES]
+        share = f"{s['scoring_share_of_ppo_round']:.0%}" if split["scoring"] else "-"
+        stored = "-" if per_record is None else f"{per_record:.0f} | {snapshot:.0f}"
+        lines.append(
+            f"| {arm} | {round_s:.2f} | {s['ratio']:.2f} | "
+            + " | ".join(cells)
+            + f" | {other:.2f} | {share} "
+            f"| {s['kept']:.2f} | {s['peak_mib']:.0f} | {s['peak_ratio']:.2f} | {stored if store else '- | -'} |"
+        )
+    return summary, lines
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--task", default="sentiment", help="an embedded task: sentiment (toy), keywords, reviews"
+    )
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep-gc", action="store_true", help="leave gc.collect() in the loops (see above)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="ppo is always run")
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="FIELD=VALUE",
+        help="override the task's settings in every arm, e.g. num_ppo_epochs=4 (values read as JSON)",
+    )  # fmt: skip
+    parser.add_argument("--keep-gc", action="store_true", help="leave the loop's gc.collect() in (the toy's "
+                        "rounds are so short that it dominates them: off by default)")  # fmt: skip
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/overhead_<task>")
     parser.add_argument("--worker", choices=list(ARMS), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
     if args.worker:
-        worker(args.worker, args.rounds, args.seed, args.result, args.keep_gc)
+        worker(args.worker, args.task, args.rounds, args.seed, args.result, overrides, args.keep_gc)
         return
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out or ROOT / "benchmarks" / "results" / f"overhead_{args.task}"
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU {platform.processor() or ''}".strip()
+    )
+    device += f", {torch.get_num_threads()} threads, torch {torch.__version__}"
     results = {}
-    for arm in ARMS:  # one at a time: timings need the machine to themselves
-        result = args.out / f"{arm}.json"
-        cmd = [sys.executable, __file__, "--worker", arm, "--rounds", str(args.rounds), "--seed", str(args.seed),
-               "--result", str(result), *(["--keep-gc"] if args.keep_gc else [])]  # fmt: skip
+    for arm in ["ppo", *[a for a in args.arms if a != "ppo"]]:  # one at a time: timings need the machine
+        result = out / f"{arm}.json"
+        cmd = [sys.executable, __file__, "--worker", arm, "--task", args.task, "--rounds", str(args.rounds),
+               "--seed", str(args.seed), "--result", str(result), *(["--set", *args.set] if args.set else []),
+               *(["--keep-gc"] if args.keep_gc else [])]  # fmt: skip
+        start = time.time()
         done = subprocess.run(
             cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
         )
         if done.returncode != 0:
             raise RuntimeError(f"arm {arm} failed:\n{done.stderr[-3000:]}")
         results[arm] = json.loads(result.read_text())
-        result.unlink()
-
-    def phase_round(r: dict, phases) -> list[float]:
-        return [sum(r["phases"][p][i] for p in phases) for i in range(len(r["phases"]["rollout"]))]
-
-    ppo_round = mean_after_first(phase_round(results["ppo"], PPO_PHASES))
-    trl = results["trl"]
-    trl_growth = trl["peak"] - trl["before"]
-    gc_note = "gc.collect kept" if args.keep_gc else "gc.collect disabled in every arm"
-    lines = [
-        f"{args.rounds} rounds, seed {args.seed}, {gc_note}; mean per round after the first; "
-        "time ratios to this loop's PPO (p=0: rollout + optimisation), memory ratios to TRL's PPOTrainer\n",
-        "| arm | round s | x PPO | rollout | held-out sampling | scoring | optimisation | scoring / PPO round "
-        "| wall s | peak RSS MiB | x TRL | growth MiB | x TRL |",
-        "|---" * 13 + "|",
-    ]
-    summary = {"gc_disabled": not args.keep_gc, "rounds": args.rounds, "arms": {}}
-    for arm, r in results.items():
-        wall = mean_after_first(r["round_seconds"])
-        if arm == "trl":
-            round_s, split = wall, {}
-        else:
-            phases = PPO_PHASES if arm == "ppo" else PHASES
-            round_s = mean_after_first(phase_round(r, phases))
-            split = {p: mean_after_first(r["phases"][p]) for p in phases}
-        growth = r["peak"] - r["before"]
-        s = summary["arms"][arm] = {
-            "round_seconds": round_s, "ratio": round_s / ppo_round, "wall_seconds": wall, "split": split,
-            "scoring_share_of_ppo_round": split.get("scoring", 0.0) / ppo_round,
-            "peak_mib": r["peak"] / 2**20, "peak_ratio": r["peak"] / trl["peak"],
-            "growth_mib": growth / 2**20, "growth_ratio": growth / trl_growth,
-        }  # fmt: skip
-        cells = [f"{split[p]:.4f}" if p in split else "-" for p in PHASES]
-        share = f"{s['scoring_share_of_ppo_round']:.0%}" if "scoring" in split else "-"
-        lines.append(f"| {arm} | {round_s:.4f} | {s['ratio']:.2f} | " + " | ".join(cells)
-                     + f" | {share} | {wall:.4f} | {s['peak_mib']:.0f} | {s['peak_ratio']:.2f} "
-                     f"| {s['growth_mib']:.0f} | {s['growth_ratio']:.2f} |")  # fmt: skip
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+        print(f"{arm}: {time.time() - start:.0f} s", flush=True)
+    summary, lines = summarise(results, args.rounds, args.seed, args.task, device)
+    summary["overrides"] = overrides
+    (out / "summary.json").write_text(json.dumps({"summary": summary, "raw": results}, indent=2))
+    (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
