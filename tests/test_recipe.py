@@ -87,6 +87,16 @@ def test_real_job_from_local_files_trains(tmp_path, local_model):
     assert AttributionStore(out / "attribution").rounds() == [1, 2]
 
 
+def test_iif_enabled_false_trains_plain_ppo_and_stores_nothing(tmp_path, capsys):
+    out = tmp_path / "plain"
+    argv = ["--output_dir", str(out), "--total_episodes", "32", "--iif_enabled", "false", "--disable_tqdm", "true"]
+    assert recipe_main()(argv) == 0
+    printed = capsys.readouterr().out
+    assert "attribution:   none stored (--iif_enabled false or --iif_store false)" in printed
+    assert "mean kept fraction 1.00" in printed
+    assert out.is_dir() and not (out / "attribution").exists()
+
+
 @pytest.mark.parametrize(
     "stop, status, said",
     [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
