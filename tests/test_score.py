@@ -150,9 +150,9 @@ class RecordsTargetGradient(IIFPPOTrainer):
         self.target_gradients_seen.setdefault(self._round, grad.detach().cpu().clone())
         return grad
 
-    def build_target_batch(self, batch, round_index):
+    def build_target_batch(self, batch, round_index, *args):
         self._round = round_index
-        return super().build_target_batch(batch, round_index)
+        return super().build_target_batch(batch, round_index, *args)
 
 
 @pytest.fixture(scope="module")
