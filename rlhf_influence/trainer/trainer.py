@@ -931,7 +931,7 @@ class IIFPPOTrainer(PPOTrainer):
             if self.store_projector is None
             else {
                 "projection": "one-sided per LoRA adapter side, orthogonal"
-                + (", then a sparse sign sketch of the whole vector" if args.iif_store_sketch_dim else ""),
+                + (", then a sparse sign sketch of the whole vector" if self._store_folds else ""),
                 "dim": args.iif_store_projection_dim,
                 "sketch_dim": args.iif_store_sketch_dim or None,
                 "seed": self.store_projector.seed,
@@ -940,6 +940,14 @@ class IIFPPOTrainer(PPOTrainer):
             },
             "snapshot_dtype": args.iif_store_snapshot_dtype,
         }
+
+    @property
+    def _store_folds(self) -> bool:
+        """Whether the stored vectors are folded by the sketch (only when longer than it)."""
+        projector = self.store_projector
+        return isinstance(projector, SketchedProjector) and projector.output_size(
+            self.layout
+        ) < projector.per_side.output_size(self.layout)
 
     def _model_files(self) -> dict:
         """What the store keeps so that a round's snapshot can be rebuilt after training."""
