@@ -53,9 +53,9 @@ def test_drop_fraction_zero_equals_trl_ppo(tmp_path):
     expected = trainable_state(trl_trainer)
 
     assert any(not torch.equal(before[k], expected[k]) for k in expected)  # training moved the weights
-    # p=0 scores, samples its held-out target and stores, and still trains exactly like TRL; with
-    # IIF switched off none of that runs
-    for overrides in ({"iif_drop_fraction": 0.0}, {"iif_enabled": False}):
+    # p=0 scores, samples its held-out target (in its own generation) and stores, and still trains
+    # exactly like TRL; with IIF switched off none of that runs
+    for overrides in ({"iif_drop_fraction": 0.0, "iif_heldout_sampling": "separate"}, {"iif_enabled": False}):
         iif = run_iif(tmp_path / str(overrides), Setup(), **overrides)
         got = trainable_state(iif)
         assert expected.keys() == got.keys()
@@ -340,3 +340,48 @@ def test_buffer_target_scores_match_brute_force(tmp_path, schedule):
         scale = float(reference.abs().max())
         assert scale > 0
         torch.testing.assert_close(scores, reference, rtol=1e-4, atol=1e-5 * scale)
+
+
+class ChecksSamples(IIFPPOTrainer):
+    """Counts generation calls, and checks each round's sampling log-probs, of the round's records and
+    of the held-out target's, against a fresh forward of the policy over the stored token ids."""
+
+    def sample(self, queries, chunk_size=None):
+        self.generations += 1
+        return super().sample(queries, chunk_size)
+
+    def build_target_batch(self, batch, round_index, heldout_samples=None):
+        from rlhf_influence import token_logprobs
+
+        target = super().build_target_batch(batch, round_index, heldout_samples)
+        pad = self.processing_class.pad_token_id
+        for part, prompts in ((batch, None), (target, self._heldout_queries(round_index))):
+            with torch.no_grad():
+                fresh = token_logprobs(
+                    self.unwrapped.policy, part.query_responses, part.query_responses != pad,
+                    self.args.temperature + 1e-7,
+                )[:, part.context_length :]  # fmt: skip
+            valid = ~part.padding_mask
+            torch.testing.assert_close(part.logprobs[valid], fresh[valid], rtol=1e-4, atol=1e-4)
+            if prompts is not None:  # the held-out prompts, cut back to their own padding
+                assert torch.equal(part.queries, prompts)
+        self.checked.append((len(batch), len(target)))
+        return target
+
+
+@pytest.mark.parametrize("sampling, generations", [("with_rollout", 2), ("separate", 4)])
+def test_heldout_samples_come_from_the_current_policy_in_one_generation_or_two(
+    tmp_path, sampling, generations
+):
+    setup = Setup()
+    seed_everything(0)
+    trainer = ChecksSamples(
+        args=IIFPPOConfig(**ppo_kwargs(tmp_path, iif_heldout_sampling=sampling, iif_num_heldout_prompts=6)),
+        processing_class=setup.tokenizer, model=setup.peft_policy(), ref_model=None, reward_model=setup.reward,
+        train_dataset=setup.train, value_model=setup.value, target_dataset=setup.heldout,
+    )  # fmt: skip
+    trainer.generations, trainer.checked = 0, []
+    seed_everything(0)
+    trainer.train()
+    assert trainer.generations == generations  # 2 rounds
+    assert trainer.checked == [(8, 6), (8, 6)]

@@ -11,6 +11,7 @@ from trl.experimental.ppo import PPOConfig
 
 SCHEDULES = ("epoch", "round")
 TARGETS = ("heldout_return", "buffer_return")
+HELDOUT_SAMPLING = ("with_rollout", "separate")
 
 
 @dataclass
@@ -56,6 +57,17 @@ class IIFPPOConfig(PPOConfig):
         default=32,
         metadata={
             "help": "Held-out prompts sampled per round for the heldout_return target (all processes together)."
+        },
+    )
+    iif_heldout_sampling: str = field(
+        default="with_rollout",
+        metadata={
+            "help": "'with_rollout': the held-out prompts are generated in the same batched call as the round's "
+            "prompts (one generation instead of two; on a real LM most of the held-out target's cost); the "
+            "round's responses are then a different random draw than TRL's PPOTrainer makes from the same "
+            "seed (the same distribution). 'separate': their own generation under their own seed, so that "
+            "with iif_drop_fraction=0 training is bit for bit TRL's.",
+            "choices": list(HELDOUT_SAMPLING),
         },
     )
     iif_projection_dim: int = field(
@@ -130,6 +142,10 @@ class IIFPPOConfig(PPOConfig):
             raise ValueError(f"iif_schedule must be one of {SCHEDULES}, got {self.iif_schedule!r}")
         if self.iif_target is not None and self.iif_target not in TARGETS:
             raise ValueError(f"iif_target must be one of {TARGETS} (or unset), got {self.iif_target!r}")
+        if self.iif_heldout_sampling not in HELDOUT_SAMPLING:
+            raise ValueError(
+                f"iif_heldout_sampling must be one of {HELDOUT_SAMPLING}, got {self.iif_heldout_sampling!r}"
+            )
         if self.iif_filter not in ("influence", "random"):
             raise ValueError(f"iif_filter must be 'influence' or 'random', got {self.iif_filter!r}")
         if self.iif_num_heldout_prompts < 1:

@@ -65,6 +65,15 @@ PPO_STATS = ("approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "en
 
 
 @dataclass
+class Samples:
+    """Prompts, prompt+response token ids and the sampling logits of one generation."""
+
+    queries: torch.Tensor  # [n, context]
+    query_responses: torch.Tensor  # [n, context + response]
+    logits: torch.Tensor  # [n, response, vocab], temperature applied
+
+
+@dataclass
 class EpochScores:
     """Influence of this process's records before one epoch, and the global decision."""
 
@@ -234,13 +243,20 @@ class IIFPPOTrainer(PPOTrainer):
             queries = next(batches)["input_ids"].to(self.accelerator.device)
             timer = PhaseTimer(self.accelerator.device)
 
+            heldout_samples = None
             with timer("rollout"):
-                batch = self.rollout(queries)
+                if self._heldout_sampled_with_rollout:
+                    heldout = self._heldout_queries(round_index).to(queries.device)
+                    samples, heldout_samples = self.sample_with_heldout(queries, heldout)
+                else:
+                    samples = self.sample(queries)
+                batch = self.evaluate_samples(samples)
                 self.compute_rewards_and_advantages(batch)
             target_batch = None
             if args.iif_enabled:
                 with timer("target_sampling"):
-                    target_batch = self.build_target_batch(batch, round_index)
+                    target_batch = self.build_target_batch(batch, round_index, heldout_samples)
+            del samples, heldout_samples  # the sampling logits: [n, response, vocab]
 
             stats: dict[str, list[float]] = defaultdict(list)
             epochs: list[EpochScores] = []
@@ -265,23 +281,66 @@ class IIFPPOTrainer(PPOTrainer):
     @torch.no_grad()
     def rollout(self, queries: torch.Tensor) -> RolloutBatch:
         """Sample responses and compute log-probs, reference log-probs, values and rewards."""
+        return self.evaluate_samples(self.sample(queries))
+
+    @torch.no_grad()
+    def sample(self, queries: torch.Tensor, chunk_size: int | None = None) -> Samples:
+        """Responses to ``queries`` from the current policy, with the sampling logits, generated in
+        chunks of ``local_rollout_forward_batch_size`` prompts (or ``chunk_size``)."""
         args = self.args
-        pad_id = self.processing_class.pad_token_id
-        context_length = queries.shape[1]
         with unwrap_model_for_generation(
             self.model,
             self.accelerator,
             gather_deepspeed3_params=args.ds3_gather_for_generation,
             generation_kwargs=self._generation_kwargs(),
         ) as unwrapped:
-            query_responses, sampling_logits = batch_generation(
+            query_responses, logits = batch_generation(
                 unwrapped.policy,
                 queries,
-                args.local_rollout_forward_batch_size,
-                pad_id,
+                chunk_size or args.local_rollout_forward_batch_size,
+                self.processing_class.pad_token_id,
                 self._generation_config(),
             )
+        return Samples(queries, query_responses, logits)
 
+    @torch.no_grad()
+    def sample_with_heldout(
+        self, queries: torch.Tensor, heldout_queries: torch.Tensor
+    ) -> tuple[Samples, Samples]:
+        """The round's prompts and the held-out target's prompts sampled in one batched generation.
+
+        Token by token generation costs little more for more prompts at once (on a GPU almost
+        nothing; 5.2 s instead of 2 x 3.7 s for 16 + 16 SmolLM2 prompts on a 2-core CPU), so the
+        held-out prompts join the round's generation chunks: each chunk takes its share of them.
+        Both sets are left-padded to one width for the call and cut back after it.
+        """
+        pad_id = self.processing_class.pad_token_id
+        width = max(queries.shape[1], heldout_queries.shape[1])
+        step = self.args.local_rollout_forward_batch_size
+        share = math.ceil(len(heldout_queries) / math.ceil(len(queries) / step))
+        both = torch.cat(
+            [
+                torch.nn.functional.pad(q, (width - q.shape[1], 0), value=pad_id)
+                for q in (queries, heldout_queries)
+            ]
+        )
+        together = self.sample(both, chunk_size=step + share)
+        n = len(queries)
+        rows = {"train": slice(0, n), "heldout": slice(n, None)}
+        trims = {"train": width - queries.shape[1], "heldout": width - heldout_queries.shape[1]}
+        train, heldout = (
+            Samples(q, together.query_responses[rows[k], trims[k] :], together.logits[rows[k]])
+            for k, q in (("train", queries), ("heldout", heldout_queries))
+        )
+        return train, heldout
+
+    @torch.no_grad()
+    def evaluate_samples(self, samples: Samples) -> RolloutBatch:
+        """Log-probs, reference log-probs, values and rewards of sampled responses: a rollout batch."""
+        args = self.args
+        pad_id = self.processing_class.pad_token_id
+        queries, query_responses, sampling_logits = samples.queries, samples.query_responses, samples.logits
+        context_length = queries.shape[1]
         parts = defaultdict(list)
         step = args.local_rollout_forward_batch_size
         for start in range(0, queries.shape[0], step):
@@ -386,15 +445,31 @@ class IIFPPOTrainer(PPOTrainer):
         batch.advantages = torch.masked_fill(advantages, batch.padding_mask, 0)
 
     # ------------------------------------------------------------------ step 3: the target
-    def build_target_batch(self, batch: RolloutBatch, round_index: int) -> RolloutBatch:
+    @property
+    def _heldout_sampled_with_rollout(self) -> bool:
+        args = self.args
+        return (
+            args.iif_enabled
+            and self.iif_target == "heldout_return"
+            and args.iif_heldout_sampling == "with_rollout"
+        )
+
+    def build_target_batch(
+        self, batch: RolloutBatch, round_index: int, heldout_samples: Samples | None = None
+    ) -> RolloutBatch:
         """The records the return target is measured on this round.
 
         buffer_return: the round's own records. heldout_return: held-out prompts with responses
-        sampled now from the current policy, under their own seed so that training's random
-        stream is untouched.
+        sampled now from the current policy: ``heldout_samples`` when they were generated with the
+        rollout, else generated here under their own seed so that training's random stream is
+        untouched (``iif_heldout_sampling='separate'``).
         """
         if self.iif_target == "buffer_return":
             return batch
+        if heldout_samples is not None:
+            heldout = self.evaluate_samples(heldout_samples)
+            self.compute_rewards_and_advantages(heldout)
+            return heldout
         queries = self._heldout_queries(round_index)
         device = self.accelerator.device
         devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
@@ -856,7 +931,7 @@ class IIFPPOTrainer(PPOTrainer):
             if self.store_projector is None
             else {
                 "projection": "one-sided per LoRA adapter side, orthogonal"
-                + (", then a sparse sign sketch of the whole vector" if args.iif_store_sketch_dim else ""),
+                + (", then a sparse sign sketch of the whole vector" if self._store_folds else ""),
                 "dim": args.iif_store_projection_dim,
                 "sketch_dim": args.iif_store_sketch_dim or None,
                 "seed": self.store_projector.seed,
@@ -865,6 +940,14 @@ class IIFPPOTrainer(PPOTrainer):
             },
             "snapshot_dtype": args.iif_store_snapshot_dtype,
         }
+
+    @property
+    def _store_folds(self) -> bool:
+        """Whether the stored vectors are folded by the sketch (only when longer than it)."""
+        projector = self.store_projector
+        return isinstance(projector, SketchedProjector) and projector.output_size(
+            self.layout
+        ) < projector.per_side.output_size(self.layout)
 
     def _model_files(self) -> dict:
         """What the store keeps so that a round's snapshot can be rebuilt after training."""
