@@ -7,6 +7,8 @@ attribution store on at its defaults (what a user's run writes):
   ppo               iif_enabled=false: plain PPO, no held-out sampling, scoring or store (the
                     same updates as TRL's PPOTrainer, bit-identical weights: tests/test_trainer.py)
   iif_round         IIF, round schedule (scored once a round, the paper's), p=1, held-out target
+                    (its prompts generated in the rollout's batched call, the default)
+  iif_round_separate  the same with the held-out prompts in a generation of their own
   iif_epoch         IIF, epoch schedule (re-scored before each PPO epoch), p=1, held-out target
   iif_round_buffer  round schedule with the buffer target (the round's own records: no held-out
                     sampling, and one forward+backward scores the round)
@@ -34,6 +36,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARMS = {
     "ppo": {"iif_enabled": False},
     "iif_round": {"iif_schedule": "round"},
+    "iif_round_separate": {"iif_schedule": "round", "iif_heldout_sampling": "separate"},
     "iif_epoch": {"iif_schedule": "epoch"},
     "iif_round_buffer": {"iif_schedule": "round", "iif_target": "buffer_return"},
     "iif_epoch_buffer": {"iif_schedule": "epoch", "iif_target": "buffer_return"},
@@ -113,6 +117,7 @@ def worker(
         "store": store_bytes(Path(trainer.args.attribution_dir)) if trainer.store is not None else None,
     }
     out.write_text(json.dumps(result))
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def store_bytes(path: Path) -> dict:
@@ -221,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         if done.returncode != 0:
             raise RuntimeError(f"arm {arm} failed:\n{done.stderr[-3000:]}")
         results[arm] = json.loads(result.read_text())
+        result.unlink()
         print(f"{arm}: {time.time() - start:.0f} s", flush=True)
     summary, lines = summarise(results, args.rounds, args.seed, args.task, device)
     summary["overrides"] = overrides
