@@ -22,6 +22,8 @@ plus the dataset, reward and model flags below and TRL's ModelConfig LoRA flags
 
 Each round's attribution (records, influence, kept flags, metrics) is written to
 <output_dir>/attribution as it finishes; Ctrl-C stops cleanly with the rounds so far on disk.
+`--iif_enabled false` trains plain PPO from the same command (no scoring, no store): the
+baseline that IIF's cost and gains are measured against.
 """
 
 from __future__ import annotations
