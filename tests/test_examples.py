@@ -37,7 +37,13 @@ def test_iif_vs_ppo_benchmark_smoke(tmp_path):
 
 def test_overhead_benchmark_smoke(tmp_path):
     out = run("benchmarks/overhead.py", "--rounds", "2", "--out", str(tmp_path))
-    for arm in ("| ppo |", "| iif_round |", "| iif_epoch |"):
+    for arm in (
+        "| ppo |",
+        "| iif_round |",
+        "| iif_round_separate |",
+        "| iif_epoch |",
+        "| iif_round_buffer |",
+    ):
         assert arm in out
     assert (tmp_path / "summary.json").is_file()
 
@@ -47,7 +53,12 @@ def test_fidelity_benchmark_smoke(tmp_path):
     out = run("benchmarks/fidelity.py", str(run_dir), "--train-width", "32", "--rounds", "2", "--dims", "8", "64",
               "--seeds", "0")  # fmt: skip
     assert "held-out return target" in out
-    assert "| 8 |" in out and "| 64 |" in out and "rounds" in out.splitlines()[-1]
+    assert (
+        "| side 8 |" in out
+        and "| side 64 |" in out
+        and "| stored |" in out
+        and "rounds" in out.splitlines()[-1]
+    )
 
 
 def test_reviews_rounds_script_smoke(tmp_path):
@@ -55,7 +66,12 @@ def test_reviews_rounds_script_smoke(tmp_path):
     import json
     import os
 
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs"), "PYTHON": sys.executable}
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "out"),
+        "RUNS": str(tmp_path / "runs"),
+        "PYTHON": sys.executable,
+    }
     result = subprocess.run(["bash", "benchmarks/reviews_rounds.sh", "--smoke"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
