@@ -35,12 +35,22 @@ from rlhf_influence.targets import LogProbTarget
 
 
 def projection_fidelity(
-    scorer: SnapshotScorer, round_index: int, target: LogProbTarget, dims, seeds, sketch_dims=(), side_dim=64
+    scorer: SnapshotScorer,
+    round_index: int,
+    behaviour: tuple[str, str],
+    dims,
+    seeds,
+    sketch_dims=(),
+    side_dim=64,
 ) -> dict:
     """Exact influence at the round's snapshot against projected estimates from the same factors:
     per-side projections at each of ``dims`` (keys ``"side <dim>"``), and per-side ``side_dim``
     folded by the sketch to each of ``sketch_dims`` (``"sketch <dim>"``); several seeds each. Also
-    ``"stored"``: the round's stored vectors as ``score`` reads them (one draw, the run's seed)."""
+    ``"stored"``: the round's stored vectors as ``score`` reads them (one draw, the run's seed).
+    The target is log p(response | prompt) of ``behaviour = (prompt, response)``."""
+    prompt, response = behaviour
+    target = LogProbTarget.from_text(scorer.tokenizer, [prompt], [response])
+    target.temperature = scorer.temperature
     replay = RoundReplay(scorer, round_index)
     kinds = [(f"side {d}", lambda s, d=d: RandomProjector(d, seed=s)) for d in dims]
     kinds += [
@@ -48,9 +58,7 @@ def projection_fidelity(
     ]
     projectors = [make(seed) for _, make in kinds for seed in seeds]
     exact, *projected_all = replay.scores(target, projectors)
-    stored = torch.tensor(
-        [r.influence for r in scorer.score(round_index, scorer.fidelity_prompt, scorer.fidelity_response)]
-    )
+    stored = torch.tensor([r.influence for r in scorer.score(round_index, prompt, response)])
     k = max(1, len(exact) // 10)
     top_exact = set(torch.argsort(exact, descending=True)[:k].tolist())
 
@@ -155,13 +163,11 @@ def main(argv: list[str] | None = None) -> None:
         train_run(args.run, args.train_width, max(args.rounds))
 
     scorer = SnapshotScorer(args.run)
-    target = LogProbTarget.from_text(scorer.tokenizer, [args.prompt], [args.response])
-    target.temperature = scorer.temperature
     print(f"target: log p({args.response!r} | {args.prompt!r}); rounds {args.rounds}; {scorer.layout.num_params} "
           f"LoRA parameters\n")  # fmt: skip
-    scorer.fidelity_prompt, scorer.fidelity_response = args.prompt, args.response
+    behaviour = (args.prompt, args.response)
     fidelity = {
-        r: projection_fidelity(scorer, r, target, args.dims, args.seeds, args.sketch_dims)
+        r: projection_fidelity(scorer, r, behaviour, args.dims, args.seeds, args.sketch_dims)
         for r in args.rounds
     }
     print(f"stored: {scorer.spec}\n")

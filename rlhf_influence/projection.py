@@ -22,6 +22,11 @@ from .lora import LoraLayout, LoraLinear
 DEFAULT_PROJECTION_DIM = 256
 
 
+def _seed_of(text: str) -> int:
+    """A generator seed that is a pure function of ``text`` (the same on every process and machine)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
 class RandomProjector:
     """A seeded one-sided random projection per LoRA adapter.
 
@@ -86,8 +91,9 @@ class RandomProjector:
         return cached
 
     def _module_seed(self, linear: LoraLinear) -> int:
-        text = f"rlhf-influence/{self.seed}/{linear.name}/{linear.side}/{linear.large_dim}/{self.dim}"
-        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+        return _seed_of(
+            f"rlhf-influence/{self.seed}/{linear.name}/{linear.side}/{linear.large_dim}/{self.dim}"
+        )
 
     def project(self, layout: LoraLayout, vectors: torch.Tensor) -> torch.Tensor:
         """Project full gradients ``[m, D]`` (or ``[D]``) into the projected space ``[m, D']``."""
@@ -166,8 +172,7 @@ class SketchedProjector:
     def _hash(self, size: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (size, str(device), dtype)
         if key not in self._cache:
-            text = f"rlhf-influence/sketch/{self.seed}/{size}/{self.dim}"
-            seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+            seed = _seed_of(f"rlhf-influence/sketch/{self.seed}/{size}/{self.dim}")
             generator = torch.Generator(device="cpu").manual_seed(seed)
             buckets = torch.randint(0, self.dim, (size,), generator=generator)
             signs = torch.randint(0, 2, (size,), generator=generator) * 2 - 1

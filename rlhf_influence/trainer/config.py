@@ -12,6 +12,7 @@ from trl.experimental.ppo import PPOConfig
 SCHEDULES = ("epoch", "round")
 TARGETS = ("heldout_return", "buffer_return")
 HELDOUT_SAMPLING = ("with_rollout", "separate")
+SNAPSHOT_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -118,7 +119,7 @@ class IIFPPOConfig(PPOConfig):
         metadata={
             "help": "Precision of the round-start LoRA weights stored each round (which `score`, `formation` and "
             "`intervene` rebuild the policy from).",
-            "choices": ["float32", "bfloat16"],
+            "choices": list(SNAPSHOT_DTYPES),
         },
     )
     iif_store_dtype: str = field(
@@ -159,7 +160,7 @@ class IIFPPOConfig(PPOConfig):
             raise ValueError(f"iif_store_projection_dim must be >= 0, got {self.iif_store_projection_dim}")
         if self.iif_store_sketch_dim < 0:
             raise ValueError(f"iif_store_sketch_dim must be >= 0, got {self.iif_store_sketch_dim}")
-        if self.iif_store_snapshot_dtype not in ("float32", "bfloat16"):
+        if self.iif_store_snapshot_dtype not in SNAPSHOT_DTYPES:
             raise ValueError(
                 f"iif_store_snapshot_dtype must be float32 or bfloat16, got {self.iif_store_snapshot_dtype!r}"
             )

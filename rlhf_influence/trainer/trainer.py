@@ -326,13 +326,12 @@ class IIFPPOTrainer(PPOTrainer):
         )
         together = self.sample(both, chunk_size=step + share)
         n = len(queries)
-        rows = {"train": slice(0, n), "heldout": slice(n, None)}
-        trims = {"train": width - queries.shape[1], "heldout": width - heldout_queries.shape[1]}
-        train, heldout = (
-            Samples(q, together.query_responses[rows[k], trims[k] :], together.logits[rows[k]])
-            for k, q in (("train", queries), ("heldout", heldout_queries))
+        train_columns = slice(width - queries.shape[1], None)
+        heldout_columns = slice(width - heldout_queries.shape[1], None)
+        return (
+            Samples(queries, together.query_responses[:n, train_columns], together.logits[:n]),
+            Samples(heldout_queries, together.query_responses[n:, heldout_columns], together.logits[n:]),
         )
-        return train, heldout
 
     @torch.no_grad()
     def evaluate_samples(self, samples: Samples) -> RolloutBatch:
@@ -586,19 +585,37 @@ class IIFPPOTrainer(PPOTrainer):
         With ``store_projector`` also the records' projected gradients ``[n, D']`` for the
         store, contracted from the same factors (no extra forward or backward).
         """
+        projected: list[torch.Tensor] = []
+        scores = [
+            scores_from_factors(factors, target_grad[None], self.projector)[:, 0]
+            for factors in self._record_factors(policy, batch, store_projector, projected)
+        ]
+        return torch.cat(scores), (torch.cat(projected) if projected else None)
+
+    def _record_factors(
+        self,
+        policy: nn.Module,
+        batch: RolloutBatch,
+        store_projector: RandomProjector | SketchedProjector | None,
+        projected: list[torch.Tensor],
+    ):
+        """The records' factors, one micro-batch at a time (one forward and backward each), their
+        training losses under one normaliser; with ``store_projector`` each micro-batch's projected
+        gradients for the store are appended to ``projected``."""
         normaliser = self._loss_normaliser(batch)
-        scores, projected = [], []
         for idx in self._chunks(len(batch)):
             factors = capture_factors(
                 policy, self._record_loss(batch.select(idx), normaliser), layout=self.layout
             )
-            scores.append(scores_from_factors(factors, target_grad[None], self.projector)[:, 0])
             if store_projector is not None:
                 projected.append(factors.gradients(store_projector).to(self._store_dtype).cpu())
-        return torch.cat(scores), (torch.cat(projected) if projected else None)
+            yield factors
 
     def _buffer_scores_at_round_start(
-        self, policy: nn.Module, batch: RolloutBatch, store_projector: RandomProjector | None = None
+        self,
+        policy: nn.Module,
+        batch: RolloutBatch,
+        store_projector: RandomProjector | SketchedProjector | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Influence on the buffer target at the round start, from one forward and backward.
 
@@ -609,18 +626,15 @@ class IIFPPOTrainer(PPOTrainer):
         projection) are held until the sum is known; the ratio differs from 1 only by the float
         difference between sampling and re-computing log-probs (tested against two passes).
         """
-        normaliser = self._loss_normaliser(batch)
-        gradients, projected = [], []
-        for idx in self._chunks(len(batch)):
-            factors = capture_factors(
-                policy, self._record_loss(batch.select(idx), normaliser), layout=self.layout
-            )
-            gradients.append(factors.gradients(self.projector))
-            if store_projector is not None:
-                projected.append(factors.gradients(store_projector).to(self._store_dtype).cpu())
-            del factors
-        record_grads = torch.cat(gradients)
+        projected: list[torch.Tensor] = []
+        record_grads = torch.cat(
+            [
+                factors.gradients(self.projector)
+                for factors in self._record_factors(policy, batch, store_projector, projected)
+            ]
+        )
         total = self.accelerator.reduce(record_grads.sum(dim=0), reduction="sum")
+        normaliser = self._loss_normaliser(batch)
         target_grad = -(normaliser / (len(batch) * self.accelerator.num_processes)) * total
         scores = -(record_grads @ target_grad)
         return scores, (torch.cat(projected) if projected else None)
