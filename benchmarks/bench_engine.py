@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import platform
 import statistics
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -130,20 +132,31 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int) -> tup
 
 
 def build(args, device, dtype):
-    vocab = args.vocab
-    model = tiny_causal_lm(
-        vocab,
-        arch=args.arch,
-        hidden=args.hidden,
-        layers=args.layers,
-        heads=args.heads,
-        max_positions=max(args.seq_lens) + 8,
-        seed=0,
-        dtype=dtype,
-    )
     from peft import get_peft_model
 
-    config = toy_lora_config(args.arch, r=args.rank, init_lora_weights=False)
+    if args.model == "smollm2":  # the reviews task's policy: LoRA r=16 on q, k, v, o
+        from transformers import AutoModelForCausalLM
+
+        from rlhf_influence.tasks import reviews
+
+        model = AutoModelForCausalLM.from_pretrained(reviews.smollm2_checkpoint(), dtype=dtype)
+        config = reviews.lora_config(r=args.rank)
+        config.init_lora_weights = False
+        args.arch, args.vocab = "llama", model.config.vocab_size
+        args.hidden, args.layers = model.config.hidden_size, model.config.num_hidden_layers
+    else:
+        model = tiny_causal_lm(
+            args.vocab,
+            arch=args.arch,
+            hidden=args.hidden,
+            layers=args.layers,
+            heads=args.heads,
+            max_positions=max(args.seq_lens) + 8,
+            seed=0,
+            dtype=dtype,
+        )
+        config = toy_lora_config(args.arch, r=args.rank, init_lora_weights=False)
+    torch.manual_seed(0)
     model = get_peft_model(model, config).to(device=device, dtype=dtype)
     model.eval()
     return model
@@ -280,7 +293,8 @@ def print_row(row: dict) -> None:
 
 def table(rows: list[dict], args) -> Table:
     t = Table(
-        title=f"per-record LoRA gradients and scoring, {args.arch} h={args.hidden} L={args.layers} r={args.rank} "
+        title=f"per-record LoRA gradients and scoring, {args.model} {args.arch} h={args.hidden} L={args.layers} "
+        f"r={args.rank} "
         f"{args.dtype} on {args.device} (time, ratio to floor; peak MiB)"
     )
     t.add_column("n x T")
@@ -301,6 +315,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[16, 64])
+    parser.add_argument(
+        "--model",
+        choices=["tiny", "smollm2"],
+        default="tiny",
+        help="tiny: built from --arch/--hidden/--layers/--heads/--vocab; smollm2: SmolLM2-135M-Instruct "
+        "(the reviews task's checkpoint, LoRA r=--rank on q, k, v, o; the size flags are ignored)",
+    )
     parser.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -312,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--no-peers", action="store_true", help="skip the per-record loop and vmap peers")
+    parser.add_argument("--out", type=Path, help="also write the rows to OUT.json and the table to OUT.md")
     args = parser.parse_args(argv)
     console = Console(width=200)
     cpu = platform.processor() or platform.machine()
@@ -321,6 +343,13 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"torch {torch.__version__}, {device_name}, {torch.get_num_threads()} threads")
     rows = run(args)
     console.print(table(rows, args))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        setting = {k: v for k, v in vars(args).items() if k != "out"}
+        record = {"device": device_name, "torch": torch.__version__, "settings": setting, "rows": rows}
+        args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))
+        with args.out.with_suffix(".md").open("w") as f:
+            Console(file=f, width=250, color_system=None).print(table(rows, args))
 
 
 if __name__ == "__main__":

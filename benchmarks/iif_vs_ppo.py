@@ -17,6 +17,7 @@ metrics come from each run's attribution store.
   iif_half     IIF, p=0.5
   iif_buffer   IIF with the buffer return target
   random       the control: as many records dropped per scoring as iif, at random
+  random_round the control for iif_round (scored once a round)
 
 Training time per round counts what each method needs: rollout + optimisation for the PPO arms
 (their scoring exists only to draw these curves), plus held-out sampling and scoring for the
@@ -74,8 +75,9 @@ ARMS = {
     "iif_half": ["--iif_drop_fraction", "0.5"],
     "iif_buffer": ["--iif_target", "buffer_return"],
     "random": ["--iif_filter", "random"],
+    "random_round": ["--iif_filter", "random", "--iif_schedule", "round"],
 }
-FILTERING = {"iif", "iif_round", "iif_half", "iif_buffer", "random"}
+FILTERING = {"iif", "iif_round", "iif_half", "iif_buffer", "random", "random_round"}
 
 
 def run_one(arm: str, seed: int, rounds: int, out: Path, task: str = "sentiment") -> Path:

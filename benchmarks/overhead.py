@@ -77,12 +77,15 @@ def worker(
     torch.manual_seed(seed)
     np.random.seed(seed)
     task = spec.build(seed=seed)
-    settings = {**spec.settings, **overrides, **ARMS[arm]}
+    cuda = torch.cuda.is_available()
+    # the recipe's precision: bf16 on a CUDA device that has it, float32 elsewhere (--set bf16=false)
+    device_defaults = {"use_cpu": not cuda, "bf16": cuda and torch.cuda.is_bf16_supported()}
+    settings = {**spec.settings, **device_defaults, **overrides, **ARMS[arm]}
     per_round = settings["per_device_train_batch_size"] * settings.get("gradient_accumulation_steps", 1)
     run_dir = out.parent / f"{arm}-run"
     settings.update(
         output_dir=str(run_dir), total_episodes=per_round * rounds, report_to="none", save_strategy="no",
-        use_cpu=not torch.cuda.is_available(), bf16=False, seed=seed, disable_tqdm=True,
+        seed=seed, disable_tqdm=True,
     )  # fmt: skip
 
     class RoundClock(TrainerCallback):
@@ -106,12 +109,15 @@ def worker(
     before = psutil.Process().memory_info().rss
     trainer.train()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gpu_peak = torch.cuda.max_memory_allocated() if cuda else None
     rows = [r for r in trainer.state.log_history if "time/rollout_seconds" in r]
     result = {
         "round_seconds": [b - a for a, b in zip(clock.marks, clock.marks[1:], strict=False)],
         "phases": {p: [r.get(f"time/{p}_seconds", 0.0) for r in rows] for p in PHASES},
         "kept": [r.get("iif/kept_fraction", 1.0) for r in rows],
         "peak": peak,
+        "gpu_peak": gpu_peak,
+        "precision": "bf16" if settings["bf16"] else "float32",
         "before": before,
         "records_per_round": per_round,
         "store": store_bytes(Path(trainer.args.attribution_dir)) if trainer.store is not None else None,
@@ -145,8 +151,8 @@ def summarise(results: dict, rounds: int, seed: int, task: str, device: str) -> 
         f"task {task}, {rounds} rounds of {ppo['records_per_round']} records, seed {seed}, {device}; mean per "
         "round after the first, seconds; ratios to plain PPO (iif_enabled=false)\n",
         "| arm | round | x PPO | rollout | held-out sampling | scoring | optimisation | other | scoring / PPO "
-        "round | kept | peak RSS MiB | x PPO | stored KiB / record | of which snapshot |",
-        "|---" * 14 + "|",
+        "round | kept | peak RSS MiB | x PPO | peak GPU MiB | x PPO | stored KiB / record | of which snapshot |",
+        "|---" * 16 + "|",
     ]
     for arm, r in results.items():
         round_s = mean_after_first(r["round_seconds"])
@@ -160,7 +166,12 @@ def summarise(results: dict, rounds: int, seed: int, task: str, device: str) -> 
             "scoring_share_of_ppo_round": split["scoring"] / ppo_round, "kept": mean_after_first(r["kept"]),
             "peak_mib": r["peak"] / 2**20, "peak_ratio": r["peak"] / ppo["peak"], "store_bytes_per_round": store,
             "stored_kib_per_record": per_record, "snapshot_kib_per_record": snapshot,
+            "precision": r.get("precision"),
         }  # fmt: skip
+        gpu = "- | -"
+        if r.get("gpu_peak"):
+            s["gpu_peak_mib"], s["gpu_peak_ratio"] = r["gpu_peak"] / 2**20, r["gpu_peak"] / ppo["gpu_peak"]
+            gpu = f"{s['gpu_peak_mib']:.0f} | {s['gpu_peak_ratio']:.2f}"
         cells = [f"{split[p]:.2f}" if split[p] else "-" for p in PHASES]
         share = f"{s['scoring_share_of_ppo_round']:.0%}" if split["scoring"] else "-"
         stored = "-" if per_record is None else f"{per_record:.0f} | {snapshot:.0f}"
@@ -168,7 +179,7 @@ def summarise(results: dict, rounds: int, seed: int, task: str, device: str) -> 
             f"| {arm} | {round_s:.2f} | {s['ratio']:.2f} | "
             + " | ".join(cells)
             + f" | {other:.2f} | {share} "
-            f"| {s['kept']:.2f} | {s['peak_mib']:.0f} | {s['peak_ratio']:.2f} | {stored if store else '- | -'} |"
+            f"| {s['kept']:.2f} | {s['peak_mib']:.0f} | {s['peak_ratio']:.2f} | {gpu} | {stored if store else '- | -'} |"
         )
     return summary, lines
 
@@ -213,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         else f"CPU {platform.processor() or ''}".strip()
     )
     device += f", {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if torch.cuda.is_available() and "bf16=false" not in args.set:
+        device += ", bf16 (the recipe's default on CUDA)"
     results = {}
     for arm in ["ppo", *[a for a in args.arms if a != "ppo"]]:  # one at a time: timings need the machine
         result = out / f"{arm}.json"

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +68,6 @@ def test_fidelity_benchmark_smoke(tmp_path):
 def test_reviews_rounds_script_smoke(tmp_path):
     """The script the real-LM time-per-round figures come from, on the tiny task (--smoke)."""
     import json
-    import os
 
     env = {
         **os.environ,
@@ -81,3 +84,20 @@ def test_reviews_rounds_script_smoke(tmp_path):
     assert summary["runs"]["ppo"]["rounds"] == 2
     assert summary["runs"]["iif_round"]["kept_fraction"] < 1.0  # IIF filtered, PPO did not
     assert summary["runs"]["ppo"]["kept_fraction"] == 1.0
+
+
+@pytest.mark.slow
+def test_gpu_check_script_smoke(tmp_path):
+    """The one prepared GPU run (benchmarks/gpu_check.sh), every step on the tiny task (--smoke)."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--smoke"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = (tmp_path / "summary.log").read_text()
+    for step in ("env", "engine", "overhead", "bench", "efficacy"):
+        assert f"== {step}: ok" in summary, summary
+    assert "| float32 |" in summary and "| iif_round |" in summary and "| random_round |" in summary
+    with tarfile.open(tmp_path / "results.tar.gz") as tar:
+        names = tar.getnames()
+    assert "results/engine_check.json" in names and "results/efficacy/table.md" in names
+    assert not any("/tokenizer/" in name for name in names)
