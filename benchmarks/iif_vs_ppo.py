@@ -18,6 +18,16 @@ metrics come from each run's attribution store.
   iif_buffer   IIF with the buffer return target
   random       the control: as many records dropped per scoring as iif, at random
   random_round the control for iif_round (scored once a round)
+  iif_round_steps, random_round_steps, iif_steps, random_steps
+               the same with iif_keep_steps: PPO's number of optimizer steps, each mini-batch
+               smaller (the default drops steps: fewer mini-batches of the usual size)
+  iif_round_half      iif_round with p=0.5
+  iif_round_heldout64 iif_round with 64 held-out prompts a round (the task's default: 16)
+
+--set FIELD=VALUE passes recipe flags to every arm (e.g. num_mini_batches=32 learning_rate=1e-3:
+the optimisation regime). On a task with known label noise (noisy_sentiment: the sign of 20% of
+the rewards flipped) the curves use the clean reward, and a table says how often each arm
+dropped the flipped records against the others, and where they rank by influence.
 
 Training time per round counts what each method needs: rollout + optimisation for the PPO arms
 (their scoring exists only to draw these curves), plus held-out sampling and scoring for the
@@ -76,18 +86,29 @@ ARMS = {
     "iif_buffer": ["--iif_target", "buffer_return"],
     "random": ["--iif_filter", "random"],
     "random_round": ["--iif_filter", "random", "--iif_schedule", "round"],
+    "iif_round_steps": ["--iif_schedule", "round", "--iif_keep_steps", "true"],
+    "random_round_steps": ["--iif_filter", "random", "--iif_schedule", "round", "--iif_keep_steps", "true"],
+    "iif_steps": ["--iif_keep_steps", "true"],
+    "random_steps": ["--iif_filter", "random", "--iif_keep_steps", "true"],
+    "iif_round_half": ["--iif_schedule", "round", "--iif_drop_fraction", "0.5"],
+    "iif_round_heldout64": ["--iif_schedule", "round", "--iif_num_heldout_prompts", "64"],
 }
-FILTERING = {"iif", "iif_round", "iif_half", "iif_buffer", "random", "random_round"}
+FILTERING = set(ARMS) - {"ppo", "ppo_matched"}
+# Tasks whose reward is known to be corrupted for some records: (flip fraction, salt) of
+# rlhf_influence.tasks.rewards.is_flipped; their curves use the clean reward, recomputed per record.
+NOISY_TASKS = {"noisy_sentiment": (0.2, "noisy_sentiment")}
 
 
-def run_one(arm: str, seed: int, rounds: int, out: Path, task: str = "sentiment") -> Path:
+def run_one(
+    arm: str, seed: int, rounds: int, out: Path, task: str = "sentiment", extra: tuple[str, ...] = ()
+) -> Path:
     run_dir = out / arm / f"seed{seed}"
     if (run_dir / "done.json").is_file():
         return run_dir
     batch = records_per_round(task, arm)
     cmd = [sys.executable, str(RECIPE), "--embedded_task", task, *ARMS[arm], "--per_device_train_batch_size", str(batch),
            "--seed", str(seed), "--total_episodes", str(batch * rounds),
-           "--output_dir", str(run_dir), "--disable_tqdm", "true", "--iif_store_projection_dim", "0"]  # fmt: skip
+           "--output_dir", str(run_dir), "--disable_tqdm", "true", "--iif_store_projection_dim", "0", *extra]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     start = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -97,14 +118,77 @@ def run_one(arm: str, seed: int, rounds: int, out: Path, task: str = "sentiment"
     return run_dir
 
 
-def curves(run_dir: Path) -> dict[str, list[float]]:
+def curves(run_dir: Path, task: str = "sentiment") -> dict[str, list[float]]:
     rows = []
     for metrics in sorted((run_dir / "attribution").glob("round_*/metrics.json")):
         rows.append(json.loads(metrics.read_text()))
     keys = ("objective/scores", "objective/kl", "iif/kept_fraction", "time/rollout_seconds",
             "time/target_sampling_seconds", "time/scoring_seconds", "time/optimisation_seconds",
             "policy/approxkl_avg")  # fmt: skip
-    return {k: [r.get(k, 0.0) for r in rows] for k in keys}
+    result = {k: [r.get(k, 0.0) for r in rows] for k in keys}
+    if task in NOISY_TASKS:
+        result.update(label_noise(run_dir, *NOISY_TASKS[task]))
+        result["observed_scores"] = result["objective/scores"]
+        result["objective/scores"] = result["clean_scores"]  # what the task is meant to reward
+    return result
+
+
+def label_noise(run_dir: Path, fraction: float, salt: str) -> dict[str, list[float]]:
+    """Per round: the clean mean reward, and for the flipped records (those whose clean reward is
+    not 0, so the flip changed something) and the others: how many, how many dropped (over all
+    scorings), and their mean percentile rank by influence (0 = most harmful)."""
+    import pyarrow.parquet as pq
+
+    from rlhf_influence.tasks.rewards import is_flipped
+
+    out: dict[str, list[float]] = {k: [] for k in (
+        "clean_scores", "flipped", "flipped_dropped", "flipped_rank", "other", "other_dropped", "other_rank",
+    )}  # fmt: skip
+    for records in sorted((run_dir / "attribution").glob("round_*/records.parquet")):
+        rows = pq.read_table(records).to_pylist()
+        n = len(rows)
+        flips = [is_flipped(r["prompt"], r["response"], fraction, salt) for r in rows]
+        clean = [-r["reward"] if f else r["reward"] for r, f in zip(rows, flips, strict=True)]
+        out["clean_scores"].append(statistics.fmean(clean))
+        order = sorted(range(n), key=lambda i: rows[i]["influence"])
+        percentile = {i: k / max(1, n - 1) for k, i in enumerate(order)}
+        for name, members in (
+            ("flipped", [i for i in range(n) if flips[i] and clean[i] != 0]),
+            ("other", [i for i in range(n) if not (flips[i] and clean[i] != 0)]),
+        ):
+            out[name].append(len(members))
+            dropped = [
+                sum(not k for k in rows[i]["kept_by_scoring"]) / len(rows[i]["kept_by_scoring"])
+                for i in members
+            ]
+            out[f"{name}_dropped"].append(statistics.fmean(dropped) if members else float("nan"))
+            out[f"{name}_rank"].append(
+                statistics.fmean([percentile[i] for i in members]) if members else float("nan")
+            )
+    return out
+
+
+def noise_table(results: dict[str, dict[int, dict]]) -> str:
+    """How each arm treated the records whose reward sign was flipped, pooled over rounds and seeds."""
+    lines = [
+        "| arm | flipped records a round | dropped: flipped | dropped: the others | influence percentile: "
+        "flipped | the others |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def pooled(by_seed: dict, key: str, weight: str) -> float:
+        """Mean of a per-round rate, weighted by the records it is over."""
+        pairs = [(v, w) for c in by_seed.values() for v, w in zip(c[key], c[weight], strict=True) if w]
+        return sum(v * w for v, w in pairs) / max(1, sum(w for _, w in pairs))
+
+    for arm, by_seed in results.items():
+        per_round = statistics.fmean(v for c in by_seed.values() for v in c["flipped"])
+        lines.append(
+            f"| {arm} | {per_round:.1f} | {pooled(by_seed, 'flipped_dropped', 'flipped'):.1%} | "
+            f"{pooled(by_seed, 'other_dropped', 'other'):.1%} | {pooled(by_seed, 'flipped_rank', 'flipped'):.2f} | "
+            f"{pooled(by_seed, 'other_rank', 'other'):.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def moving_average(values: list[float], window: int = 5) -> list[float]:
@@ -179,7 +263,8 @@ def paired(summary: dict, metric: str) -> str:
             for s in rows
             if s in base and None not in (rows[s][metric], base[s][metric])
         ]
-        lines.append(f"| {arm} | {describe(diffs)} |")
+        wins = f"; {sum(d > 0 for d in diffs)} of {len(diffs)} above" if diffs else ""
+        lines.append(f"| {arm} | {describe(diffs)}{wins} |")
     return "\n".join(lines)
 
 
@@ -221,6 +306,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (each uses one thread)")
     parser.add_argument(
+        "--set", nargs="+", default=[], metavar="FIELD=VALUE",
+        help="recipe flags for every arm, e.g. num_mini_batches=32 learning_rate=1e-3 (use a new --out)",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", type=Path, default=None, help="default: benchmarks/results/iif_vs_ppo[_keywords|_reviews]"
     )
     args = parser.parse_args(argv)
@@ -228,19 +317,22 @@ def main(argv: list[str] | None = None) -> None:
     args.out = args.out or results_dir(args.task)
     if "ppo" not in args.arms:
         parser.error("the ppo arm is the reference; include it")
+    extra = tuple(
+        flag for item in args.set for flag in (f"--{item.partition('=')[0]}", item.partition("=")[2])
+    )
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
     with ThreadPoolExecutor(args.parallel) as pool:
-        dirs = list(pool.map(lambda job: run_one(*job, args.rounds, args.out, args.task), jobs))
+        dirs = list(pool.map(lambda job: run_one(*job, args.rounds, args.out, args.task, extra), jobs))
     results: dict[str, dict[int, dict]] = {arm: {} for arm in args.arms}
     for (arm, seed), run_dir in zip(jobs, dirs, strict=True):
-        results[arm][seed] = curves(run_dir)
+        results[arm][seed] = curves(run_dir, args.task)
     ppo_final = [statistics.fmean(c["objective/scores"][-10:]) for c in results["ppo"].values()]
     ppo_kl = [statistics.fmean(c["objective/kl"][-10:]) for c in results["ppo"].values()]
     threshold, kl_level = statistics.median(ppo_final), statistics.median(ppo_kl)
     summary = summarise(results, threshold, kl_level)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps({"threshold": threshold, "kl_level": kl_level,
-                                                       "summary": summary}, indent=2))  # fmt: skip
+    (args.out / "summary.json").write_text(json.dumps({"threshold": threshold, "kl_level": kl_level, "task": args.task,
+                                                       "settings": args.set, "summary": summary}, indent=2))  # fmt: skip
     plot(results, args.out / "reward_curves.png")
     report = "\n".join([
         f"task {args.task}: threshold (PPO's final reward, median over seeds) {threshold:.3f}; "
@@ -249,7 +341,11 @@ def main(argv: list[str] | None = None) -> None:
         table(summary), "", paired(summary, "auc"), "", paired(summary, "final_reward"), "",
         paired(summary, "rounds_to_threshold"), "", paired(summary, "seconds_to_threshold"), "",
         paired(summary, "rounds_to_80pct"), "", paired(summary, "seconds_to_80pct"),
+        *(["", "label noise (rewards of the flipped records' sign reversed; 'reward' above is the clean one)\n",
+           noise_table(results)] if args.task in NOISY_TASKS else []),
     ])  # fmt: skip
+    if args.set:
+        report = f"settings for every arm: {' '.join(args.set)}\n" + report
     (args.out / "table.md").write_text(report + "\n")
     print(report)
     print(f"\nplot: {args.out / 'reward_curves.png'}; table: {args.out / 'table.md'}")

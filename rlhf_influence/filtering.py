@@ -60,6 +60,7 @@ def plan_epoch(
     per_device_batch_size: int,
     gradient_accumulation_steps: int,
     num_mini_batches: int,
+    keep_steps: bool = False,
 ) -> list[list[np.ndarray]]:
     """Split this process's kept records (already shuffled) into mini-batches of micro-batches.
 
@@ -72,9 +73,15 @@ def plan_epoch(
     accumulated gradient for the next. Records are spread evenly over the micro-batches; a
     process with fewer kept records than micro-batches gets empty ones (run as zero-weight
     steps by the trainer).
+
+    ``keep_steps``: keep PPO's number of mini-batches (optimizer steps) instead, so dropped
+    records make the mini-batches smaller, not fewer.
     """
     micro_per_mini = math.ceil(local_mini_batch_size / per_device_batch_size)
-    num_mini = min(num_mini_batches, max(1, math.ceil(max_kept_per_process / local_mini_batch_size)))
+    if keep_steps:
+        num_mini = num_mini_batches
+    else:
+        num_mini = min(num_mini_batches, max(1, math.ceil(max_kept_per_process / local_mini_batch_size)))
     while (num_mini * micro_per_mini) % gradient_accumulation_steps and num_mini < num_mini_batches:
         num_mini += 1
     plan = []

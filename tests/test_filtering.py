@@ -117,3 +117,35 @@ def test_random_control_drops_as_many_records_at_random():
     assert float(rate.max() - rate.min()) < 0.35
     # Not the influence rule: the harmful records are not singled out.
     assert float(rate[~decision.keep].mean()) < 0.8
+
+
+@pytest.mark.parametrize(
+    "per_device, accumulation, num_mini", [(4, 2, 2), (4, 1, 2), (2, 4, 2), (8, 2, 4), (4, 4, 1), (1, 8, 8)]
+)
+def test_keep_steps_plan_has_ppos_steps_with_smaller_mini_batches(per_device, accumulation, num_mini):
+    """iif_keep_steps: PPO's number of mini-batches and micro-batches whatever is kept; the kept
+    records spread evenly over them; with nothing dropped, exactly PPO's split."""
+    local_batch = per_device * accumulation
+    local_mini = local_batch // num_mini
+    options = dict(local_mini_batch_size=local_mini, per_device_batch_size=per_device,
+                   gradient_accumulation_steps=accumulation, num_mini_batches=num_mini, keep_steps=True)  # fmt: skip
+    order = np.random.default_rng(0).permutation(local_batch)
+    full = plan_epoch(order, local_batch, **options)
+    assert [[m.tolist() for m in mini] for mini in full] == trl_split(
+        order, local_batch, local_mini, per_device
+    )
+    ppo_shape = tuple(len(mini) for mini in full)
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        kept = [
+            rng.choice(local_batch, size=int(rng.integers(0, local_batch + 1)), replace=False)
+            for _ in range(3)
+        ]
+        max_kept = max(len(k) for k in kept)
+        for k in kept:
+            plan = plan_epoch(k, max_kept, **options)
+            assert tuple(len(mini) for mini in plan) == ppo_shape  # the same steps as PPO on every process
+            flat = [i for mini in plan for micro in mini for i in micro.tolist()]
+            assert sorted(flat) == sorted(k.tolist())
+            sizes = [sum(len(micro) for micro in mini) for mini in plan]
+            assert max(sizes) - min(sizes) <= 1  # smaller mini-batches, evenly filled

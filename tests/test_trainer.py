@@ -155,6 +155,38 @@ def test_dropped_records_do_not_reach_the_optimizer(tmp_path):
         assert torch.equal(value, results[True][name]), name
 
 
+class CountedSteps(ForcedDecision):
+    """ForcedDecision that records each PPO step's records."""
+
+    def _ppo_loss(self, batch, idx):
+        self.steps.append(sorted(idx.tolist()))
+        return IIFPPOTrainer._ppo_loss(self, batch, idx)
+
+
+@pytest.mark.parametrize("keep_steps, steps_per_epoch", [(False, 3), (True, 4)])
+def test_keep_steps_keeps_ppos_number_of_steps(tmp_path, keep_steps, steps_per_epoch):
+    """5 of 8 records kept, mini-batches of 2: fewer steps by default (3 of PPO's 4), PPO's 4
+    smaller ones with iif_keep_steps; only kept records reach a step either way."""
+    setup = Setup()
+    seed_everything(0)
+    trainer = CountedSteps(
+        args=IIFPPOConfig(**ppo_kwargs(tmp_path, total_episodes=8, iif_target="buffer_return",
+                                       per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                                       num_mini_batches=4, iif_keep_steps=keep_steps)),
+        processing_class=setup.tokenizer, model=setup.peft_policy(), ref_model=None,
+        reward_model=setup.reward, train_dataset=setup.train, value_model=setup.value,
+    )  # fmt: skip
+    trainer.steps = []
+    seed_everything(0)
+    trainer.train()
+    epochs = trainer.args.num_ppo_epochs
+    assert len(trainer.steps) == steps_per_epoch * epochs
+    for epoch in range(epochs):
+        records = trainer.steps[epoch * steps_per_epoch : (epoch + 1) * steps_per_epoch]
+        assert sorted(i for step in records for i in step) == [0, 2, 3, 5, 6]
+        assert max(len(step) for step in records) <= 2
+
+
 class WrongSign(IIFPPOTrainer):
     """Give record 3 a huge advantage of the sign that lowers the target (checked by autograd)."""
 

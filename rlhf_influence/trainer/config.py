@@ -92,6 +92,15 @@ class IIFPPOConfig(PPOConfig):
             "choices": ["influence", "random"],
         },
     )
+    iif_keep_steps: bool = field(
+        default=False,
+        metadata={
+            "help": "false: the kept records fill PPO's mini-batches of the usual size, so dropping records "
+            "drops optimizer steps (the paper's way, and the only one that saves time). true: keep PPO's "
+            "number of mini-batches (num_mini_batches steps an epoch), each smaller, so a round moves the "
+            "policy as many steps as PPO's does (benchmarks/README.md: when IIF helps)."
+        },
+    )
     iif_store: bool = field(
         default=True,
         metadata={

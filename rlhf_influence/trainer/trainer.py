@@ -690,6 +690,7 @@ class IIFPPOTrainer(PPOTrainer):
             per_device_batch_size=args.per_device_train_batch_size,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             num_mini_batches=args.num_mini_batches,
+            keep_steps=args.iif_keep_steps,
         )
         for mini_batch in plan:
             for micro in mini_batch:
