@@ -102,6 +102,17 @@ def _behaviour(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--response", required=required, help="the response text whose likelihood is traced")
 
 
+def _responses(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--responses",
+        type=whole_number(0),
+        default=4,
+        help="for each jump, trace its round's N highest-reward responses to the records of the round before "
+        "that made them more likely (from the stored gradients; rebuilds the policy once, seconds on a "
+        "small model; 0: skip; default 4)",
+    )
+
+
 def _json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON for machines instead of tables")
 
@@ -132,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _run(audit)
     _jump_rule(audit, top=5)
+    _responses(audit)
     _json(audit)
 
     score = commands.add_parser(
@@ -212,14 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report",
         help="one self-contained HTML page: curves, influence distribution, records behind each jump",
-        description="Write a self-contained HTML report (inline SVG plots, no scripts; run text is escaped). "
+        description="Write a self-contained HTML report that opens offline: interactive Plotly charts (reward and "
+        "KL per round, kept share, influence distributions; plotly.js inlined, about 5 MB) and, for each jump, "
+        "the records behind it with their reward, advantages and influence. Run text is escaped. "
         + JUMP_RULE,
     )
     _run(report)
     report.add_argument(
         "-o", "--output", default="report.html", help="the HTML file to write (default report.html)"
     )
+    report.add_argument(
+        "--compare", metavar="RUN", help="another run (e.g. plain PPO with --iif_drop_fraction 0) whose reward "
+        "and KL are drawn dashed beside this run's",
+    )  # fmt: skip
     _jump_rule(report, top=5)
+    _responses(report)
     return parser
 
 
@@ -268,7 +287,14 @@ def run_report(args) -> int:
         raise UsageError(f"--output {args.output} lies inside the run {run}: the CLI never writes there")
     if output.is_dir():
         raise UsageError(f"--output {args.output} is a directory; name the HTML file to write")
-    page = render_report(args.run, z=args.z, min_delta=args.min_delta, top=args.top)
+    page = render_report(
+        args.run,
+        z=args.z,
+        min_delta=args.min_delta,
+        top=args.top,
+        responses=args.responses,
+        compare=args.compare,
+    )
     try:
         output.write_text(page, encoding="utf-8")
     except OSError as exc:
@@ -325,19 +351,32 @@ def run_formation(args) -> int:
     return 0
 
 
-def print_records(title: str, groups: list[tuple[str, list, str]]) -> None:
-    """One rich table of records (influence, reward, kept, prompt, response), grouped and coloured."""
+def print_records(title: str, groups: list[tuple[str, list, str]], what: str = "influence") -> None:
+    """One rich table of records (influence in fixed notation, reward, advantages where known,
+    kept, prompt, response), grouped and coloured."""
+    import math
+
     from rich.console import Console
     from rich.table import Table
 
+    from .audit.report import fixed_scale
+
+    rows_all = [r for _, rows, _ in groups for r in rows]
+    scale, note = fixed_scale([r.influence for r in rows_all])
+    advantages = any(math.isfinite(getattr(r, "advantage_mean", math.nan)) for r in rows_all)
     table = Table(title=title)
-    for name, justify in (("", "left"), ("influence", "right"), ("reward", "right"), ("kept", "center"),
-                          ("prompt", "left"), ("response", "left")):  # fmt: skip
+    columns = [("", "left"), (what + note, "right"), ("reward", "right")]
+    columns += [("adv. mean", "right"), ("adv. last", "right")] if advantages else []
+    columns += [("kept", "center"), ("prompt", "left"), ("response", "left")]
+    for name, justify in columns:
         table.add_column(name, justify=justify, overflow="fold")
     for label, rows, style in groups:
         for r in rows:
-            table.add_row(label, f"{r.influence:+.3e}", f"{r.reward:+.3f}", "yes" if r.kept else "no",
-                          terminal_text(r.prompt), terminal_text(r.response), style=style)  # fmt: skip
+            cells = [label, f"{r.influence / 10**scale:+.2f}", f"{r.reward:+.3f}"]
+            if advantages:
+                cells += [f"{r.advantage_mean:+.3f}", f"{r.advantage_last:+.3f}"]
+            cells += ["yes" if r.kept else "no", terminal_text(r.prompt), terminal_text(r.response)]
+            table.add_row(*cells, style=style)
     Console().print(table, markup=False)
 
 
@@ -362,7 +401,7 @@ def run_score(args) -> int:
 def run_audit(args) -> int:
     from .audit import audit_run
 
-    report = audit_run(args.run, z=args.z, min_delta=args.min_delta, top=args.top)
+    report = audit_run(args.run, z=args.z, min_delta=args.min_delta, top=args.top, responses=args.responses)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return 0
@@ -382,6 +421,21 @@ def run_audit(args) -> int:
         print_records(
             f"round {jump.round}: reward {jump.reward_delta:+.3f}, driven by round {jump.attributed_round}'s records",
             [("top", jump.top_records, "green"), ("bottom", jump.bottom_records, "red")],
+        )
+        best = jump.best_responses
+        if best is None:
+            continue
+        if best.note:
+            console.print(f"round {jump.round}'s best responses: {best.note}", markup=False)
+            continue
+        kept_top = "-" if best.kept_of_top is None else f"{best.kept_of_top:.0%}"
+        kept_all = "-" if best.kept_of_raising is None else f"{best.kept_of_raising:.0%}"
+        print_records(
+            f"round {jump.round}'s {len(best.responses)} highest-reward responses, and the records of round "
+            f"{jump.attributed_round} that most raised their probability (IIF kept {kept_top} of these, "
+            f"{kept_all} of all that raised it)",
+            [("best", best.responses, "cyan"), ("raised by", best.records, "green")],
+            what="influence",
         )
     return 0
 

@@ -81,6 +81,8 @@ def test_audit_json_shape_and_attribution(tmp_path, capsys):
     assert [r["prompt"] for r in top] == ["prompt 3.5", "prompt 3.4"]
     assert set(top[0]) >= {"prompt", "response", "reward", "influence"}
     assert [r["prompt"] for r in jump["bottom_records"]] == ["prompt 3.0", "prompt 3.1"]
+    # no stored gradients in this run: the best responses cannot be traced, and it says so
+    assert jump["best_responses"]["note"].startswith("not available: the run stored no gradients")
     assert tree_digest(run) == before  # an audit never modifies the store
 
 
@@ -173,7 +175,9 @@ def test_diagnose_counts_wrong_sign_advantages(tmp_path, capsys):
     from rlhf_influence.audit.analyses import diagnose
     from rlhf_influence.store import StoreError
 
-    with pytest.raises(StoreError, match=r"must be in \(0, 0.5\], got 0.9"):  # and by the library, for API users
+    with pytest.raises(
+        StoreError, match=r"must be in \(0, 0.5\], got 0.9"
+    ):  # and by the library, for API users
         diagnose(run, bottom_fraction=0.9)
 
 
@@ -192,7 +196,12 @@ def test_store_files_honour_the_umask(tmp_path):
     finally:
         os.umask(previous)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [final, *final.iterdir()]}
-    assert modes == {final.name: 0o755, "records.parquet": 0o644, "metrics.json": 0o644, "adapter.safetensors": 0o644}
+    assert modes == {
+        final.name: 0o755,
+        "records.parquet": 0o644,
+        "metrics.json": 0o644,
+        "adapter.safetensors": 0o644,
+    }
 
 
 def test_terminal_text_shows_control_characters(capsys):
@@ -201,7 +210,9 @@ def test_terminal_text_shows_control_characters(capsys):
     from rlhf_influence.cli import print_records, terminal_text
 
     assert terminal_text("a\x1b[31mred\nnext\x9b") == "a\\x1b[31mred\\nnext\\x9b"
-    record = SimpleNamespace(influence=1.0, reward=0.5, kept=True, prompt="p\x1b]0;pwned\x07", response="r\x1b[2J")
+    record = SimpleNamespace(
+        influence=1.0, reward=0.5, kept=True, prompt="p\x1b]0;pwned\x07", response="r\x1b[2J"
+    )
     print_records("records", [("top", [record], "green")])
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\\x1b]0;pwned" in out and "\\x1b[2J" in out

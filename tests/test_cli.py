@@ -20,6 +20,7 @@ def test_console_script_version_and_help():
     )
     assert "attribution" in out.stdout
 
+
 BEHAVIOUR = ["--prompt", "the movie was", "--response", "great"]
 BAD_ARGS = [  # (arguments after the run, phrase of the one-line message)
     (["audit", "--z", "nan"], "argument --z: must be a finite number >= 0, got nan"),

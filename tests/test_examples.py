@@ -101,3 +101,9 @@ def test_gpu_check_script_smoke(tmp_path):
         names = tar.getnames()
     assert "results/engine_check.json" in names and "results/efficacy/table.md" in names
     assert not any("/tokenizer/" in name for name in names)
+
+
+def test_report_scale_benchmark_smoke(tmp_path):
+    out = run("benchmarks/report_scale.py", "--rounds", "6", "--records", "8", "--out", str(tmp_path))
+    assert "6 rounds x 8 records" in out and "report --responses 0:" in out
+    assert (tmp_path / "result.json").is_file()

@@ -81,7 +81,9 @@ SHIPPED = {
 
 def test_every_shipped_config_is_tested():
     # multi_cpu (DDP over gloo, no mixed precision) runs in the reward test below
-    assert sorted([*SHIPPED, "multi_cpu"]) == sorted(p.stem for p in (ROOT / "accelerate_configs").glob("*.yaml"))
+    assert sorted([*SHIPPED, "multi_cpu"]) == sorted(
+        p.stem for p in (ROOT / "accelerate_configs").glob("*.yaml")
+    )
 
 
 @pytest.mark.slow

@@ -160,7 +160,7 @@ def test_audit_and_report_read_the_reviews_run(reviews_run, tmp_path, capsys):
     html = tmp_path / "report.html"
     assert cli_main(["report", str(reviews_run), "-o", str(html)]) == 0
     page = html.read_text()
-    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "No jump in this run" in page
+    assert page.startswith("<!DOCTYPE html>") and 'id="reward"' in page and "No jump in this run" in page
 
 
 def test_score_of_ordinary_words_agrees_with_exact_influence_at_the_snapshot(reviews_run, checkpoint, capsys):

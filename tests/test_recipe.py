@@ -89,7 +89,16 @@ def test_real_job_from_local_files_trains(tmp_path, local_model):
 
 def test_iif_enabled_false_trains_plain_ppo_and_stores_nothing(tmp_path, capsys):
     out = tmp_path / "plain"
-    argv = ["--output_dir", str(out), "--total_episodes", "32", "--iif_enabled", "false", "--disable_tqdm", "true"]
+    argv = [
+        "--output_dir",
+        str(out),
+        "--total_episodes",
+        "32",
+        "--iif_enabled",
+        "false",
+        "--disable_tqdm",
+        "true",
+    ]
     assert recipe_main()(argv) == 0
     printed = capsys.readouterr().out
     assert "attribution:   none stored (--iif_enabled false or --iif_store false)" in printed
@@ -205,7 +214,9 @@ def test_chat_message_prompts_are_tokenised_with_the_template(tmp_path, local_mo
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     tokenizer.save_pretrained(chat)
     data = tmp_path / "chat.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": [{"role": "user", "content": "the movie was"}]}) for _ in range(48)))
+    data.write_text(
+        "\n".join(json.dumps({"prompt": [{"role": "user", "content": "the movie was"}]}) for _ in range(48))
+    )
     out = tmp_path / "out"
     argv = ["--model_name_or_path", str(chat), "--dataset_name", str(data), "--reward_function", "sentiment",
             "--heldout_size", "8", "--per_device_train_batch_size", "8", "--total_episodes", "8",
@@ -282,7 +293,14 @@ def test_bad_flags_of_the_embedded_run(capsys, tmp_path, no_model_loads, flags, 
 )  # fmt: skip
 def test_bad_flags_of_a_real_job(capsys, tmp_path, local_model, no_model_loads, flags, message):
     data = write_prompts(tmp_path / "prompts.jsonl", 400)
-    argv = ["--model_name_or_path", str(local_model), "--dataset_name", str(data), "--output_dir", str(tmp_path / "o")]
+    argv = [
+        "--model_name_or_path",
+        str(local_model),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
     fails_with(capsys, [*argv, *flags], message)
 
 
@@ -318,14 +336,18 @@ def test_unusable_prompts(capsys, tmp_path, local_model, rows, message):
 def test_prompts_longer_than_the_context_are_dropped_and_counted(capsys, tmp_path, local_model):
     data = tmp_path / "prompts.jsonl"  # the tiny model's context is 128 tokens; 8 of these prompts exceed it
     long_prompt = " ".join(["the movie was"] * 50)
-    data.write_text("\n".join(json.dumps({"prompt": long_prompt if i < 8 else "the movie was"}) for i in range(48)))
+    data.write_text(
+        "\n".join(json.dumps({"prompt": long_prompt if i < 8 else "the movie was"}) for i in range(48))
+    )
     argv = ["--model_name_or_path", str(local_model), "--dataset_name", str(data), "--reward_function", "sentiment",
             "--heldout_size", "8", "--per_device_train_batch_size", "40", "--response_length", "28",
             "--output_dir", str(tmp_path / "out")]  # fmt: skip
     with pytest.raises(SystemExit):
         recipe_main()(argv)
     out, err = capsys.readouterr()
-    assert "prompts longer than 100 tokens (the model's context of 128 tokens minus --response_length 28)" in out
+    assert (
+        "prompts longer than 100 tokens (the model's context of 128 tokens minus --response_length 28)" in out
+    )
     assert "training prompts are fewer than one round's batch of 40 records" in err
 
 
@@ -354,6 +376,8 @@ def test_bf16_flag_alone_reaches_the_accelerator(tmp_path):
     out = tmp_path / "bf16"  # in its own process: accelerate keeps one precision per process
     argv = [sys.executable, str(RECIPE), "--output_dir", str(out), "--bf16", "true", "--total_episodes", "32",
             "--num_ppo_epochs", "1", "--disable_tqdm", "true"]  # fmt: skip
-    result = subprocess.run(argv, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    result = subprocess.run(
+        argv, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert AttributionStore.open(out).manifest["mixed_precision"] == "bf16"

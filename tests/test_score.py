@@ -219,3 +219,47 @@ def test_intervention_on_the_return_target(return_run, capsys):
     assert "leave out --prompt/--response" in capsys.readouterr().err
     assert main(["intervene", str(run_dir), "--round", "2"]) == 2
     assert "or use --return-target" in capsys.readouterr().err
+
+
+def test_jump_best_responses_are_traced_to_the_records_before(run_dir):
+    """The target is the sum of the jump round's best responses' log-probs, so each record's
+    influence on it is the sum of its `score` on each response (checked against exact scoring
+    above); the responses are the jump round's highest-reward ones; kept shares as stated."""
+    from rlhf_influence.audit.jumps import Jump, _records, _trace_best_responses
+    from rlhf_influence.store import AttributionStore
+
+    store = AttributionStore.open(run_dir)
+    records = {k: _records(store, k) for k in store.rounds()}
+    jump = Jump(round=3, reward_delta=0.1, attributed_round=2)
+    _trace_best_responses(run_dir, [jump], records, responses=3, top=4)
+    best = jump.best_responses
+    assert not best.note
+    rewards = sorted((r.reward for r in records[3] if r.response.strip()), reverse=True)
+    assert [r.reward for r in best.responses] == rewards[:3]
+    singles = [score_behaviour(run_dir, 2, r.prompt, r.response) for r in best.responses]
+    summed = {rec.record: sum(s[i].influence for s in singles) for i, rec in enumerate(singles[0])}
+    expected_top = sorted(summed, key=lambda k: -summed[k])[:4]
+    assert [r.record for r in best.records] == expected_top
+    for r in best.records:
+        assert r.influence == pytest.approx(summed[r.record], rel=1e-4, abs=1e-6)
+    kept = {r.record: r.kept for r in records[2]}
+    assert best.kept_of_top == sum(kept[k] for k in expected_top) / 4
+    raising = [k for k, v in summed.items() if v > 0]
+    assert best.kept_of_raising == pytest.approx(sum(kept[k] for k in raising) / len(raising))
+
+
+def test_audit_json_carries_each_jumps_best_responses(run_dir, capsys):
+    from rlhf_influence.store import AttributionStore
+
+    store = AttributionStore.open(run_dir)
+    means = [store.read_metrics(k)["objective/scores"] for k in store.rounds()]
+    assert means[1] > means[0]  # this run's round 2 is a rise, so z=0 makes it a jump
+    assert main(["audit", str(run_dir), "--json", "--z", "0", "--responses", "2", "--top", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    jump = report["jumps"][0]
+    assert jump["round"] == 2 and len(jump["best_responses"]["responses"]) == 2
+    assert len(jump["best_responses"]["records"]) == 2 and jump["best_responses"]["note"] == ""
+    assert {"advantage_mean", "advantage_last"} <= set(jump["top_records"][0])
+    assert report["rounds"][0]["kl"] is not None
+    assert main(["audit", str(run_dir), "--z", "0", "--responses", "2"]) == 0
+    assert "highest-reward responses, and the records of round 1" in capsys.readouterr().out

@@ -10,7 +10,7 @@ on that round's return target pushed the policy up, the bottom ones pushed it do
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import pairwise
 
 from ..store import AttributionStore, StoreError
@@ -22,6 +22,7 @@ class RoundSummary:
     mean_reward: float
     kept: int
     dropped: int
+    kl: float | None = None  # the policy's KL to the reference (TRL's objective/kl), where logged
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,26 @@ class RecordView:
     reward: float
     influence: float
     kept: bool
+    advantage_mean: float = math.nan  # over the response's tokens
+    advantage_last: float = math.nan  # at its last token
+
+
+@dataclass
+class JumpResponses:
+    """Which records of the round before a jump made the jump round's best responses more likely.
+
+    The target is the summed log-probability of ``responses`` (the jump round's highest-reward
+    records) at the previous round's stored snapshot; ``records`` are that round's records with
+    the highest influence on it (``influence`` holds that score, not the return target's).
+    ``kept_of_top``: the share of ``records`` IIF kept; ``kept_of_raising``: the share kept among
+    all records with positive influence on it. ``note`` says why it is missing, when it is.
+    """
+
+    responses: list[RecordView] = field(default_factory=list)
+    records: list[RecordView] = field(default_factory=list)
+    kept_of_top: float | None = None
+    kept_of_raising: float | None = None
+    note: str = ""
 
 
 @dataclass
@@ -41,6 +62,7 @@ class Jump:
     attributed_round: int  # the round whose records trained the policy that produced it
     top_records: list[RecordView] = field(default_factory=list)
     bottom_records: list[RecordView] = field(default_factory=list)
+    best_responses: JumpResponses | None = None
 
 
 @dataclass
@@ -68,17 +90,31 @@ def find_jumps(mean_rewards: list[float], z: float = 1.5, min_delta: float = 0.0
     return [(k + 1, d) for k, d in enumerate(deltas) if d > threshold and d > 0]
 
 
+COLUMNS = ("record", "prompt", "response", "reward", "influence", "kept")
+ADVANTAGE_COLUMNS = ("advantage_mean", "advantage_last")  # absent from stores of other writers
+
+
 def _records(store: AttributionStore, round_index: int) -> list[RecordView]:
     table = store.read_records(round_index).to_pydict()
-    needed = ("record", "prompt", "response", "reward", "influence", "kept")
-    missing = [c for c in needed if c not in table]
+    missing = [c for c in COLUMNS if c not in table]
     if missing:
         raise StoreError(f"round {round_index}: records.parquet lacks columns {missing}")
-    return [RecordView(*(table[c][i] for c in needed)) for i in range(len(table["record"]))]
+    present = COLUMNS + tuple(c for c in ADVANTAGE_COLUMNS if c in table)
+    return [RecordView(**{c: table[c][i] for c in present}) for i in range(len(table["record"]))]
 
 
-def audit_run(path, z: float = 1.5, min_delta: float = 0.0, top: int = 5) -> AuditReport:
-    """Summarise every round and attribute every reward jump of the run at ``path``."""
+def _kl(store: AttributionStore, round_index: int) -> float | None:
+    value = store.read_metrics(round_index).get("objective/kl")
+    return float(value) if isinstance(value, int | float) else None
+
+
+def audit_run(path, z: float = 1.5, min_delta: float = 0.0, top: int = 5, responses: int = 0) -> AuditReport:
+    """Summarise every round and attribute every reward jump of the run at ``path``.
+
+    ``responses`` > 0: also trace, for each jump, the jump round's ``responses`` highest-reward
+    responses to the records of the round before that made them more likely (from the stored
+    gradients; this rebuilds the policy once).
+    """
     store = AttributionStore.open(path)
     indices = store.rounds()
     if not indices:
@@ -88,7 +124,9 @@ def audit_run(path, z: float = 1.5, min_delta: float = 0.0, top: int = 5) -> Aud
         rows = _records(store, k)
         records[k] = rows
         kept = sum(r.kept for r in rows)
-        summaries.append(RoundSummary(k, sum(r.reward for r in rows) / len(rows), kept, len(rows) - kept))
+        summaries.append(
+            RoundSummary(k, sum(r.reward for r in rows) / len(rows), kept, len(rows) - kept, _kl(store, k))
+        )
     jumps = []
     for pos, delta in find_jumps([s.mean_reward for s in summaries], z=z, min_delta=min_delta):
         cause = indices[pos - 1]
@@ -102,4 +140,47 @@ def audit_run(path, z: float = 1.5, min_delta: float = 0.0, top: int = 5) -> Aud
                 bottom_records=ranked[::-1][:top],
             )
         )
-    return AuditReport(summaries, jumps, {"z": z, "min_delta": min_delta, "top": top})
+    if responses > 0 and jumps:
+        _trace_best_responses(path, jumps, records, responses, top)
+    rule = {"z": z, "min_delta": min_delta, "top": top, "responses": responses}
+    return AuditReport(summaries, jumps, rule)
+
+
+def _trace_best_responses(path, jumps: list[Jump], records: dict, responses: int, top: int) -> None:
+    """Fill each jump's ``best_responses`` (see :class:`JumpResponses`)."""
+    from .rescore import SnapshotScorer
+
+    try:
+        scorer = SnapshotScorer(path)
+    except StoreError as exc:
+        for jump in jumps:
+            jump.best_responses = JumpResponses(note=f"not available: {exc}")
+        return
+    for jump in jumps:
+        # an empty response has no tokens whose probability could be raised
+        candidates = [r for r in records[jump.round] if r.response.strip() and math.isfinite(r.reward)]
+        best = sorted(candidates, key=lambda r: -r.reward)[:responses]
+        if not best:
+            jump.best_responses = JumpResponses(note=f"round {jump.round} has no non-empty response")
+            continue
+        try:
+            scored = scorer.score_pairs(
+                jump.attributed_round, [r.prompt for r in best], [r.response for r in best]
+            )
+        except StoreError as exc:
+            jump.best_responses = JumpResponses(responses=best, note=f"not available: {exc}")
+            continue
+        by_record = {s.record: s.influence for s in scored}
+        rescored = [
+            replace(r, influence=by_record[r.record])
+            for r in records[jump.attributed_round]
+            if math.isfinite(by_record.get(r.record, math.nan))
+        ]
+        ranked = sorted(rescored, key=lambda r: -r.influence)[:top]
+        raising = [r for r in rescored if r.influence > 0]
+        jump.best_responses = JumpResponses(
+            responses=best,
+            records=ranked,
+            kept_of_top=sum(r.kept for r in ranked) / len(ranked) if ranked else None,
+            kept_of_raising=sum(r.kept for r in raising) / len(raising) if raising else None,
+        )

@@ -70,6 +70,11 @@ class SnapshotScorer:
 
     def score(self, round_index: int, prompt: str, response: str) -> list[ScoredRecord]:
         """Influence of every record of the round on log pi(response | prompt) at the round start."""
+        return self.score_pairs(round_index, [prompt], [response])
+
+    def score_pairs(self, round_index: int, prompts: list[str], responses: list[str]) -> list[ScoredRecord]:
+        """Influence of every record of the round on the summed log-probs of the (prompt, response)
+        pairs at the round start: which records made these responses more likely."""
         self.load_round(round_index)
         gradients = self.store.read_tensors(round_index, "gradients")["projected"].float()
         table = self.store.read_records(round_index).to_pydict()
@@ -84,7 +89,7 @@ class SnapshotScorer:
                 f"rebuilt policy projects to {self.projector.output_size(self.layout)}"
             )
         try:
-            target = LogProbTarget.from_text(self.tokenizer, [prompt], [response])
+            target = LogProbTarget.from_text(self.tokenizer, list(prompts), list(responses))
         except ValueError as exc:
             raise StoreError(f"cannot score this behaviour: {exc}") from None
         target.temperature = self.temperature
