@@ -75,11 +75,14 @@ def plan_epoch(
     steps by the trainer).
 
     ``keep_steps``: keep PPO's number of mini-batches (optimizer steps) instead, so dropped
-    records make the mini-batches smaller, not fewer.
+    records make the mini-batches smaller, not fewer; where fewer records are kept than PPO has
+    mini-batches, one mini-batch per kept record (of the process with the most).
     """
     micro_per_mini = math.ceil(local_mini_batch_size / per_device_batch_size)
-    if keep_steps:
-        num_mini = num_mini_batches
+    if (
+        keep_steps
+    ):  # never a mini-batch with no record on every process: that step would move on momentum alone
+        num_mini = min(num_mini_batches, max(1, max_kept_per_process))
     else:
         num_mini = min(num_mini_batches, max(1, math.ceil(max_kept_per_process / local_mini_batch_size)))
     while (num_mini * micro_per_mini) % gradient_accumulation_steps and num_mini < num_mini_batches:
