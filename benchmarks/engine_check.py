@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             if mode == "float32"
             else f"error <= {BF16_FACTOR:g} x the mode's own, rho >= {SPEARMAN_BOUND}"
         )
-        print(f"| {mode} | {' | '.join(cells)} | {check['spearman_vs_float32']:.4f} | "
+        rho = "- (the reference)" if mode == "float32" else f"{check['spearman_vs_float32']:.4f}"
+        print(f"| {mode} | {' | '.join(cells)} | {rho} | "
               f"{'yes' if check['pass'] else 'NO'} ({bound}) |")  # fmt: skip
     results["seconds"] = time.perf_counter() - start
     if args.out:

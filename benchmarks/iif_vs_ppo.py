@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -54,7 +55,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from rlhf_influence.tasks import DEFAULT_TASK, TASKS, get_task
+from rlhf_influence.tasks import DEFAULT_TASK, TASKS, get_task, noisy_sentiment
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "ppo_iif.py"
@@ -96,7 +97,7 @@ ARMS = {
 FILTERING = set(ARMS) - {"ppo", "ppo_matched"}
 # Tasks whose reward is known to be corrupted for some records: (flip fraction, salt) of
 # rlhf_influence.tasks.rewards.is_flipped; their curves use the clean reward, recomputed per record.
-NOISY_TASKS = {"noisy_sentiment": (0.2, "noisy_sentiment")}
+NOISY_TASKS = {"noisy_sentiment": (noisy_sentiment.FLIP_FRACTION, noisy_sentiment.SALT)}
 
 
 def run_one(
@@ -104,7 +105,16 @@ def run_one(
 ) -> Path:
     run_dir = out / arm / f"seed{seed}"
     if (run_dir / "done.json").is_file():
+        done = json.loads((run_dir / "done.json").read_text())
+        if done.get("flags", []) != list(extra):
+            raise RuntimeError(
+                f"{run_dir} was run with {done.get('flags', [])}, not {list(extra)}: use another --out"
+            )
         return run_dir
+    if task in NOISY_TASKS and "--missing_eos_penalty" in extra:
+        raise ValueError(
+            "the label-noise analysis recomputes clean rewards from stored ones: no --missing_eos_penalty"
+        )
     batch = records_per_round(task, arm)
     cmd = [sys.executable, str(RECIPE), "--embedded_task", task, *ARMS[arm], "--per_device_train_batch_size", str(batch),
            "--seed", str(seed), "--total_episodes", str(batch * rounds),
@@ -114,7 +124,7 @@ def run_one(
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"{arm} seed {seed} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    (run_dir / "done.json").write_text(json.dumps({"seconds": time.time() - start}))
+    (run_dir / "done.json").write_text(json.dumps({"seconds": time.time() - start, "flags": list(extra)}))
     return run_dir
 
 
@@ -150,8 +160,9 @@ def label_noise(run_dir: Path, fraction: float, salt: str) -> dict[str, list[flo
         flips = [is_flipped(r["prompt"], r["response"], fraction, salt) for r in rows]
         clean = [-r["reward"] if f else r["reward"] for r, f in zip(rows, flips, strict=True)]
         out["clean_scores"].append(statistics.fmean(clean))
-        order = sorted(range(n), key=lambda i: rows[i]["influence"])
-        percentile = {i: k / max(1, n - 1) for k, i in enumerate(order)}
+        finite = [i for i in range(n) if math.isfinite(rows[i]["influence"])]
+        order = sorted(finite, key=lambda i: rows[i]["influence"])
+        percentile = {i: k / max(1, len(order) - 1) for k, i in enumerate(order)}
         for name, members in (
             ("flipped", [i for i in range(n) if flips[i] and clean[i] != 0]),
             ("other", [i for i in range(n) if not (flips[i] and clean[i] != 0)]),
@@ -162,9 +173,8 @@ def label_noise(run_dir: Path, fraction: float, salt: str) -> dict[str, list[flo
                 for i in members
             ]
             out[f"{name}_dropped"].append(statistics.fmean(dropped) if members else float("nan"))
-            out[f"{name}_rank"].append(
-                statistics.fmean([percentile[i] for i in members]) if members else float("nan")
-            )
+            ranked = [percentile[i] for i in members if i in percentile]
+            out[f"{name}_rank"].append(statistics.fmean(ranked) if ranked else float("nan"))
     return out
 
 
@@ -263,7 +273,7 @@ def paired(summary: dict, metric: str) -> str:
             for s in rows
             if s in base and None not in (rows[s][metric], base[s][metric])
         ]
-        wins = f"; {sum(d > 0 for d in diffs)} of {len(diffs)} above" if diffs else ""
+        wins = f"; higher than PPO's in {sum(d > 0 for d in diffs)} of {len(diffs)}" if diffs else ""
         lines.append(f"| {arm} | {describe(diffs)}{wins} |")
     return "\n".join(lines)
 
@@ -317,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out = args.out or results_dir(args.task)
     if "ppo" not in args.arms:
         parser.error("the ppo arm is the reference; include it")
+    if bad := [item for item in args.set if "=" not in item or not item.partition("=")[2]]:
+        parser.error(f"--set takes FIELD=VALUE items, got {bad}")
     extra = tuple(
         flag for item in args.set for flag in (f"--{item.partition('=')[0]}", item.partition("=")[2])
     )

@@ -108,8 +108,9 @@ def _responses(parser: argparse.ArgumentParser) -> None:
         type=whole_number(0),
         default=4,
         help="for each jump, trace its round's N highest-reward responses to the records of the round before "
-        "that made them more likely (from the stored gradients; rebuilds the policy once, seconds on a "
-        "small model; 0: skip; default 4)",
+        "that made them more likely (from the stored gradients; rebuilds the policy once from the saved base "
+        "model, or from the one the run names, which may need the hub or its cache: seconds on a small "
+        "model; 0: skip; default 4)",
     )
 
 
@@ -278,7 +279,7 @@ def run_report(args) -> int:
     from pathlib import Path
 
     from .audit.report import render_report
-    from .store import AttributionStore
+    from .store import AttributionStore, StoreError
 
     output = Path(args.output).resolve()
     store = AttributionStore.open(args.run).path.resolve()
@@ -287,6 +288,14 @@ def run_report(args) -> int:
         raise UsageError(f"--output {args.output} lies inside the run {run}: the CLI never writes there")
     if output.is_dir():
         raise UsageError(f"--output {args.output} is a directory; name the HTML file to write")
+    if args.compare is not None:
+        try:
+            other = AttributionStore.open(args.compare).path.resolve()
+        except StoreError as exc:
+            raise UsageError(f"--compare {args.compare}: {exc}") from None
+        other_run = other.parent if other.name == "attribution" else other
+        if output == other_run or other_run in output.parents:
+            raise UsageError(f"--output {args.output} lies inside the --compare run {other_run}")
     page = render_report(
         args.run,
         z=args.z,
@@ -403,7 +412,7 @@ def run_audit(args) -> int:
 
     report = audit_run(args.run, z=args.z, min_delta=args.min_delta, top=args.top, responses=args.responses)
     if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+        print(json.dumps(report.to_json(), indent=2, allow_nan=False))
         return 0
     from rich.console import Console
 
@@ -428,16 +437,28 @@ def run_audit(args) -> int:
         if best.note:
             console.print(f"round {jump.round}'s best responses: {best.note}", markup=False)
             continue
-        kept_top = "-" if best.kept_of_top is None else f"{best.kept_of_top:.0%}"
-        kept_all = "-" if best.kept_of_raising is None else f"{best.kept_of_raising:.0%}"
+        print_responses(
+            f"round {jump.round}'s {len(best.responses)} highest-reward responses", best.responses
+        )
         print_records(
-            f"round {jump.round}'s {len(best.responses)} highest-reward responses, and the records of round "
-            f"{jump.attributed_round} that most raised their probability (IIF kept {kept_top} of these, "
-            f"{kept_all} of all that raised it)",
-            [("best", best.responses, "cyan"), ("raised by", best.records, "green")],
-            what="influence",
+            f"round {jump.attributed_round}'s records that most raised their probability ({best.kept_text()})",
+            [("raised", best.records, "green")],
+            what="influence on them",
         )
     return 0
+
+
+def print_responses(title: str, rows: list) -> None:
+    """Records as reward, prompt and response only."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name, justify in (("reward", "right"), ("prompt", "left"), ("response", "left")):
+        table.add_column(name, justify=justify, overflow="fold")
+    for r in rows:
+        table.add_row(f"{r.reward:+.3f}", terminal_text(r.prompt), terminal_text(r.response), style="cyan")
+    Console().print(table, markup=False)
 
 
 def main(argv: list[str] | None = None) -> int:

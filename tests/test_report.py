@@ -50,6 +50,10 @@ def test_report_sections_and_escaping(report):
     assert "<img" not in page and "pwned" not in "".join(re.findall(r"<script>(.*?)</script>", page, re.S))
     # self-contained: nothing is loaded (CSP forbids it; no URL outside plotly.js's own code)
     assert "default-src 'none'" in page
+    # only the page's own scripts may run: each allowed by its hash, no 'unsafe-inline'
+    policy = re.search(r"script-src ([^;]*);", page).group(1)
+    assert "unsafe-inline" not in policy
+    assert policy.count("'sha256-") == page.count("<script>") >= 6
     assert "http://" not in outside_plotly(page) and "https://" not in outside_plotly(page)
     assert "<link" not in page
 
@@ -142,3 +146,24 @@ def test_report_never_writes_inside_the_run(tmp_path, capsys):
     assert main(["report", str(run), "-o", str(tmp_path / "no-such-dir" / "r.html")]) == 2
     assert "cannot write --output" in capsys.readouterr().err
     assert tree_digest(run) == before
+
+
+def test_non_finite_values_and_missing_metrics(tmp_path, capsys):
+    """A NaN influence, a round whose metrics cannot be read and stores without advantage columns:
+    the report renders, and audit --json stays valid JSON (null, never NaN)."""
+    run = make_run(tmp_path)
+    store = AttributionStore.open(run)
+    table = store.read_records(3).to_pydict()
+    table["influence"][2] = float("nan")
+    shutil.rmtree(store.round_dir(3))
+    store.write_round(3, table, {"objective/scores": 0.02})
+    (store.round_dir(5) / "metrics.json").unlink()
+    assert main(["report", str(run), "-o", str(tmp_path / "r.html")]) == 0
+    assert main(["audit", str(run), "--json"]) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in JSON")
+
+    report = json.loads(capsys.readouterr().out.split("\n", 1)[1], parse_constant=refuse)
+    assert report["rounds"][4]["kl"] is None
+    assert report["jumps"][0]["top_records"][0]["advantage_mean"] is None

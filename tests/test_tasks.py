@@ -47,6 +47,10 @@ def test_noisy_sentiment_flips_the_sign_of_a_fifth_of_the_rewards():
     assert 0.15 < sum(flipped) / 400 < 0.25
     assert all(c != 0 for c in clean)  # every record here has a sentiment to flip
     assert noisy_sentiment.build(seed=0).reward is noisy_sentiment.noisy_reward
+    # pinned: stores written with this task must stay recomputable (benchmarks' label-noise table)
+    pinned = [("the movie was", "sad", True), ("the movie was", "brilliant", True), ("the film was", "good", True),
+              ("the movie was", "great fun", False), ("the film was", "awful and sad", False)]  # fmt: skip
+    assert [is_flipped(p, c, 0.2, noisy_sentiment.SALT) for p, c, _ in pinned] == [f for _, _, f in pinned]
 
 
 def test_reviews_prompts_are_disjoint_openings():

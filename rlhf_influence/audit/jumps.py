@@ -54,6 +54,12 @@ class JumpResponses:
     kept_of_raising: float | None = None
     note: str = ""
 
+    def kept_text(self) -> str:
+        """'IIF kept 40% of these, and 38% of all records that raised it' (or '-' where undefined)."""
+        top = "-" if self.kept_of_top is None else f"{self.kept_of_top:.0%}"
+        raising = "-" if self.kept_of_raising is None else f"{self.kept_of_raising:.0%}"
+        return f"IIF kept {top} of these, and {raising} of all records that raised it"
+
 
 @dataclass
 class Jump:
@@ -72,22 +78,36 @@ class AuditReport:
     rule: dict
 
     def to_json(self) -> dict:
-        return {
-            "rounds": [asdict(r) for r in self.rounds],
-            "jumps": [asdict(j) for j in self.jumps],
-            "rule": self.rule,
-        }
+        """Plain JSON values: NaN and infinities (a missing advantage column, a non-finite score) as None."""
+        return _finite_or_none(
+            {
+                "rounds": [asdict(r) for r in self.rounds],
+                "jumps": [asdict(j) for j in self.jumps],
+                "rule": self.rule,
+            }
+        )
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def find_jumps(mean_rewards: list[float], z: float = 1.5, min_delta: float = 0.0) -> list[tuple[int, float]]:
     """(index, delta) of every position k >= 1 whose change from k-1 is a jump (see module doc)."""
     deltas = [b - a for a, b in pairwise(mean_rewards)]
-    if not deltas:
+    finite = [d for d in deltas if math.isfinite(d)]
+    if not finite:
         return []
-    mean = sum(deltas) / len(deltas)
-    std = math.sqrt(sum((d - mean) ** 2 for d in deltas) / len(deltas))
+    mean = sum(finite) / len(finite)  # a round with a non-finite mean reward is no jump, nor sets the scale
+    std = math.sqrt(sum((d - mean) ** 2 for d in finite) / len(finite))
     threshold = max(min_delta, z * std)
-    return [(k + 1, d) for k, d in enumerate(deltas) if d > threshold and d > 0]
+    return [(k + 1, d) for k, d in enumerate(deltas) if math.isfinite(d) and d > threshold and d > 0]
 
 
 COLUMNS = ("record", "prompt", "response", "reward", "influence", "kept")
@@ -104,8 +124,13 @@ def _records(store: AttributionStore, round_index: int) -> list[RecordView]:
 
 
 def _kl(store: AttributionStore, round_index: int) -> float | None:
-    value = store.read_metrics(round_index).get("objective/kl")
-    return float(value) if isinstance(value, int | float) else None
+    """The round's logged KL to the reference; None where its metrics lack it or cannot be read
+    (the audit needs only the records)."""
+    try:
+        value = store.read_metrics(round_index).get("objective/kl")
+    except StoreError:
+        return None
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 def audit_run(path, z: float = 1.5, min_delta: float = 0.0, top: int = 5, responses: int = 0) -> AuditReport:

@@ -8,9 +8,12 @@ in the tables and never enters a chart or a script.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass
 
@@ -18,6 +21,7 @@ from ..store import AttributionStore
 from .jumps import AuditReport, Jump, RecordView, audit_run
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+SCRIPT_SRC_PLACEHOLDER = "script-src 'none'"  # replaced by the hashes of the page's own scripts
 LEGEND = (
     "Influence is on the round's return target: <b>helpful</b> records (positive) pushed the policy "
     "towards higher return, <b>harmful</b> ones (negative) away from it. A record's <b>advantage</b> "
@@ -78,7 +82,7 @@ def records_table(rows: list[RecordView], kind: str, what: str = "influence") ->
         f"<th>{html.escape(what)}{note}</th><th>kept</th><th>prompt</th><th>response</th></tr>"
     )
     body = "".join(
-        f'<tr class="{kind}"><td class="num">{r.record}</td><td class="num">{_number(r.reward)}</td>'
+        f'<tr class="{kind}"><td class="num">{html.escape(str(r.record))}</td><td class="num">{_number(r.reward)}</td>'
         f'<td class="num">{_number(r.advantage_mean)}</td><td class="num">{_number(r.advantage_last)}</td>'
         f'<td class="num infl">{_number(r.influence, 2, scale)}</td><td>{"yes" if r.kept else "no"}</td>'
         f"<td>{html.escape(str(r.prompt))}</td><td>{html.escape(str(r.response))}</td></tr>"
@@ -90,7 +94,7 @@ def records_table(rows: list[RecordView], kind: str, what: str = "influence") ->
 def responses_table(rows: list[RecordView]) -> str:
     head = "<tr><th>record</th><th>reward</th><th>prompt</th><th>response</th></tr>"
     body = "".join(
-        f'<tr><td class="num">{r.record}</td><td class="num">{_number(r.reward)}</td>'
+        f'<tr><td class="num">{html.escape(str(r.record))}</td><td class="num">{_number(r.reward)}</td>'
         f"<td>{html.escape(str(r.prompt))}</td><td>{html.escape(str(r.response))}</td></tr>"
         for r in rows
     )
@@ -262,14 +266,11 @@ def _jump_section(jump: Jump) -> str:
             f"<p class='meta'>Which records taught round {jump.round}'s best responses: {html.escape(best.note)}</p>"
         )
     elif best is not None:
-        kept_top = "-" if best.kept_of_top is None else f"{best.kept_of_top:.0%}"
-        kept_all = "-" if best.kept_of_raising is None else f"{best.kept_of_raising:.0%}"
         parts += [
             f"<p>Round {jump.round}'s {len(best.responses)} highest-reward responses:</p>",
             responses_table(best.responses),
             f"<p>Round {cause}'s records that most raised their probability (influence on their summed "
-            f"log-probability at round {cause}'s snapshot). IIF kept {kept_top} of these, and {kept_all} of "
-            "all records that raised it:</p>",
+            f"log-probability at round {cause}'s snapshot). {html.escape(best.kept_text())}:</p>",
             records_table(best.records, "raised", what="influence on these responses"),
         ]
     return "".join(parts)
@@ -318,7 +319,7 @@ def render_report(
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; style-src 'unsafe-inline'; "
-        "script-src 'unsafe-inline'; img-src data:; font-src data:\">",
+        f'{SCRIPT_SRC_PLACEHOLDER}; img-src data:; font-src data:">',
         f"<title>rlhf-influence report: {html.escape(str(store.path))}</title><style>{STYLE}</style>",
         f"<script>{get_plotlyjs()}</script></head><body>",
         f"<h1>rlhf-influence report</h1><p class='meta'>{html.escape(str(store.path))}<br>{meta}<br>"
@@ -342,4 +343,13 @@ def render_report(
         parts.append("<p>No jump in this run.</p>")
     parts += [_jump_section(jump) for jump in report.jumps]
     parts.append("</section></body></html>")
-    return "".join(parts)
+    return _allow_only_these_scripts("".join(parts))
+
+
+def _allow_only_these_scripts(page: str) -> str:
+    """The CSP lets exactly the page's own inline scripts run (by their SHA-256), no other."""
+    hashes = [
+        "'sha256-" + base64.b64encode(hashlib.sha256(body.encode("utf-8")).digest()).decode("ascii") + "'"
+        for body in re.findall(r"<script>(.*?)</script>", page, re.S)
+    ]
+    return page.replace(SCRIPT_SRC_PLACEHOLDER, "script-src " + " ".join(hashes), 1)
