@@ -23,6 +23,7 @@ metrics come from each run's attribution store.
                smaller (the default drops steps: fewer mini-batches of the usual size)
   iif_round_half      iif_round with p=0.5
   iif_round_heldout64 iif_round with 64 held-out prompts a round (the task's default: 16)
+  iif_round_rewhiten  iif_round with the kept records' advantages whitened anew (after filtering)
 
 --set FIELD=VALUE passes recipe flags to every arm (e.g. num_mini_batches=32 learning_rate=1e-3:
 the optimisation regime). On a task with known label noise (noisy_sentiment: the sign of 20% of
@@ -93,6 +94,7 @@ ARMS = {
     "random_steps": ["--iif_filter", "random", "--iif_keep_steps", "true"],
     "iif_round_half": ["--iif_schedule", "round", "--iif_drop_fraction", "0.5"],
     "iif_round_heldout64": ["--iif_schedule", "round", "--iif_num_heldout_prompts", "64"],
+    "iif_round_rewhiten": ["--iif_schedule", "round", "--iif_whiten_after_filter", "true"],
 }
 FILTERING = set(ARMS) - {"ppo", "ppo_matched"}
 # Tasks whose reward is known to be corrupted for some records: (flip fraction, salt) of

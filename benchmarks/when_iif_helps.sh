@@ -6,7 +6,7 @@
 #
 #   default     the default task's optimisation (4 epochs of 4 mini-batches of 8 records): PPO, IIF and
 #               the random control, dropping steps (the default) or keeping them (iif_keep_steps);
-#               IIF with p=0.5 and with 64 held-out prompts a round
+#               IIF with p=0.5, with 64 held-out prompts a round, and with advantages whitened after filtering
 #   noise       the same task with the sign of 20% of the rewards flipped (noisy_sentiment)
 #   keywords    the harder task (rare rewarded words), PPO, IIF and random, both regimes
 #   whole       one mini-batch of the whole round (1 step an epoch)
@@ -23,7 +23,7 @@ experiments=("$@")
 both=(ppo iif_round random_round iif_round_steps random_round_steps)
 for e in "${experiments[@]}"; do
     case $e in
-        default) args=(--task sentiment --arms "${both[@]}" iif_round_half iif_round_heldout64) ;;
+        default) args=(--task sentiment --arms "${both[@]}" iif_round_half iif_round_heldout64 iif_round_rewhiten) ;;
         noise) args=(--task noisy_sentiment --arms "${both[@]}") ;;
         single) args=(--task sentiment --arms ppo iif_round iif_round_steps random_round_steps
                       --set num_mini_batches=32 learning_rate=1e-3) ;;

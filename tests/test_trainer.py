@@ -190,6 +190,62 @@ def test_keep_steps_keeps_ppos_number_of_steps(tmp_path, keep_steps, num_mini_ba
         assert max(len(step) for step in records) <= 8 // num_mini_batches
 
 
+class SeenAdvantages(ForcedDecision):
+    """ForcedDecision that records the advantages each PPO step and each scoring saw."""
+
+    def _ppo_loss(self, batch, idx):
+        self.step_advantages.append(
+            (idx.copy(), batch.advantages[idx].clone(), batch.padding_mask[idx].clone())
+        )
+        return IIFPPOTrainer._ppo_loss(self, batch, idx)
+
+    def score_and_filter(self, batch, target_batch, *args, **kwargs):
+        self.scored_advantages.append(batch.advantages.clone())
+        return super().score_and_filter(batch, target_batch, *args, **kwargs)
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_whiten_after_filter_rewhitens_the_kept_records_for_optimisation_only(tmp_path, after):
+    """Against a float64 recomputation: with iif_whiten_after_filter the steps see the kept records'
+    advantages whitened over the kept records' response tokens (TRL's unbiased masked whitening);
+    without it, the round's own; scoring always sees the round's own."""
+    import numpy as np
+
+    setup = Setup()
+    seed_everything(0)
+    trainer = SeenAdvantages(
+        args=IIFPPOConfig(**ppo_kwargs(tmp_path, total_episodes=8, iif_target="buffer_return",
+                                       iif_schedule="epoch", iif_whiten_after_filter=after)),
+        processing_class=setup.tokenizer, model=setup.peft_policy(), ref_model=None,
+        reward_model=setup.reward, train_dataset=setup.train, value_model=setup.value,
+    )  # fmt: skip
+    trainer.step_advantages, trainer.scored_advantages = [], []
+    seed_everything(0)
+    trainer.train()
+    round_advantages = trainer.scored_advantages[0]
+    assert all(
+        torch.equal(a, round_advantages) for a in trainer.scored_advantages
+    )  # scoring: the round's own
+    kept = np.flatnonzero(ForcedDecision.keep.numpy())
+    seen = {}
+    for idx, adv, pad in trainer.step_advantages:
+        for row, i in enumerate(idx.tolist()):
+            seen[i] = (adv[row].double(), pad[row])
+    assert sorted(seen) == kept.tolist()
+    if after:
+        values = torch.cat([round_advantages[i].double()[~seen[i][1]] for i in kept])
+        mean, std = values.mean(), values.var(unbiased=True).sqrt()
+        for i in kept:
+            expected = (round_advantages[i].double() - mean) / std
+            got, pad = seen[i]
+            assert torch.allclose(got[~pad], expected[~pad], atol=1e-5), i
+        all_valid = torch.cat([seen[i][0][~seen[i][1]] for i in kept])
+        assert abs(float(all_valid.mean())) < 1e-5 and abs(float(all_valid.std()) - 1) < 1e-4
+    else:
+        for i in kept:
+            assert torch.equal(seen[i][0], round_advantages[i].double())
+
+
 class WrongSign(IIFPPOTrainer):
     """Give record 3 a huge advantage of the sign that lowers the target (checked by autograd)."""
 

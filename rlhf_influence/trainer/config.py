@@ -101,6 +101,14 @@ class IIFPPOConfig(PPOConfig):
             "policy as many steps as PPO's does (benchmarks/README.md: when IIF helps)."
         },
     )
+    iif_whiten_after_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "false: advantages are whitened over the whole round before filtering and not again (TRL's "
+            "and the paper's way). true: whiten the kept records' advantages anew over the kept records before "
+            "each optimisation epoch (scores still use the round's whitening)."
+        },
+    )
     iif_store: bool = field(
         default=True,
         metadata={

@@ -679,6 +679,31 @@ class IIFPPOTrainer(PPOTrainer):
         args = self.args
         if keep_local is None:
             keep_local = np.ones(args.local_batch_size, dtype=bool)
+        with self._advantages_whitened_over(batch, keep_local if args.iif_whiten_after_filter else None):
+            self._run_epoch_plan(batch, keep_local, stats)
+
+    @contextmanager
+    def _advantages_whitened_over(self, batch: RolloutBatch, keep_local: np.ndarray | None):
+        """With ``keep_local``: the kept records' advantages whitened anew over the kept records
+        alone, for this epoch's optimisation only (scoring keeps the round's whitening)."""
+        if keep_local is None or keep_local.all() or not keep_local.any():
+            yield
+            return
+        original = batch.advantages
+        rows = torch.as_tensor(np.flatnonzero(keep_local), device=original.device)
+        rewhitened = original.clone()
+        kept = masked_whiten(original[rows], ~batch.padding_mask[rows])
+        rewhitened[rows] = torch.masked_fill(kept, batch.padding_mask[rows], 0)
+        batch.advantages = rewhitened
+        try:
+            yield
+        finally:
+            batch.advantages = original
+
+    def _run_epoch_plan(
+        self, batch: RolloutBatch, keep_local: np.ndarray, stats: dict[str, list[float]]
+    ) -> None:
+        args = self.args
         order = np.random.permutation(args.local_batch_size)
         kept_order = order[keep_local[order]]
         kept = torch.tensor([len(kept_order)], device=self.accelerator.device)
