@@ -182,6 +182,7 @@ def test_keep_steps_keeps_ppos_number_of_steps(tmp_path, keep_steps, num_mini_ba
     trainer.steps = []
     seed_everything(0)
     trainer.train()
+    assert AttributionStore.open(trainer.store.path).manifest["keep_steps"] is keep_steps  # on record
     epochs = trainer.args.num_ppo_epochs
     assert len(trainer.steps) == steps_per_epoch * epochs
     for epoch in range(epochs):

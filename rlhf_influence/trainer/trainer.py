@@ -948,6 +948,8 @@ class IIFPPOTrainer(PPOTrainer):
             "drop_fraction": args.iif_drop_fraction,
             "filter": args.iif_filter,
             "min_keep_fraction": args.iif_min_keep_fraction,
+            "keep_steps": args.iif_keep_steps,
+            "whiten_after_filter": args.iif_whiten_after_filter,
             "projection_dim": args.iif_projection_dim,
             "projection_seed": args.iif_projection_seed,
             "num_processes": self.accelerator.num_processes,
