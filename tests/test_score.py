@@ -262,4 +262,6 @@ def test_audit_json_carries_each_jumps_best_responses(run_dir, capsys):
     assert {"advantage_mean", "advantage_last"} <= set(jump["top_records"][0])
     assert report["rounds"][0]["kl"] is not None
     assert main(["audit", str(run_dir), "--z", "0", "--responses", "2"]) == 0
-    assert "highest-reward responses, and the records of round 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "round 2's 2 highest-reward responses" in out
+    assert "round 1's records that most raised their probability (IIF kept" in out

@@ -38,12 +38,13 @@ class IIFPPOConfig(PPOConfig):
         },
     )
     iif_schedule: str = field(
-        default="epoch",
+        default="round",
         metadata={
-            "help": "'epoch': re-score with the current weights before every PPO epoch; 'round': score once "
-            "per rollout round, before the first epoch, as in the paper. Measured in benchmarks/ on a real LM "
-            "(SmolLM2-135M, 2 CPU cores, 2 PPO epochs): 'round' costs 1.1-1.2x a plain PPO round (0.93-0.99x "
-            "with 4 PPO epochs), 'epoch' 1.45-1.56x.",
+            "help": "'round': score once per rollout round, before the first epoch, as in the paper (the "
+            "default); 'epoch': re-score with the current weights before every PPO epoch. Measured in "
+            "benchmarks/ on a real LM (SmolLM2-135M, 2 PPO epochs): 'round' costs 1.1-1.2x a plain PPO round "
+            "on 2 CPU cores (0.93-0.99x with 4 PPO epochs) and 1.35x on an H100, 'epoch' 1.45-1.6x; 'epoch' "
+            "trained no better on any task and made the one collapsed run (benchmarks/README.md).",
             "choices": list(SCHEDULES),
         },
     )
