@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# When does IIF pay? The experiments behind benchmarks/README.md#when-iif-helps, one after the other
+# When does IIF pay? The experiments behind benchmarks/README.md, "When IIF helps", one after the other
 # (each is benchmarks/iif_vs_ppo.py: 5 seeds paired, 2 runs at a time on one thread each).
 #
 #   bash benchmarks/when_iif_helps.sh [EXPERIMENT ...]     # default: all, about 2 hours on 2 CPU cores
