@@ -6,6 +6,7 @@ from .gradients import per_record_gradients, target_gradients
 from .influence import influence_scores, scores_from_factors
 from .lora import LoraLayout, find_lora_layout
 from .projection import RandomProjector, SketchedProjector
+from .settings import IIFSettings
 from .targets import LogProbTarget, ReturnTarget, encode_pairs, ppo_policy_loss, token_logprobs
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ def __getattr__(name: str):
 
 
 __all__ = [  # noqa: RUF022 - engine names, then the trainer's
+    "IIFSettings",
     "InfluenceError",
     "LogProbTarget",
     "LoraLayout",

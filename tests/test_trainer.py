@@ -477,3 +477,17 @@ def test_heldout_samples_come_from_the_current_policy_in_one_generation_or_two(
     trainer.train()
     assert trainer.generations == generations  # 2 rounds
     assert trainer.checked == [(8, 6), (8, 6)]
+
+
+def test_iif_settings_are_one_dataclass_the_config_takes():
+    """Every iif_* knob, its help and its check live in IIFSettings (free of TRL); IIFPPOConfig adds none."""
+    import dataclasses
+    import inspect
+
+    from rlhf_influence import IIFSettings
+
+    assert issubclass(IIFPPOConfig, IIFSettings)
+    iif = {f.name for f in dataclasses.fields(IIFPPOConfig) if f.name.startswith("iif_")}
+    assert iif == {f.name for f in dataclasses.fields(IIFSettings)} and len(iif) == 18
+    assert all(f.metadata.get("help") for f in dataclasses.fields(IIFSettings))
+    assert "iif_" not in "".join(inspect.get_annotations(IIFPPOConfig))

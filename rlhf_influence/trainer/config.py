@@ -1,188 +1,26 @@
-"""IIFPPOConfig: TRL's PPOConfig plus the knobs of influence-based filtering."""
+"""IIFPPOConfig: TRL's PPOConfig plus the IIF settings (:class:`~rlhf_influence.settings.IIFSettings`)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from trl.experimental.ppo import PPOConfig
 
-SCHEDULES = ("epoch", "round")
-TARGETS = ("heldout_return", "buffer_return")
-HELDOUT_SAMPLING = ("with_rollout", "separate")
-SNAPSHOT_DTYPES = ("float32", "bfloat16")
+from ..settings import HELDOUT_SAMPLING, SCHEDULES, SNAPSHOT_DTYPES, TARGETS, IIFSettings
+
+__all__ = ["HELDOUT_SAMPLING", "SCHEDULES", "SNAPSHOT_DTYPES", "TARGETS", "IIFPPOConfig"]
 
 
 @dataclass
-class IIFPPOConfig(PPOConfig):
+class IIFPPOConfig(PPOConfig, IIFSettings):
     """PPOConfig with Iterative Influence-based Filtering (IIF).
 
     Every field is also a command-line flag through ``TrlParser`` / ``HfArgumentParser``.
     """
 
-    iif_enabled: bool = field(
-        default=True,
-        metadata={
-            "help": "false: plain PPO with no attribution cost (no held-out sampling, no scoring, no store); "
-            "the run equals TRL's PPOTrainer. Switch IIF on and off without changing anything else."
-        },
-    )
-    iif_drop_fraction: float = field(
-        default=1.0,
-        metadata={
-            "help": "p in [0, 1]: drop the floor(p * N-) records with the most negative influence, N- being "
-            "the number of records with negative influence (the paper's rule; it used 1.0 for RLHF). "
-            "0 trains exactly like plain PPO while still scoring and storing the attribution."
-        },
-    )
-    iif_schedule: str = field(
-        default="round",
-        metadata={
-            "help": "'round': score once per rollout round, before the first epoch, as in the paper (the "
-            "default); 'epoch': re-score with the current weights before every PPO epoch. Measured in "
-            "benchmarks/ on a real LM (SmolLM2-135M, 2 PPO epochs): 'round' costs 1.1-1.2x a plain PPO round "
-            "on 2 CPU cores (0.93-0.99x with 4 PPO epochs) and 1.35x on an H100, 'epoch' 1.45-1.6x; 'epoch' "
-            "trained no better on any task and made the one collapsed run (benchmarks/README.md).",
-            "choices": list(SCHEDULES),
-        },
-    )
-    iif_target: str | None = field(
-        default=None,
-        metadata={
-            "help": "What influence is measured on. 'heldout_return': a return surrogate on held-out prompts "
-            "with freshly sampled responses (default when a target_dataset is given); 'buffer_return': "
-            "the same surrogate on the round's own records (default otherwise).",
-        },
-    )
-    iif_num_heldout_prompts: int = field(
-        default=32,
-        metadata={
-            "help": "Held-out prompts sampled per round for the heldout_return target (all processes together)."
-        },
-    )
-    iif_heldout_sampling: str = field(
-        default="with_rollout",
-        metadata={
-            "help": "'with_rollout': the held-out prompts are generated in the same batched call as the round's "
-            "prompts (one generation instead of two; on a real LM most of the held-out target's cost); the "
-            "round's responses are then a different random draw than TRL's PPOTrainer makes from the same "
-            "seed (the same distribution). 'separate': their own generation under their own seed, so that "
-            "with iif_drop_fraction=0 training is bit for bit TRL's.",
-            "choices": list(HELDOUT_SAMPLING),
-        },
-    )
-    iif_projection_dim: int = field(
-        default=0,
-        metadata={
-            "help": "0: exact influence scores (contracted from layer factors, no [n, D] matrix). k > 0: score "
-            "with gradients randomly projected to k per LoRA adapter side."
-        },
-    )
-    iif_projection_seed: int = field(default=0, metadata={"help": "Seed of the random projection."})
-    iif_min_keep_fraction: float = field(
-        default=0.1,
-        metadata={"help": "Never keep fewer than this fraction of a round's records, so no epoch is empty."},
-    )
-    iif_filter: str = field(
-        default="influence",
-        metadata={
-            "help": "'influence': drop the most harmful records (IIF). 'random': a control that drops as many "
-            "records, chosen at random (scores are still computed and stored).",
-            "choices": ["influence", "random"],
-        },
-    )
-    iif_keep_steps: bool = field(
-        default=False,
-        metadata={
-            "help": "false: the kept records fill PPO's mini-batches of the usual size, so dropping records "
-            "drops optimizer steps (the paper's way, and the only one that saves time). true: keep PPO's "
-            "number of mini-batches (num_mini_batches steps an epoch), each smaller, so a round moves the "
-            "policy as many steps as PPO's does (benchmarks/README.md: when IIF helps)."
-        },
-    )
-    iif_whiten_after_filter: bool = field(
-        default=False,
-        metadata={
-            "help": "false: advantages are whitened over the whole round before filtering and not again (TRL's "
-            "and the paper's way). true: whiten the kept records' advantages anew over the kept records before "
-            "each optimisation epoch (scores still use the round's whitening)."
-        },
-    )
-    iif_store: bool = field(
-        default=True,
-        metadata={
-            "help": "Write every round's attribution (records, scores, kept flags, metrics) to iif_store_dir."
-        },
-    )
-    iif_store_projection_dim: int = field(
-        default=64,
-        metadata={
-            "help": "Store each record's gradient at the round start, randomly projected to this size per LoRA "
-            "adapter side (r * k floats per adapter side), so targets chosen after training can be scored "
-            "(rlhf-influence score). 0: store no gradients."
-        },
-    )
-    iif_store_sketch_dim: int = field(
-        default=16384,
-        metadata={
-            "help": "Fold each record's per-side projected gradient into one vector of this size with a seeded "
-            "sparse sign sketch (16384 float16 entries: 32 KiB a record), when it is longer. 0: store the "
-            "per-side projection as it is (r * iif_store_projection_dim per adapter side)."
-        },
-    )
-    iif_store_snapshot_dtype: str = field(
-        default="float32",
-        metadata={
-            "help": "Precision of the round-start LoRA weights stored each round (which `score`, `formation` and "
-            "`intervene` rebuild the policy from).",
-            "choices": list(SNAPSHOT_DTYPES),
-        },
-    )
-    iif_store_dtype: str = field(
-        default="float16",
-        metadata={"help": "Precision of the stored gradients.", "choices": ["float16", "float32"]},
-    )
-    iif_store_dir: str | None = field(
-        default=None,
-        metadata={"help": "Where the attribution store goes; default: <output_dir>/attribution."},
-    )
-
-    @property
-    def attribution_dir(self) -> str:
-        """Where the attribution store is written (``iif_store_dir`` or <output_dir>/attribution)."""
-        return self.iif_store_dir or os.path.join(self.output_dir, "attribution")
-
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.iif_drop_fraction <= 1.0:
-            raise ValueError(f"iif_drop_fraction must be in [0, 1], got {self.iif_drop_fraction}")
-        if self.iif_schedule not in SCHEDULES:
-            raise ValueError(f"iif_schedule must be one of {SCHEDULES}, got {self.iif_schedule!r}")
-        if self.iif_target is not None and self.iif_target not in TARGETS:
-            raise ValueError(f"iif_target must be one of {TARGETS} (or unset), got {self.iif_target!r}")
-        if self.iif_heldout_sampling not in HELDOUT_SAMPLING:
-            raise ValueError(
-                f"iif_heldout_sampling must be one of {HELDOUT_SAMPLING}, got {self.iif_heldout_sampling!r}"
-            )
-        if self.iif_filter not in ("influence", "random"):
-            raise ValueError(f"iif_filter must be 'influence' or 'random', got {self.iif_filter!r}")
-        if self.iif_num_heldout_prompts < 1:
-            raise ValueError(f"iif_num_heldout_prompts must be >= 1, got {self.iif_num_heldout_prompts}")
-        if self.iif_projection_dim < 0:
-            raise ValueError(
-                f"iif_projection_dim must be 0 (exact) or a positive integer, got {self.iif_projection_dim}"
-            )
-        if self.iif_store_projection_dim < 0:
-            raise ValueError(f"iif_store_projection_dim must be >= 0, got {self.iif_store_projection_dim}")
-        if self.iif_store_sketch_dim < 0:
-            raise ValueError(f"iif_store_sketch_dim must be >= 0, got {self.iif_store_sketch_dim}")
-        if self.iif_store_snapshot_dtype not in SNAPSHOT_DTYPES:
-            raise ValueError(
-                f"iif_store_snapshot_dtype must be float32 or bfloat16, got {self.iif_store_snapshot_dtype!r}"
-            )
-        if self.iif_store_dtype not in ("float16", "float32"):
-            raise ValueError(f"iif_store_dtype must be float16 or float32, got {self.iif_store_dtype!r}")
-        if not 0.0 < self.iif_min_keep_fraction <= 1.0:
-            raise ValueError(f"iif_min_keep_fraction must be in (0, 1], got {self.iif_min_keep_fraction}")
+        self.check_iif_settings()
