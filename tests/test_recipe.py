@@ -113,9 +113,13 @@ def test_iif_enabled_false_trains_plain_ppo_and_stores_nothing(tmp_path, capsys)
 def test_ctrl_c_and_sigterm_stop_cleanly_with_rounds_on_disk(tmp_path, stop, status, said):
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # A shell starting a job in the background without job control (as `cmd &` in a script does)
+    # makes it ignore SIGINT, and Python then installs no Ctrl-C handler: give the run the default
+    # disposition, as a terminal would.
     proc = subprocess.Popen(
         [sys.executable, str(RECIPE), "--output_dir", str(out), "--disable_tqdm", "true"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     store = AttributionStore(out / "attribution")
     deadline = time.time() + 120
