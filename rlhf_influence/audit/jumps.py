@@ -79,7 +79,7 @@ class AuditReport:
 
     def to_json(self) -> dict:
         """Plain JSON values: NaN and infinities (a missing advantage column, a non-finite score) as None."""
-        return _finite_or_none(
+        return finite_or_none(
             {
                 "rounds": [asdict(r) for r in self.rounds],
                 "jumps": [asdict(j) for j in self.jumps],
@@ -88,13 +88,14 @@ class AuditReport:
         )
 
 
-def _finite_or_none(value):
+def finite_or_none(value):
+    """``value`` with every NaN or infinity, however deep in dicts and lists, made None (JSON has neither)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
+        return {k: finite_or_none(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
+        return [finite_or_none(v) for v in value]
     return value
 
 

@@ -18,7 +18,7 @@ import statistics
 from dataclasses import dataclass
 
 from ..store import AttributionStore
-from .jumps import AuditReport, Jump, RecordView, audit_run
+from .jumps import AuditReport, Jump, RecordView, audit_run, finite_or_none
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 SCRIPT_SRC_PLACEHOLDER = "script-src 'none'"  # replaced by the hashes of the page's own scripts
@@ -215,22 +215,11 @@ def _finite(value):
     raise TypeError(f"not JSON: {type(value).__name__}")
 
 
-def _clean(value):
-    """NaN and infinities become null (JSON has neither)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
-
-
 def plot(ident: str, figure: dict) -> str:
     config = {"displaylogo": False, "responsive": True, "displayModeBar": "hover"}
     return (
         f'<div id="{ident}" class="plot"></div><script>Plotly.newPlot("{ident}",'
-        f"{_script_json(_clean(figure['data']))},{_script_json(_clean(figure['layout']))},{_script_json(config)});"
+        f"{_script_json(finite_or_none(figure['data']))},{_script_json(finite_or_none(figure['layout']))},{_script_json(config)});"
         "</script>"
     )
 
