@@ -224,8 +224,6 @@ def main(argv: list[str] | None = None) -> None:
         else f"CPU {platform.processor() or ''}".strip()
     )
     device += f", {torch.get_num_threads()} threads, torch {torch.__version__}"
-    if torch.cuda.is_available() and "bf16=false" not in args.set:
-        device += ", bf16 (the recipe's default on CUDA)"
     results = {}
     for arm in ["ppo", *[a for a in args.arms if a != "ppo"]]:  # one at a time: timings need the machine
         result = out / f"{arm}.json"
@@ -241,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         results[arm] = json.loads(result.read_text())
         result.unlink()
         print(f"{arm}: {time.time() - start:.0f} s", flush=True)
+    device += f", {results['ppo']['precision']}"  # as the arms trained: the recipe's default unless --set
     summary, lines = summarise(results, args.rounds, args.seed, args.task, device)
     summary["overrides"] = overrides
     (out / "summary.json").write_text(json.dumps({"summary": summary, "raw": results}, indent=2))

@@ -282,20 +282,20 @@ def run_report(args) -> int:
     from .store import AttributionStore, StoreError
 
     output = Path(args.output).resolve()
-    store = AttributionStore.open(args.run).path.resolve()
-    run = store.parent if store.name == "attribution" else store
-    if output == run or run in output.parents:
-        raise UsageError(f"--output {args.output} lies inside the run {run}: the CLI never writes there")
+    runs = [("", args.run)] + ([("--compare ", args.compare)] if args.compare is not None else [])
+    for which, path in runs:
+        try:
+            run = AttributionStore.open(path).run_dir.resolve()
+        except StoreError as exc:
+            if not which:
+                raise
+            raise UsageError(f"--compare {path}: {exc}") from None
+        if output == run or run in output.parents:
+            raise UsageError(
+                f"--output {args.output} lies inside the {which}run {run}: the CLI never writes there"
+            )
     if output.is_dir():
         raise UsageError(f"--output {args.output} is a directory; name the HTML file to write")
-    if args.compare is not None:
-        try:
-            other = AttributionStore.open(args.compare).path.resolve()
-        except StoreError as exc:
-            raise UsageError(f"--compare {args.compare}: {exc}") from None
-        other_run = other.parent if other.name == "attribution" else other
-        if output == other_run or other_run in output.parents:
-            raise UsageError(f"--output {args.output} lies inside the --compare run {other_run}")
     page = render_report(
         args.run,
         z=args.z,

@@ -49,11 +49,11 @@ class RunCurves:
         )
 
 
-def influence_quantiles(store: AttributionStore, rounds: list[int]) -> dict[float, list[float | None]]:
+def influence_quantiles(per_round: list[list[float]]) -> dict[float, list[float | None]]:
     """Per round, the QUANTILES of its records' finite influence scores (None where it has none)."""
     out: dict[float, list[float | None]] = {q: [] for q in QUANTILES}
-    for k in rounds:
-        values = sorted(v for v in store.read_records(k).column("influence").to_pylist() if math.isfinite(v))
+    for round_values in per_round:
+        values = sorted(v for v in round_values if math.isfinite(v))
         for q in QUANTILES:
             out[q].append(values[round(q * (len(values) - 1))] if values else None)
     return out
@@ -285,13 +285,11 @@ def render_report(
     run = RunCurves.of(report)
     other, other_name = None, ""
     if compare is not None:
-        other_store = AttributionStore.open(compare)
         other = RunCurves.of(audit_run(compare, z=z, min_delta=min_delta, top=top))
-        other_name = (
-            other_store.path.parent.name if other_store.path.name == "attribution" else other_store.path.name
-        )
-    influences = [v for k in run.rounds for v in store.read_records(k).column("influence").to_pylist()]
-    quantiles = influence_quantiles(store, run.rounds)
+        other_name = AttributionStore.open(compare).run_dir.name
+    per_round = [store.read_records(k).column("influence").to_pylist() for k in run.rounds]
+    influences = [v for values in per_round for v in values]
+    quantiles = influence_quantiles(per_round)
     manifest = store.manifest
     meta = ", ".join(
         f"{html.escape(str(key))}: {html.escape(str(manifest[key]))}"

@@ -137,6 +137,11 @@ class AttributionStore:
         self.path = Path(path)
         self.manifest: dict[str, Any] = {}
 
+    @property
+    def run_dir(self) -> Path:
+        """The run's directory: the store's parent when the store is the run's ``attribution`` folder."""
+        return self.path.parent if self.path.name == "attribution" else self.path
+
     def round_dir(self, round_index: int) -> Path:
         return self.path / f"{ROUND_PREFIX}{round_index:06d}"
 
