@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_store(path: Path, rounds: int, records: int, seed: int = 0) -> None:
-    from rlhf_influence.store import AttributionStore
+    from rlhf_influence.store import AttributionStore, RunManifest
     from rlhf_influence.tasks.reviews import review_openings
     from rlhf_influence.tasks.toy import TOY_WORDS
 
@@ -38,8 +38,9 @@ def write_store(path: Path, rounds: int, records: int, seed: int = 0) -> None:
     prompts = review_openings()[0]
     words = TOY_WORDS.split() if isinstance(TOY_WORDS, str) else list(TOY_WORDS)
     store = AttributionStore(path / "attribution")
-    store.write_manifest({"target": "heldout_return", "schedule": "round", "drop_fraction": 1.0,
-                          "num_processes": 1, "records_per_round": records})  # fmt: skip
+    store.write_manifest(RunManifest(schedule="round", drop_fraction=1.0, min_keep_fraction=0.1, projection_dim=0,
+                                     projection_seed=0, num_processes=1, records_per_round=records,
+                                     lora_parameters=0, lora_adapters=0))  # fmt: skip
     for k in range(1, rounds + 1):
         level = 0.6 * (1 - 2.718 ** (-k / (rounds / 4)))
         reward = [max(-1.0, min(1.0, rng.gauss(level, 0.4))) for _ in range(records)]

@@ -11,7 +11,7 @@ from .targets import LogProbTarget, ReturnTarget, encode_pairs, ppo_policy_loss,
 
 __version__ = "0.1.0"
 
-_TRAINER_NAMES = ("IIFPPOConfig", "IIFPPOTrainer", "RewardFunction")
+_TRAINER_NAMES = ("IIFGRPOConfig", "IIFGRPOTrainer", "IIFPPOConfig", "IIFPPOTrainer", "RewardFunction")
 
 
 def __getattr__(name: str):
@@ -45,6 +45,8 @@ __all__ = [  # noqa: RUF022 - engine names, then the trainer's
     "scores_from_factors",
     "target_gradients",
     "token_logprobs",
+    "IIFGRPOConfig",
+    "IIFGRPOTrainer",
     "IIFPPOConfig",
     "IIFPPOTrainer",
     "RewardFunction",

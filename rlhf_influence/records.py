@@ -1,4 +1,4 @@
-"""A rollout batch: the prompt-response records of one PPO round, the unit of attribution."""
+"""The records of a round: TRL PPO's rollout batch, and the trainer-neutral description IIF scores."""
 
 from __future__ import annotations
 
@@ -65,3 +65,124 @@ class RolloutBatch:
     def sequence_logprobs(self) -> torch.Tensor:
         """Sum of the sampled responses' token log-probs under the sampling policy, ``[n]``."""
         return (self.logprobs * (~self.padding_mask)).sum(1)
+
+    def scored_records(self, pad_token_id: int) -> ScoredRecords:
+        """These records as IIF scores them (TRL PPO's conventions: every non-pad token attended,
+        positions from the attention mask, sampling log-probs as the ratio's denominator)."""
+        c = self.context_length
+        return ScoredRecords(
+            input_ids=self.query_responses,
+            attention_mask=self.query_responses != pad_token_id,
+            response_mask=self.response_mask(),
+            advantages=torch.nn.functional.pad(self.advantages, (c, 0)),
+            context_length=c,
+            old_logprobs=torch.nn.functional.pad(self.logprobs, (c, 0)),
+        )
+
+
+# How each stored ``batch`` tensor is padded to one width across processes: (value, on the left).
+# The pad token id stands for ``None``.
+STORED_PADDING = {
+    "queries": (None, True),
+    "prompt_mask": (0, True),
+    "responses": (None, False),
+    "completion_mask": (0, False),
+    "padding_mask": (1, False),
+    "advantages": (0.0, False),
+    "logprobs": (1.0, False),
+    "ref_logprobs": (1.0, False),
+}
+
+
+@dataclass
+class ScoredRecords:
+    """The records IIF scores, whatever trainer made them: prompt+response token ids, masks,
+    sampling log-probs and advantages, aligned with ``input_ids`` ``[n, T]``.
+
+    Built by the PPO trainer (:meth:`RolloutBatch.scored_records`), the GRPO trainer and the audit's
+    replay from the store (:meth:`from_stored`); :meth:`to_stored` is what the store writes.
+    ``old_logprobs`` None means the records were sampled by the weights they are scored at
+    (importance ratio 1). ``group`` is the GRPO group (one prompt's completions), None for PPO.
+    """
+
+    input_ids: torch.Tensor  # [n, T] prompt (left-padded) then response
+    attention_mask: torch.Tensor  # [n, T] bool
+    response_mask: torch.Tensor  # [n, T] bool: response tokens that count in the loss
+    advantages: torch.Tensor  # [n, T] per-token advantages (0 off the response)
+    context_length: int  # prompt width C: the response starts at column C
+    old_logprobs: torch.Tensor | None = None  # [n, T] sampling log-probs of the response tokens
+    ref_logprobs: torch.Tensor | None = None  # [n, T] reference log-probs (GRPO's KL term)
+    group: torch.Tensor | None = None  # [n] long
+    positions_from_mask: bool = True  # position ids follow the attention mask (TRL's PPO) or not (GRPO)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, indices) -> ScoredRecords:
+        """The records at ``indices``."""
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.input_ids.device)
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values[f.name] = value[idx] if isinstance(value, torch.Tensor) else value
+        return ScoredRecords(**values)
+
+    def sequence_advantages(self) -> torch.Tensor:
+        """Each record's advantage at its last response token, ``[n]`` (GRPO: the completion's)."""
+        columns = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
+        last = torch.where(self.response_mask, columns, -1).max(dim=1).values.clamp_min(0)
+        return self.advantages.gather(1, last[:, None]).squeeze(1)
+
+    def num_tokens(self) -> torch.Tensor:
+        """Response tokens counted in the loss per record, ``[n]``."""
+        return self.response_mask.sum(1)
+
+    def to_stored(self) -> dict[str, torch.Tensor]:
+        """The store's ``batch`` tensors (one process's rows; the trainer gathers them, padding
+        each as :data:`STORED_PADDING` says)."""
+        c = self.context_length
+        stored = {
+            "queries": self.input_ids[:, :c].to(torch.int32),
+            "responses": self.input_ids[:, c:].to(torch.int32),
+            "padding_mask": (~self.response_mask[:, c:]).to(torch.uint8),
+            "prompt_mask": self.attention_mask[:, :c].to(torch.uint8),
+            "completion_mask": self.attention_mask[:, c:].to(torch.uint8),
+            "advantages": self.advantages[:, c:].float(),
+        }
+        if self.old_logprobs is not None:
+            stored["logprobs"] = self.old_logprobs[:, c:].float()
+        if self.ref_logprobs is not None:
+            stored["ref_logprobs"] = self.ref_logprobs[:, c:].float()
+        if self.group is not None:
+            stored["group"] = self.group.to(torch.int64)
+        return stored
+
+    @classmethod
+    def from_stored(
+        cls, tensors: dict[str, torch.Tensor], pad_token_id: int, positions_from_mask: bool = True
+    ) -> ScoredRecords:
+        """The records of a stored round. Stores written before the attention masks were kept take
+        TRL's PPO convention: every non-pad token is attended."""
+        queries, responses = tensors["queries"].long(), tensors["responses"].long()
+        c = queries.shape[1]
+        input_ids = torch.cat([queries, responses], dim=1)
+        response_mask = torch.nn.functional.pad(tensors["padding_mask"] == 0, (c, 0), value=False)
+        if "prompt_mask" in tensors:
+            attention_mask = torch.cat([tensors["prompt_mask"], tensors["completion_mask"]], dim=1).bool()
+        else:
+            attention_mask = input_ids != pad_token_id
+
+        def aligned(name: str) -> torch.Tensor | None:
+            return torch.nn.functional.pad(tensors[name].float(), (c, 0)) if name in tensors else None
+
+        return cls(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            response_mask=response_mask,
+            advantages=aligned("advantages"),
+            context_length=c,
+            old_logprobs=aligned("logprobs"),
+            ref_logprobs=aligned("ref_logprobs"),
+            group=tensors["group"].long() if "group" in tensors else None,
+            positions_from_mask=positions_from_mask,
+        )

@@ -28,19 +28,20 @@ def token_logprobs(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     temperature: float = 1.0,
+    positions_from_mask: bool = True,
 ) -> torch.Tensor:
     """log pi(input_ids[:, t] | input_ids[:, :t]) at every position ``[m, T]`` (0 at t = 0).
 
     Position ids follow the attention mask, so left-padded and right-padded batches give the
-    same values for the same tokens. Logits are divided by ``temperature`` as in sampling.
+    same values for the same tokens (TRL's PPO does this); ``positions_from_mask=False`` leaves
+    them to the model (0..T-1 whatever the padding), as TRL's GRPOTrainer calls it. Logits are
+    divided by ``temperature`` as in sampling.
     """
     mask = attention_mask.bool()
-    position_ids = (mask.long().cumsum(dim=1) - 1).clamp_min(0)
-    logits = model(
-        input_ids=input_ids.masked_fill(~mask, 0),
-        attention_mask=mask.long(),
-        position_ids=position_ids,
-    ).logits[:, :-1]
+    inputs = {"input_ids": input_ids.masked_fill(~mask, 0), "attention_mask": mask.long()}
+    if positions_from_mask:
+        inputs["position_ids"] = (mask.long().cumsum(dim=1) - 1).clamp_min(0)
+    logits = model(**inputs).logits[:, :-1]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     logp = torch.log_softmax(logits / temperature, dim=-1)
@@ -74,9 +75,12 @@ class TokenWeightedLogProb:
         self.attention_mask = attention_mask
         self.token_weights = token_weights
         self.temperature = temperature
+        self.positions_from_mask = True  # as token_logprobs; False: the model's own positions (GRPO)
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
-        logp = token_logprobs(model, self.input_ids, self.attention_mask, self.temperature)
+        logp = token_logprobs(
+            model, self.input_ids, self.attention_mask, self.temperature, self.positions_from_mask
+        )
         return (logp * self.token_weights.to(logp.dtype)).sum(dim=1)
 
 

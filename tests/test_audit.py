@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_manifest import toy_manifest
 
 from rlhf_influence.audit import find_jumps
 from rlhf_influence.cli import main
@@ -23,7 +24,7 @@ REWARDS = [0.0, 0.05, 0.02, 0.9, 0.88, 0.93, 0.91]  # one clear jump, at round 4
 def make_run(tmp_path: Path, rewards=REWARDS, n: int = 6) -> Path:
     run = tmp_path / "run"
     store = AttributionStore(run / "attribution")
-    store.write_manifest({"target": "heldout_return", "num_processes": 1})
+    store.write_manifest(toy_manifest(target="heldout_return", num_processes=1))
     for k, mean in enumerate(rewards, start=1):
         influence = [(i - 2.5) * k for i in range(n)]  # record n-1 most helpful, record 0 most harmful
         store.write_round(
@@ -154,7 +155,7 @@ def test_missing_directory(tmp_path, capsys):
 def test_diagnose_counts_wrong_sign_advantages(tmp_path, capsys):
     run = tmp_path / "run"
     store = AttributionStore(run / "attribution")
-    store.write_manifest({})
+    store.write_manifest(toy_manifest())
     # 10 records; mean reward 0.5. Influence ranks records 0 (most harmful) .. 9 (most helpful).
     rewards = [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
     # records 0 and 1 (bottom 2) have advantages against their centred reward; 8, 9 (top 2) agree.
@@ -191,7 +192,7 @@ def test_store_files_honour_the_umask(tmp_path):
     previous = os.umask(0o022)
     try:
         store = AttributionStore(tmp_path / "attribution")
-        store.write_manifest({"target": "heldout_return"})
+        store.write_manifest(toy_manifest(target="heldout_return"))
         final = store.write_round(1, {"record": [0]}, {}, {"adapter": {"w": torch.zeros(2)}})
     finally:
         os.umask(previous)

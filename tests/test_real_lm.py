@@ -195,7 +195,7 @@ def test_score_of_ordinary_words_agrees_with_exact_influence_at_the_snapshot(rev
     response_mask = torch.nn.functional.pad(batch["padding_mask"] == 0, (context, 0))
     advantages = torch.nn.functional.pad(batch["advantages"], (context, 0))
     old = torch.nn.functional.pad(batch["logprobs"], (context, 0))
-    temperature = store.manifest["temperature"]
+    temperature = store.manifest.temperature
 
     def loss_fn(model):
         return ppo_policy_loss(model, input_ids, input_ids != pad, response_mask, advantages, old_logprobs=old,

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_manifest import toy_manifest
 
 from rlhf_influence.store import AttributionStore
 from rlhf_influence.tasks.toy import TOY_WORDS, tiny_causal_lm, word_tokenizer
@@ -147,7 +148,7 @@ def test_config_yaml_sets_flags_and_cli_overrides_it(tmp_path):
     assert recipe_main()(["--config", str(config), "--total_episodes", "32", "--disable_tqdm", "true"]) == 0
     store = AttributionStore.open(out)
     assert store.rounds() == [1]  # the command line's 32 episodes won over the file's 64
-    assert store.manifest["drop_fraction"] == 0.5 and store.manifest["schedule"] == "round"
+    assert store.manifest.drop_fraction == 0.5 and store.manifest.schedule == "round"
 
 
 def test_gguf_file_that_does_not_load(capsys, tmp_path, monkeypatch):
@@ -314,7 +315,7 @@ def test_bad_output_locations(capsys, tmp_path, no_model_loads):
     fails_with(capsys, ["--output_dir", str(a_file)], "is a file, not a directory")
     fails_with(capsys, ["--output_dir", str(a_file / "sub")], "cannot write to --output_dir")
     run = tmp_path / "run"
-    AttributionStore(run / "attribution").write_manifest({"target": "heldout_return"})
+    AttributionStore(run / "attribution").write_manifest(toy_manifest())
     fails_with(capsys, ["--output_dir", str(run)], "already holds a run; choose another --output_dir")
     fails_with(capsys, ["--output_dir", str(run / "nested")], f"lies inside the run {run.resolve()}")
     fails_with(capsys, ["--output_dir", str(run / "attribution" / "x")], "lies inside the run")
@@ -384,4 +385,4 @@ def test_bf16_flag_alone_reaches_the_accelerator(tmp_path):
         argv, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert AttributionStore.open(out).manifest["mixed_precision"] == "bf16"
+    assert AttributionStore.open(out).manifest.mixed_precision == "bf16"

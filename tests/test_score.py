@@ -21,7 +21,11 @@ class ScoresLogProbTarget(IIFPPOTrainer):
     """Scores the round's records exactly against log p(RESPONSE | PROMPT) instead of the return
     target, so the stored `influence` column is the exact reference at each round's snapshot."""
 
-    def _target_gradient(self, policy, target_batch):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.iif.target_gradient = self.log_prob_target_gradient
+
+    def log_prob_target_gradient(self, policy, target_records):
         target = LogProbTarget.from_text(self.processing_class, [PROMPT], [RESPONSE])
         target.temperature = self.args.temperature + 1e-7
         return target_gradients(policy, target, layout=self.layout).to(self.accelerator.device)
@@ -56,9 +60,9 @@ def test_score_from_store_agrees_with_exact_scoring(run_dir):
     from rlhf_influence.store import AttributionStore
 
     store = AttributionStore.open(run_dir)
-    spec = store.manifest["stored_gradients"]
-    assert spec["dim"] == 64 and spec["sketch_dim"] == 16384  # the defaults
-    assert spec["size"] == 4096  # this model's per-side projection is shorter than the sketch: kept as it is
+    spec = store.manifest.stored_gradients
+    assert spec.dim == 64 and spec.sketch_dim == 16384  # the defaults
+    assert spec.size == 4096  # this model's per-side projection is shorter than the sketch: kept as it is
     rhos = []
     for round_index in store.rounds():
         exact = store.read_records(round_index).to_pydict()["influence"]
@@ -79,8 +83,8 @@ def test_score_from_a_sketched_bfloat16_store_agrees_with_exact_scoring(tmp_path
         tmp_path, total_episodes=64, iif_store_sketch_dim=2048, iif_store_snapshot_dtype="bfloat16"
     )
     store = AttributionStore.open(run)
-    assert store.manifest["stored_gradients"]["size"] == 2048
-    assert store.manifest["snapshot_dtype"] == "bfloat16"
+    assert store.manifest.stored_gradients.size == 2048
+    assert store.manifest.snapshot_dtype == "bfloat16"
     assert store.read_tensors(1, "gradients")["projected"].shape == (32, 2048)
     assert {t.dtype for t in store.read_tensors(1, "adapter").values()} == {torch.bfloat16}
     for round_index in (1, 2):
@@ -154,10 +158,16 @@ def test_intervention_without_top_records_moves_the_behaviour_least(run_dir, cap
 class RecordsTargetGradient(IIFPPOTrainer):
     """Keeps the return-target gradient the trainer scored each round against (first scoring)."""
 
-    def _target_gradient(self, policy, target_batch):
-        grad = super()._target_gradient(policy, target_batch)
-        self.target_gradients_seen.setdefault(self._round, grad.detach().cpu().clone())
-        return grad
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        return_target_gradient = self.iif.target_gradient
+
+        def seen(policy, target_records):
+            grad = return_target_gradient(policy, target_records)
+            self.target_gradients_seen.setdefault(self._round, grad.detach().cpu().clone())
+            return grad
+
+        self.iif.target_gradient = seen
 
     def build_target_batch(self, batch, round_index, *args):
         self._round = round_index

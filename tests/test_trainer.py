@@ -182,7 +182,7 @@ def test_keep_steps_keeps_ppos_number_of_steps(tmp_path, keep_steps, num_mini_ba
     trainer.steps = []
     seed_everything(0)
     trainer.train()
-    assert AttributionStore.open(trainer.store.path).manifest["keep_steps"] is keep_steps  # on record
+    assert AttributionStore.open(trainer.store.path).manifest.keep_steps is keep_steps  # on record
     epochs = trainer.args.num_ppo_epochs
     assert len(trainer.steps) == steps_per_epoch * epochs
     for epoch in range(epochs):
@@ -303,10 +303,16 @@ def test_callable_reward_trains(tmp_path):
 
 def test_non_finite_score_is_kept_counted_and_warned(tmp_path):
     class NanScore(IIFPPOTrainer):
-        def _record_scores(self, policy, batch, target_grad, store_projector=None):
-            scores, projected = super()._record_scores(policy, batch, target_grad, store_projector)
-            scores[0] = float("nan")
-            return scores, projected
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            record_scores = self.iif.record_scores
+
+            def first_nan(*args):
+                scores, projected = record_scores(*args)
+                scores[0] = float("nan")
+                return scores, projected
+
+            self.iif.record_scores = first_nan
 
     setup = Setup()
     seed_everything(0)
@@ -376,7 +382,7 @@ def test_random_filter_control_drops_the_same_number(tmp_path):
     assert first_iif["influence"] == first_control["influence"]  # same first round, same scores
     assert sum(first_iif["kept"]) == sum(first_control["kept"])  # as many dropped
     assert first_iif["kept"] != first_control["kept"]  # but not the same ones
-    assert AttributionStore.open(control.store.path).manifest["filter"] == "random"
+    assert AttributionStore.open(control.store.path).manifest.filter == "random"
 
 
 class BruteForceReference(IIFPPOTrainer):

@@ -52,12 +52,16 @@ class RoundReplay:
     def __init__(self, scorer: SnapshotScorer, round_index: int) -> None:
         self.scorer = scorer
         self.round = round_index
-        manifest = scorer.store.manifest
-        if "training" not in manifest:
+        settings = scorer.store.manifest.training
+        if settings is None:
             raise StoreError("the run's manifest has no training settings; it predates replayable rounds")
-        self.settings = manifest["training"]
+        if settings.algorithm != "ppo":
+            raise StoreError(
+                f"replaying a {settings.algorithm.upper()} round is not supported; only PPO rounds"
+            )
+        self.settings = settings
         tensors = scorer.store.read_tensors(round_index, "batch")
-        self.pad_id = self.settings["pad_token_id"]
+        self.pad_id = settings.pad_token_id
         queries, responses = tensors["queries"].long(), tensors["responses"].long()
         self.context = queries.shape[1]
         self.query_responses = torch.cat([queries, responses], dim=1)
@@ -80,7 +84,7 @@ class RoundReplay:
                 self.response_mask[idx],
                 self.advantages[idx],
                 old_logprobs=self.old_logprobs[idx],
-                clip_range=self.settings["cliprange"],
+                clip_range=self.settings.cliprange,
                 normaliser=normaliser,
                 temperature=self.temperature,
             )
@@ -91,7 +95,7 @@ class RoundReplay:
         """The return target this round was filtered against, as the trainer built it: the held-out
         samples drawn that round with their last-token advantages (``heldout_return``), or the
         round's own records with their per-token advantages (``buffer_return``)."""
-        kind = self.scorer.store.manifest.get("target", "heldout_return")
+        kind = self.scorer.store.manifest.target
         if kind == "buffer_return":
             return ReturnTarget.from_buffer(
                 self.query_responses,
@@ -131,10 +135,8 @@ class RoundReplay:
         self.scorer.load_round(self.round)
         policy, layout = self.scorer.policy, self.scorer.layout
         v = target_gradients(policy, target, layout=layout)[None]
-        normaliser = (
-            float(self.response_mask.sum()) / len(self) * self.settings["per_device_train_batch_size"]
-        )
-        step = self.settings["per_device_train_batch_size"]
+        normaliser = float(self.response_mask.sum()) / len(self) * self.settings.per_device_train_batch_size
+        step = self.settings.per_device_train_batch_size
         parts: list[list[torch.Tensor]] = [[] for _ in range(1 + len(projectors))]
         for start in range(0, len(self), step):
             idx = torch.arange(start, min(len(self), start + step))
@@ -148,11 +150,11 @@ class RoundReplay:
         self.scorer.load_round(self.round)
         policy = self.scorer.policy
         params = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.settings["learning_rate"], weight_decay=0.0)
+        optimizer = torch.optim.AdamW(params, lr=self.settings.learning_rate, weight_decay=0.0)
         rng = np.random.default_rng(seed)
-        mini = self.settings["mini_batch_size"]
-        micro = self.settings["per_device_train_batch_size"]
-        for _ in range(self.settings["num_ppo_epochs"]):
+        mini = self.settings.mini_batch_size
+        micro = self.settings.per_device_train_batch_size
+        for _ in range(self.settings.num_ppo_epochs):
             order = rng.permutation(keep)
             for start in range(0, len(order), mini):
                 batch = order[start : start + mini]
@@ -250,6 +252,6 @@ def intervene_return(
     (the records IIF keeps first), against as many random ones."""
     replay, remove = _open_round(path, round_index, remove)
     target = replay.return_target()
-    kind = replay.scorer.store.manifest.get("target", "heldout_return")
+    kind = replay.scorer.store.manifest.target
     description = f"{kind} (mean advantage-weighted log-prob over {target.input_ids.shape[0]} samples)"
     return counterfactual(replay, target, description, remove, seed, random_draws)

@@ -292,9 +292,8 @@ def render_report(
     quantiles = influence_quantiles(per_round)
     manifest = store.manifest
     meta = ", ".join(
-        f"{html.escape(str(key))}: {html.escape(str(manifest[key]))}"
+        f"{key}: {html.escape(str(getattr(manifest, key)))}"
         for key in ("target", "schedule", "drop_fraction", "num_processes", "records_per_round")
-        if key in manifest
     )
     kls = [v for v in run.kl if v is not None]
     summary = (

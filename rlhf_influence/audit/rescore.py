@@ -37,20 +37,20 @@ class SnapshotScorer:
     def __init__(self, path) -> None:
         self.store = AttributionStore.open(path)
         self.rounds = self.store.rounds()
-        self.spec = self.store.manifest.get("stored_gradients")
-        if not self.spec:
+        spec = self.store.manifest.stored_gradients
+        if spec is None:
             raise StoreError(
                 "the run stored no gradients (iif_store_projection_dim=0); only its own scores exist"
             )
+        self.spec = spec
         self.policy, self.tokenizer = _rebuild_policy(self.store)
         self.layout = find_lora_layout(self.policy)
-        sketch_dim = self.spec.get("sketch_dim")  # absent in stores written before the sketch
         self.projector = (
-            SketchedProjector(sketch_dim, side_dim=self.spec["dim"], seed=self.spec["seed"])
-            if sketch_dim
-            else RandomProjector(self.spec["dim"], seed=self.spec["seed"])
+            SketchedProjector(spec.sketch_dim, side_dim=spec.dim, seed=spec.seed)
+            if spec.sketch_dim  # None in stores written before the sketch
+            else RandomProjector(spec.dim, seed=spec.seed)
         )
-        self.temperature = self.store.manifest.get("temperature", 1.0)
+        self.temperature = self.store.manifest.temperature
 
     def load_round(self, round_index: int) -> None:
         """Put round ``round_index``'s round-start adapter into the policy."""

@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
-FORMAT_VERSION = 1
+from .manifest import RunManifest, StoreError
+
 ROUND_PREFIX = "round_"
 TEMPORARY_PREFIXES = (f".{ROUND_PREFIX}", ".manifest.json.tmp-")  # names written before their rename
 
@@ -87,10 +88,6 @@ def save_base_model(peft_base, path: Path) -> None:
     plain.save_pretrained(path)
 
 
-class StoreError(Exception):
-    """A directory that is not a readable attribution store; the message says what is wrong."""
-
-
 class AttributionStore:
     """The attribution directory of one run."""
 
@@ -99,7 +96,7 @@ class AttributionStore:
         """Open an existing store for reading: a run directory or its ``attribution`` folder.
 
         Raises:
-            StoreError: not a run, no manifest, a manifest from a newer format version.
+            StoreError: not a run, no manifest, a manifest from a newer format version or damaged.
         """
         path = Path(path)
         if not path.is_dir():
@@ -110,19 +107,11 @@ class AttributionStore:
         if not manifest_path.is_file():
             raise StoreError(f"{path} is not an rlhf-influence run (no attribution/manifest.json)")
         try:
-            manifest = json.loads(manifest_path.read_text())
+            data = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as exc:
             raise StoreError(f"{manifest_path} is unreadable: {exc}") from None
-        if not isinstance(manifest, dict):
-            raise StoreError(f"{manifest_path} is damaged: a JSON {type(manifest).__name__}, not an object")
-        version = manifest.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise StoreError(
-                f"{manifest_path} has format version {version!r}; this rlhf-influence reads up to "
-                f"{FORMAT_VERSION}: upgrade rlhf-influence"
-            )
         store = cls(path)
-        store.manifest = manifest
+        store._manifest = RunManifest.from_json(data, source=str(manifest_path))
         rounds = store.rounds()
         missing = sorted(set(range(1, rounds[-1] + 1)) - set(rounds)) if rounds else []
         if missing:
@@ -135,7 +124,14 @@ class AttributionStore:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.manifest: dict[str, Any] = {}
+        self._manifest: RunManifest | None = None
+
+    @property
+    def manifest(self) -> RunManifest:
+        """The run's manifest, read at :meth:`open` (or as :meth:`write_manifest` wrote it)."""
+        if self._manifest is None:
+            raise StoreError(f"{self.path}: no manifest read or written yet")
+        return self._manifest
 
     @property
     def run_dir(self) -> Path:
@@ -175,12 +171,17 @@ class AttributionStore:
             removed.append(path.name)
         return removed
 
-    def write_manifest(self, info: dict[str, Any]) -> None:
+    def write_manifest(self, manifest: RunManifest) -> None:
+        """Write ``manifest.json`` atomically (under a temporary name, then renamed)."""
+        if not isinstance(manifest, RunManifest):
+            raise TypeError(f"write_manifest takes a RunManifest, got {type(manifest).__name__}")
+        text = json.dumps(manifest.to_json(), indent=2, sort_keys=True, default=str)
+        RunManifest.from_json(json.loads(text), source="the manifest to write")  # reads back, or StoreError
         self.path.mkdir(parents=True, exist_ok=True)
-        manifest = {"format": "rlhf-influence attribution store", "format_version": FORMAT_VERSION, **info}
         tmp = self.path / f".manifest.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        tmp.write_text(text)
         os.replace(tmp, self.path / "manifest.json")
+        self._manifest = manifest
 
     def write_model_files(self, files: dict[str, Any]) -> None:
         """Keep what rebuilds a round's policy later: tokenizer, LoRA config, base model or its name."""

@@ -45,21 +45,17 @@ from trl.experimental.utils import first_true_indices, get_reward
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import selective_log_softmax
 
-from ..capture import capture_factors
 from ..errors import NoLoraError
-from ..filtering import FilterDecision, iif_keep_mask, plan_epoch, random_keep_mask
-from ..influence import scores_from_factors
-from ..lora import canonical_name, find_lora_layout
+from ..filtering import plan_epoch
+from ..influence_filter import Collectives, InfluenceFilter, Scoring
+from ..lora import find_lora_layout
+from ..losses import PPORecordLoss
 from ..projection import RandomProjector, SketchedProjector
-from ..records import RolloutBatch
-from ..store import AttributionStore
-from ..targets import ReturnTarget, ppo_policy_loss
+from ..records import STORED_PADDING, RolloutBatch, ScoredRecords
+from ..store import AttributionStore, RunManifest, StoredGradients, TrainingSettings
 from .config import IIFPPOConfig
 from .rewards import RewardFunction, as_reward_module
-
-# Base models up to this size are copied into the store (tiny and test models); larger ones are
-# referenced by name, as loaded.
-BASE_MODEL_STORE_LIMIT = 64 * 2**20
+from .shared import adapter_snapshot, attribution_columns, model_files
 
 PPO_STATS = ("approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")
 
@@ -71,18 +67,6 @@ class Samples:
     queries: torch.Tensor  # [n, context]
     query_responses: torch.Tensor  # [n, context + response]
     logits: torch.Tensor  # [n, response, vocab], temperature applied
-
-
-@dataclass
-class EpochScores:
-    """Influence of this process's records before one epoch, and the global decision."""
-
-    scores: torch.Tensor  # [N] every process's records, in global order (process-major)
-    decision: FilterDecision  # over all processes' records
-    keep_local: np.ndarray  # bool [n]
-    keep_by_process: torch.Tensor  # bool [world, N]: the decision as each process made it
-    seconds: float
-    projected: torch.Tensor | None = None  # [n, D'] this process's records, for the store
 
 
 class PhaseTimer:
@@ -142,7 +126,7 @@ class IIFPPOTrainer(PPOTrainer):
             raise ValueError("iif_target='heldout_return' needs a target_dataset of held-out prompts")
         if target_dataset is not None and "input_ids" not in target_dataset.column_names:
             raise ValueError("target_dataset must be tokenised like train_dataset (an 'input_ids' column)")
-        _check_policy_has_lora(model, peft_config)
+        check_policy_has_lora(model, peft_config)
         if peft_config is not None:  # wrapped here, as TRL would, but in the dtype ZeRO-3 needs
             model, peft_config = _with_lora(model, peft_config, args), None
         reward_model = as_reward_module(reward_model)
@@ -169,11 +153,6 @@ class IIFPPOTrainer(PPOTrainer):
             )
         self.target_dataset = target_dataset
         self.layout = find_lora_layout(self.policy_model)
-        self.projector = (
-            RandomProjector(args.iif_projection_dim, seed=args.iif_projection_seed)
-            if args.iif_projection_dim
-            else None
-        )
         self.store = AttributionStore(args.attribution_dir) if args.iif_store and args.iif_enabled else None
         if self.store is not None and self.accelerator.is_main_process:
             removed = self.store.remove_stale_temporaries()
@@ -183,17 +162,23 @@ class IIFPPOTrainer(PPOTrainer):
                     + ", ".join(removed),
                     stacklevel=2,
                 )
-        self.store_projector: RandomProjector | SketchedProjector | None = None
-        if self.store is not None and args.iif_store_projection_dim:
-            side_dim, seed = args.iif_store_projection_dim, args.iif_projection_seed
-            self.store_projector = (
-                SketchedProjector(args.iif_store_sketch_dim, side_dim=side_dim, seed=seed)
-                if args.iif_store_sketch_dim
-                else RandomProjector(side_dim, seed=seed)
-            )
-        self._store_dtype = getattr(torch, args.iif_store_dtype)
+        self.iif = InfluenceFilter(
+            args,
+            self.layout,
+            PPORecordLoss(clip_range=args.cliprange, temperature=args.temperature + 1e-7),
+            target=self.iif_target,
+            micro_batch_size=args.per_device_train_batch_size,
+            temperature=args.temperature + 1e-7,
+            collectives=Collectives(self.accelerator),
+            seed=args.seed,
+            store_gradients=self.store is not None,
+        )
         self.iif_history: list[dict] = []  # per-round summaries, also written to the store
-        self._scorings = 0  # seeds the random-filter control identically on every process
+
+    @property
+    def store_projector(self) -> RandomProjector | SketchedProjector | None:
+        """How the store's per-record gradients are projected (None: no gradients stored)."""
+        return self.iif.store_projector
 
     # ------------------------------------------------------------------ helpers around TRL's wrapper
     @property
@@ -259,7 +244,7 @@ class IIFPPOTrainer(PPOTrainer):
             del samples, heldout_samples  # the sampling logits: [n, response, vocab]
 
             stats: dict[str, list[float]] = defaultdict(list)
-            epochs: list[EpochScores] = []
+            epochs: list[Scoring] = []
             snapshot = self.adapter_snapshot() if self.store is not None else None
             for epoch in range(args.num_ppo_epochs):
                 if args.iif_enabled and (epoch == 0 or args.iif_schedule == "epoch"):
@@ -498,177 +483,21 @@ class IIFPPOTrainer(PPOTrainer):
         target_batch: RolloutBatch,
         keep_gradients: bool = False,
         round_start: bool = True,
-    ) -> EpochScores:
+    ) -> Scoring:
         """Influence of every record on the return target at the current weights; the IIF decision.
 
         ``keep_gradients``: also keep the records' projected gradients for the store.
         ``round_start``: the weights are those the records were sampled with (the first scoring
-        of a round), where the buffer target's gradient is the records' own (one pass, not two).
+        of a round).
         """
-        args = self.args
-        start = time.perf_counter()
-        policy = self.unwrapped.policy  # dropout is disabled in it, as PPOTrainer does
-        store_projector = self.store_projector if keep_gradients else None
-        if self.iif_target == "buffer_return" and round_start:
-            local, projected = self._buffer_scores_at_round_start(policy, batch, store_projector)
-        else:
-            target_grad = self._target_gradient(policy, target_batch)
-            local, projected = self._record_scores(policy, batch, target_grad, store_projector)
-        global_scores = self.accelerator.gather(local.to(self.accelerator.device)).cpu().double()
-        decision = iif_keep_mask(global_scores, args.iif_drop_fraction, args.iif_min_keep_fraction)
-        if args.iif_filter == "random":  # the control: as many records dropped, at random
-            self._scorings += 1
-            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + self._scorings)
-            decision = random_keep_mask(decision, generator)
-        rank, n = self.accelerator.process_index, len(batch)
-        keep_local = decision.keep[rank * n : (rank + 1) * n].numpy()
-        keep_by_process = (
-            self.accelerator.gather(decision.keep[None].to(self.accelerator.device)).cpu().bool()
-        )
-        if not bool((keep_by_process == keep_by_process[:1]).all()):  # same scores, same rule: cannot happen
-            raise RuntimeError(
-                "processes reached different filtering decisions from the same gathered scores"
-            )
-        if decision.num_nonfinite:
-            warnings.warn(
-                f"{decision.num_nonfinite} record(s) got a non-finite influence score; they were kept "
-                "out of the ranking (not dropped) and counted in iif/nonfinite_scores",
-                stacklevel=2,
-            )
-        return EpochScores(
-            scores=global_scores,
-            decision=decision,
-            keep_local=keep_local,
-            keep_by_process=keep_by_process,
-            projected=projected,
-            seconds=time.perf_counter() - start,
-        )
-
-    def _chunks(self, n: int):
-        step = self.args.per_device_train_batch_size
-        for start in range(0, n, step):
-            yield np.arange(start, min(n, start + step))
-
-    def _target_gradient(self, policy: nn.Module, target_batch: RolloutBatch) -> torch.Tensor:
-        """Gradient of the mean return surrogate over all processes' target records, ``[D]``."""
         pad_id = self.processing_class.pad_token_id
-        buffer_form = self.iif_target == "buffer_return"
-        total = len(target_batch) * self.accelerator.num_processes
-        grad = torch.zeros(self.layout.num_params, device=self.accelerator.device)
-        for idx in self._chunks(len(target_batch)):
-            part = target_batch.select(idx)
-            mask = part.query_responses != pad_id
-            if buffer_form:  # per-token advantages of the records themselves
-                advantages = torch.nn.functional.pad(part.advantages, (part.context_length, 0))
-            else:  # one advantage per response: its last token's
-                advantages = part.last_token_advantages()
-            target = ReturnTarget(
-                part.query_responses,
-                mask,
-                part.response_mask(),
-                advantages * (len(idx) / total),  # ReturnTarget averages over its own records
-                temperature=self.args.temperature + 1e-7,
-            )
-            factors = capture_factors(policy, target, layout=self.layout, per_record=False)
-            grad += factors.total_gradient().to(grad)
-        return self.accelerator.reduce(grad, reduction="sum")
-
-    def _record_scores(
-        self,
-        policy: nn.Module,
-        batch: RolloutBatch,
-        target_grad: torch.Tensor,
-        store_projector: RandomProjector | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Each record's influence ``<grad f, -grad loss_i>`` on the target, ``[n]``.
-
-        With ``store_projector`` also the records' projected gradients ``[n, D']`` for the
-        store, contracted from the same factors (no extra forward or backward).
-        """
-        projected: list[torch.Tensor] = []
-        scores = [
-            scores_from_factors(factors, target_grad[None], self.projector)[:, 0]
-            for factors in self._record_factors(policy, batch, store_projector, projected)
-        ]
-        return torch.cat(scores), (torch.cat(projected) if projected else None)
-
-    def _record_factors(
-        self,
-        policy: nn.Module,
-        batch: RolloutBatch,
-        store_projector: RandomProjector | SketchedProjector | None,
-        projected: list[torch.Tensor],
-    ):
-        """The records' factors, one micro-batch at a time (one forward and backward each), their
-        training losses under one normaliser; with ``store_projector`` each micro-batch's projected
-        gradients for the store are appended to ``projected``."""
-        normaliser = self._loss_normaliser(batch)
-        for idx in self._chunks(len(batch)):
-            factors = capture_factors(
-                policy, self._record_loss(batch.select(idx), normaliser), layout=self.layout
-            )
-            if store_projector is not None:
-                projected.append(factors.gradients(store_projector).to(self._store_dtype).cpu())
-            yield factors
-
-    def _buffer_scores_at_round_start(
-        self,
-        policy: nn.Module,
-        batch: RolloutBatch,
-        store_projector: RandomProjector | SketchedProjector | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Influence on the buffer target at the round start, from one forward and backward.
-
-        There the ratio is 1 and record i's loss gradient is ``g_i = -sum_t A_t grad log pi / N``,
-        while the buffer target is ``f = (1/M) sum_i sum_t A_t log pi``: so ``grad f = -(N/M)
-        sum_i g_i`` over all M records of all processes, and the records' own gradients give the
-        target's. The local records' gradients (``[n, D]``, or ``[n, D']`` with a scoring
-        projection) are held until the sum is known; the ratio differs from 1 only by the float
-        difference between sampling and re-computing log-probs (tested against two passes).
-        """
-        projected: list[torch.Tensor] = []
-        record_grads = torch.cat(
-            [
-                factors.gradients(self.projector)
-                for factors in self._record_factors(policy, batch, store_projector, projected)
-            ]
+        return self.iif.score(
+            self.unwrapped.policy,  # dropout is disabled in it, as PPOTrainer does
+            batch.scored_records(pad_id),
+            target_batch.scored_records(pad_id),
+            round_start=round_start,
+            keep_gradients=keep_gradients,
         )
-        total = self.accelerator.reduce(record_grads.sum(dim=0), reduction="sum")
-        normaliser = self._loss_normaliser(batch)
-        target_grad = -(normaliser / (len(batch) * self.accelerator.num_processes)) * total
-        scores = -(record_grads @ target_grad)
-        return scores, (torch.cat(projected) if projected else None)
-
-    def _loss_normaliser(self, batch: RolloutBatch) -> float:
-        """One normaliser for every record, so scores compare across micro-batches and processes:
-        the expected number of response tokens in a training micro-batch."""
-        tokens = self.accelerator.gather((~batch.padding_mask).sum().float().reshape(1)).sum()
-        return (
-            float(tokens)
-            / (len(batch) * self.accelerator.num_processes)
-            * self.args.per_device_train_batch_size
-        )
-
-    def _record_loss(self, part: RolloutBatch, normaliser: float):
-        """The records' PPO policy losses at the current weights, as a ``loss_fn`` for capture."""
-        args = self.args
-        pad_id = self.processing_class.pad_token_id
-        context = part.context_length
-
-        def loss_fn(model: nn.Module) -> torch.Tensor:
-            return ppo_policy_loss(
-                model,
-                part.query_responses,
-                part.query_responses != pad_id,
-                part.response_mask(),
-                torch.nn.functional.pad(part.advantages, (context, 0)),
-                old_logprobs=torch.nn.functional.pad(part.logprobs, (context, 0)),
-                clip_range=args.cliprange,
-                normaliser=normaliser,
-                temperature=args.temperature + 1e-7,
-            )
-
-        return loss_fn
 
     # ------------------------------------------------------------------ step 5: one PPO epoch
     def ppo_epoch(
@@ -781,7 +610,7 @@ class IIFPPOTrainer(PPOTrainer):
     # ------------------------------------------------------------------ step 6: log and store
     @torch.no_grad()
     def round_metrics(
-        self, batch: RolloutBatch, stats, epochs: list[EpochScores], start: float
+        self, batch: RolloutBatch, stats, epochs: list[Scoring], start: float
     ) -> dict[str, float]:
         """TRL's PPO metrics plus iif/* (averaged over the round's scorings)."""
         gather_mean = lambda t: float(self.accelerator.gather_for_metrics(t.reshape(-1)).float().mean())  # noqa: E731
@@ -819,44 +648,20 @@ class IIFPPOTrainer(PPOTrainer):
         metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
         metrics["episode"] = self.state.episode
 
-        if not epochs:  # IIF switched off: plain PPO's metrics only
-            return metrics
-        scores = torch.cat([e.scores for e in epochs])
-        finite = scores[torch.isfinite(scores)]
-        metrics["iif/kept_fraction"] = float(np.mean([e.decision.kept_fraction for e in epochs]))
-        metrics["iif/dropped"] = float(np.mean([e.decision.num_dropped for e in epochs]))
-        metrics["iif/score_mean"] = float(finite.mean()) if len(finite) else float("nan")
-        metrics["iif/score_std"] = float(finite.std()) if len(finite) > 1 else 0.0
-        metrics["iif/fraction_negative"] = (
-            float((finite < 0).double().mean()) if len(finite) else float("nan")
-        )
-        metrics["iif/nonfinite_scores"] = float(sum(e.decision.num_nonfinite for e in epochs))
-        metrics["iif/scoring_seconds"] = float(sum(e.seconds for e in epochs))
-        metrics["iif/scorings"] = float(len(epochs))
-        return metrics
+        return {**metrics, **InfluenceFilter.metrics(epochs)}  # no iif/* with IIF switched off
 
     def _global(self, local: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(local.to(self.accelerator.device)).cpu().double()
 
     def adapter_snapshot(self) -> dict[str, torch.Tensor]:
-        """The policy's trainable LoRA weights now (gathered under ZeRO-3), on the CPU, in
-        ``iif_store_snapshot_dtype``."""
-        policy = self.unwrapped.policy
-        named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad and "lora_" in n]
-        gather = nullcontext()
-        if self.is_deepspeed_enabled and any(hasattr(p, "ds_id") for _, p in named):
-            import deepspeed
-
-            gather = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
-        dtype = getattr(torch, self.args.iif_store_snapshot_dtype)
-        with gather:
-            return {canonical_name(n): p.detach().to("cpu", dtype, copy=True).contiguous() for n, p in named}
+        """The policy's trainable LoRA weights now, on the CPU, in ``iif_store_snapshot_dtype``."""
+        return adapter_snapshot(self.unwrapped.policy, getattr(torch, self.args.iif_store_snapshot_dtype))
 
     def store_round(
         self,
         round_index: int,
         batch: RolloutBatch,
-        epochs: list[EpochScores],
+        epochs: list[Scoring],
         metrics: dict,
         snapshot: dict[str, torch.Tensor] | None,
         target_batch: RolloutBatch | None = None,
@@ -878,37 +683,22 @@ class IIFPPOTrainer(PPOTrainer):
         projected = epochs[0].projected
         if projected is not None:
             projected = self.accelerator.gather(projected.to(self.accelerator.device)).cpu()
-        round_batch = self._gathered_batch(batch)
+        pad_id = self.processing_class.pad_token_id
+        round_batch = self._gathered_records(batch.scored_records(pad_id))
         heldout = None
         if target_batch is not None and target_batch is not batch:  # the held-out return target's samples
             heldout = {
-                **self._gathered_batch(target_batch),
+                **self._gathered_records(target_batch.scored_records(pad_id)),
                 "last_token_advantages": self._global(target_batch.last_token_advantages()).float(),
                 "scores": self._global(target_batch.scores).float(),
             }
-        influence = [e.scores.tolist() for e in epochs]
-        kept = [e.decision.keep.tolist() for e in epochs]
         if not self.accelerator.is_main_process:
             return
-        n = len(prompts)
-        first = torch.tensor(influence[0])
-        rank_by_influence = torch.empty(n, dtype=torch.long)
-        rank_by_influence[torch.argsort(-torch.nan_to_num(first, nan=-math.inf), stable=True)] = torch.arange(
-            1, n + 1
-        )
-        local_n = len(batch)
         records = {
-            "record": list(range(n)),
-            "process": [i // local_n for i in range(n)],
+            **attribution_columns(epochs, len(batch)),
             "prompt": prompts,
             "response": responses,
             **gathered,
-            "influence": influence[0],
-            "rank": rank_by_influence.tolist(),
-            "kept": kept[0],
-            "influence_by_scoring": [list(x) for x in zip(*influence, strict=True)],
-            "kept_by_scoring": [list(x) for x in zip(*kept, strict=True)],
-            "kept_on_each_process": epochs[0].keep_by_process.T.tolist(),
         }
         tensors = {"batch": round_batch}
         if heldout is not None:
@@ -922,89 +712,76 @@ class IIFPPOTrainer(PPOTrainer):
             self.store.write_model_files(self._model_files())
         self.store.write_round(round_index, records, metrics, tensors)
 
-    def _gathered_batch(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
-        """The round's token ids, masks, sampling log-probs and advantages over all processes,
-        so the round's policy update can be re-run later (the intervention analysis)."""
+    def _gathered_records(self, records: ScoredRecords) -> dict[str, torch.Tensor]:
+        """The records' stored tensors (token ids, masks, sampling log-probs, advantages) over all
+        processes, so the round's policy update can be re-run later (the intervention analysis)."""
         pad_id = self.processing_class.pad_token_id
         acc = self.accelerator
+        gathered = {}
+        for name, local in records.to_stored().items():
+            pad, first = STORED_PADDING.get(name, (0, False))
+            if local.dim() > 1:
+                local = acc.pad_across_processes(
+                    local.to(acc.device), dim=1, pad_index=pad_id if pad is None else pad, pad_first=first
+                )
+            gathered[name] = acc.gather(local.to(acc.device)).cpu()
+        return gathered
 
-        def across(t: torch.Tensor, pad, first: bool = False) -> torch.Tensor:
-            t = acc.pad_across_processes(t.to(acc.device), dim=1, pad_index=pad, pad_first=first)
-            return acc.gather(t).cpu()
-
-        return {
-            "queries": across(batch.queries, pad_id, first=True).to(torch.int32),
-            "responses": across(batch.responses, pad_id).to(torch.int32),
-            "padding_mask": across(batch.padding_mask.to(torch.uint8), 1),
-            "logprobs": across(batch.logprobs.float(), INVALID_LOGPROB),
-            "advantages": across(batch.advantages.float(), 0.0),
-        }
-
-    def _manifest(self) -> dict:
+    def _manifest(self) -> RunManifest:
         args = self.args
-        return {
-            "target": self.iif_target,
-            "schedule": args.iif_schedule,
-            "drop_fraction": args.iif_drop_fraction,
-            "filter": args.iif_filter,
-            "min_keep_fraction": args.iif_min_keep_fraction,
-            "keep_steps": args.iif_keep_steps,
-            "whiten_after_filter": args.iif_whiten_after_filter,
-            "projection_dim": args.iif_projection_dim,
-            "projection_seed": args.iif_projection_seed,
-            "num_processes": self.accelerator.num_processes,
-            "distributed_type": str(self.accelerator.distributed_type.value),
-            "mixed_precision": str(self.accelerator.mixed_precision),
-            "records_per_round": args.batch_size,
-            "num_ppo_epochs": args.num_ppo_epochs,
-            "lora_parameters": self.layout.num_params,
-            "lora_adapters": len(self.layout),
-            "temperature": args.temperature + 1e-7,
-            "training": {
-                "learning_rate": args.learning_rate,
-                "num_ppo_epochs": args.num_ppo_epochs,
-                "mini_batch_size": args.mini_batch_size,
-                "per_device_train_batch_size": args.per_device_train_batch_size,
-                "cliprange": args.cliprange,
-                "pad_token_id": self.processing_class.pad_token_id,
-                "optimizer": "AdamW (re-runs start from fresh moments)",
-            },
-            "stored_gradients": None
-            if self.store_projector is None
-            else {
-                "projection": "one-sided per LoRA adapter side, orthogonal"
+        projector = self.store_projector
+        return RunManifest(
+            algorithm="ppo",
+            target=self.iif_target,
+            schedule=args.iif_schedule,
+            drop_fraction=args.iif_drop_fraction,
+            filter=args.iif_filter,
+            min_keep_fraction=args.iif_min_keep_fraction,
+            keep_steps=args.iif_keep_steps,
+            whiten_after_filter=args.iif_whiten_after_filter,
+            projection_dim=args.iif_projection_dim,
+            projection_seed=args.iif_projection_seed,
+            num_processes=self.accelerator.num_processes,
+            distributed_type=str(self.accelerator.distributed_type.value),
+            mixed_precision=str(self.accelerator.mixed_precision),
+            records_per_round=args.batch_size,
+            num_ppo_epochs=args.num_ppo_epochs,
+            lora_parameters=self.layout.num_params,
+            lora_adapters=len(self.layout),
+            temperature=args.temperature + 1e-7,
+            training=TrainingSettings(
+                algorithm="ppo",
+                learning_rate=args.learning_rate,
+                per_device_train_batch_size=args.per_device_train_batch_size,
+                pad_token_id=self.processing_class.pad_token_id,
+                optimizer="AdamW (re-runs start from fresh moments)",
+                num_ppo_epochs=args.num_ppo_epochs,
+                mini_batch_size=args.mini_batch_size,
+                cliprange=args.cliprange,
+            ),
+            stored_gradients=None
+            if projector is None
+            else StoredGradients(
+                projection="one-sided per LoRA adapter side, orthogonal"
                 + (", then a sparse sign sketch of the whole vector" if self._store_folds else ""),
-                "dim": args.iif_store_projection_dim,
-                "sketch_dim": args.iif_store_sketch_dim or None,
-                "seed": self.store_projector.seed,
-                "dtype": args.iif_store_dtype,
-                "size": self.store_projector.output_size(self.layout),
-            },
-            "snapshot_dtype": args.iif_store_snapshot_dtype,
-        }
+                dim=args.iif_store_projection_dim,
+                sketch_dim=args.iif_store_sketch_dim or None,
+                seed=projector.seed,
+                dtype=args.iif_store_dtype,
+                size=projector.output_size(self.layout),
+            ),
+            snapshot_dtype=args.iif_store_snapshot_dtype,
+            group_size=None,
+        )
 
     @property
     def _store_folds(self) -> bool:
         """Whether the stored vectors are folded by the sketch (only when longer than it)."""
-        projector = self.store_projector
-        return isinstance(projector, SketchedProjector) and projector.output_size(
-            self.layout
-        ) < projector.per_side.output_size(self.layout)
+        return self.iif.store_folds
 
     def _model_files(self) -> dict:
         """What the store keeps so that a round's snapshot can be rebuilt after training."""
-        policy = self.unwrapped.policy
-        base = policy.get_base_model()
-        reference = getattr(base.config, "_name_or_path", "") or None
-        sharded = any(hasattr(p, "ds_id") for p in base.parameters())
-        size = sum(p.numel() * p.element_size() for p in base.parameters())
-        small = not sharded and size <= BASE_MODEL_STORE_LIMIT
-        return {
-            "tokenizer": self.processing_class,
-            "peft_config": policy.peft_config[self.model_adapter_name or "default"],
-            "base_model": base if small else None,
-            "base_model_reference": reference,
-        }
+        return model_files(self.unwrapped.policy, self.processing_class, self.model_adapter_name)
 
     # ------------------------------------------------------------------ trainer bookkeeping (as TRL)
     def _generation_kwargs(self) -> dict:
@@ -1068,7 +845,7 @@ class IIFPPOTrainer(PPOTrainer):
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)
 
 
-def _check_policy_has_lora(model: nn.Module, peft_config) -> None:
+def check_policy_has_lora(model: nn.Module, peft_config) -> None:
     if peft_config is not None:
         from peft import LoraConfig
 

@@ -1,0 +1,129 @@
+"""Each record's training loss at a snapshot, as the trainer optimises it: PPO's and GRPO's.
+
+Influence ranks records by the gradient of their own share of the training loss, so the loss is
+written once here and used by the trainers' scoring and by the audit's replay of a round. A
+record loss is called as ``loss(model, records, normaliser) -> Tensor[n]`` and names the
+``normaliser`` that makes the records' losses sum to (the expectation of) the trainer's loss
+over one micro-batch; one normaliser for all records keeps their scores comparable across
+micro-batches and processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .records import ScoredRecords
+from .targets import ppo_policy_loss, token_logprobs
+
+# GRPO loss types whose per-record loss is written here (TRL 1.12's names).
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+class RecordLoss(Protocol):
+    """A trainer's per-record loss at the current weights."""
+
+    def __call__(self, model: nn.Module, records: ScoredRecords, normaliser: float) -> torch.Tensor: ...
+
+    def normaliser(self, num_tokens: float, num_records: int, micro_batch_size: int) -> float:
+        """From all processes' records: ``num_tokens`` response tokens over ``num_records``."""
+        ...
+
+
+@dataclass(frozen=True)
+class PPORecordLoss:
+    """TRL PPO's clipped policy loss of each record (the value loss trains a separate network).
+
+    TRL takes a masked mean over each micro-batch's response tokens; the normaliser is its
+    expectation, the mean number of response tokens per record times the micro-batch size.
+    """
+
+    clip_range: float
+    temperature: float
+
+    def __call__(self, model: nn.Module, records: ScoredRecords, normaliser: float) -> torch.Tensor:
+        return ppo_policy_loss(
+            model,
+            records.input_ids,
+            records.attention_mask,
+            records.response_mask,
+            records.advantages,
+            old_logprobs=records.old_logprobs,
+            clip_range=self.clip_range,
+            normaliser=normaliser,
+            temperature=self.temperature,
+        )
+
+    def normaliser(self, num_tokens: float, num_records: int, micro_batch_size: int) -> float:
+        return num_tokens / num_records * micro_batch_size
+
+
+@dataclass(frozen=True)
+class GRPORecordLoss:
+    """TRL 1.12 GRPO's policy loss of each completion, for the loss types in ``GRPO_LOSS_TYPES``.
+
+    Per token ``-min(r A, clip(r, 1-eps_low, 1+eps_high) A) + beta * KL_t`` with
+    ``KL_t = exp(ref - logp) - (ref - logp) - 1`` (times r with the bias correction). A record's
+    loss sums its tokens and divides as its loss type does: ``grpo`` by the completion's own
+    length and the micro-batch's size, ``bnpo`` by the micro-batch's tokens, ``dr_grpo`` by the
+    micro-batch's size times ``max_completion_length``, ``dapo`` by the generation batch's tokens
+    per process (each with TRL's gradient-accumulation factor).
+    """
+
+    loss_type: str
+    epsilon_low: float
+    epsilon_high: float
+    beta: float
+    temperature: float
+    gradient_accumulation_steps: int
+    steps_per_generation: int
+    num_processes: int
+    max_completion_length: int
+    delta: float | None = None
+    bias_correction_kl: bool = True
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            raise ValueError(f"IIF scores GRPO loss types {GRPO_LOSS_TYPES}, not {self.loss_type!r}")
+
+    def __call__(self, model: nn.Module, records: ScoredRecords, normaliser: float) -> torch.Tensor:
+        logp = token_logprobs(
+            model,
+            records.input_ids,
+            records.attention_mask,
+            self.temperature,
+            positions_from_mask=records.positions_from_mask,
+        )
+        old = logp.detach() if records.old_logprobs is None else records.old_logprobs.to(logp.dtype)
+        mask = records.response_mask.to(logp.dtype)
+        ratio = torch.exp((logp - old) * mask)
+        clipped = ratio.clamp(1 - self.epsilon_low, 1 + self.epsilon_high)
+        if self.delta is not None:
+            ratio = ratio.clamp(max=self.delta)
+        advantages = records.advantages.to(logp.dtype)
+        per_token = -torch.minimum(ratio * advantages, clipped * advantages)
+        if self.beta != 0.0:
+            if records.ref_logprobs is None:
+                raise ValueError("GRPO with beta > 0 needs the records' reference log-probs")
+            gap = (records.ref_logprobs.to(logp.dtype) - logp) * mask
+            kl = torch.exp(gap) - gap - 1
+            if self.bias_correction_kl:
+                kl = kl * ratio
+            per_token = per_token + self.beta * kl
+        summed = (per_token * mask).sum(dim=1)
+        if self.loss_type == "grpo":
+            summed = summed / mask.sum(dim=1).clamp(min=1.0)
+        return summed / normaliser
+
+    def normaliser(self, num_tokens: float, num_records: int, micro_batch_size: int) -> float:
+        accumulation = self.gradient_accumulation_steps
+        if self.loss_type == "grpo":
+            return float(micro_batch_size * accumulation)
+        if self.loss_type == "bnpo":
+            return num_tokens / num_records * micro_batch_size * accumulation
+        if self.loss_type == "dr_grpo":
+            return float(micro_batch_size * self.max_completion_length * accumulation)
+        return num_tokens / self.num_processes * accumulation / self.steps_per_generation  # dapo

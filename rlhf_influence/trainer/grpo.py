@@ -1,0 +1,462 @@
+"""IIFGRPOTrainer: TRL's GRPOTrainer that scores every completion and filters the harmful ones.
+
+A round is one generation batch. Where TRL's ``_prepare_inputs`` generates one, this trainer
+runs the round's steps:
+
+    generate and score completions (TRL) -> records -> target -> score -> filter
+    -> the kept completions, in TRL's shuffled order, cut into its steps_per_generation slices
+
+then TRL's own optimisation steps run on each slice; with ``iif_schedule='epoch'`` the records
+are scored again before each of the ``num_iterations`` passes. The round is stored when the
+next one begins (or training ends), with every scoring it had. With ``iif_drop_fraction=0`` the
+weights after training equal TRL's GRPOTrainer's (tested).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+from torch import nn
+from trl import GRPOTrainer
+from trl.trainer.utils import (
+    shuffle_sequence_dict,
+    split_pixel_values_by_grid,
+    unsplit_pixel_values_by_grid,
+)
+
+from ..influence_filter import Collectives, InfluenceFilter, Scoring
+from ..lora import find_lora_layout
+from ..losses import GRPORecordLoss
+from ..records import STORED_PADDING, ScoredRecords
+from ..store import AttributionStore, RunManifest, StoredGradients, TrainingSettings
+from .grpo_config import IIFGRPOConfig
+from .shared import adapter_snapshot, attribution_columns, model_files
+from .trainer import PhaseTimer, check_policy_has_lora
+
+ROW_KEY = "iif_row"  # each completion's position in its generation batch, carried through TRL's shuffle
+
+
+@dataclass
+class GenerationRound:
+    """One generation batch as IIF holds it until the round is stored."""
+
+    index: int
+    batch: dict  # TRL's generation batch (this process's rows, generation order)
+    shuffled: dict  # the same, in the order TRL's shuffle gave its steps
+    records: ScoredRecords
+    target_records: ScoredRecords
+    rewards: torch.Tensor  # [N] every process's completions' rewards (weighted sum over functions)
+    target_rewards: torch.Tensor | None  # [M] the held-out completions' rewards
+    snapshot: dict[str, torch.Tensor] | None
+    metrics: dict[str, float]
+    scorings: list[Scoring] = field(default_factory=list)
+
+
+class IIFGRPOTrainer(GRPOTrainer):
+    """GRPO with Iterative Influence-based Filtering, a drop-in for TRL's ``GRPOTrainer``.
+
+    Takes TRL's arguments plus ``target_dataset``: held-out prompts (a ``prompt`` column, as
+    ``train_dataset``) for the held-out return target. The policy must carry LoRA adapters or
+    ``peft_config`` must be a ``LoraConfig``: IIF scores the LoRA weights.
+    """
+
+    _tag_names: ClassVar[list[str]] = ["trl", "grpo", "iif", "rlhf-influence"]
+    _name = "IIF-GRPO"
+
+    def __init__(self, model, reward_funcs, args: IIFGRPOConfig, train_dataset, target_dataset=None,
+                 processing_class=None, peft_config=None, **kwargs) -> None:  # fmt: skip
+        if not isinstance(args, IIFGRPOConfig):
+            raise TypeError(f"args must be an IIFGRPOConfig, got {type(args).__name__}")
+        self.iif_target = args.iif_target or (
+            "heldout_return" if target_dataset is not None else "buffer_return"
+        )
+        if self.iif_target == "heldout_return" and target_dataset is None:
+            raise ValueError("iif_target='heldout_return' needs a target_dataset of held-out prompts")
+        if target_dataset is not None and "prompt" not in target_dataset.column_names:
+            raise ValueError("target_dataset must have a 'prompt' column, as train_dataset")
+        check_policy_has_lora(model, peft_config)
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            peft_config=peft_config,
+            **kwargs,
+        )
+        self.target_dataset = target_dataset
+        self.layout = find_lora_layout(self.lora_policy)
+        self.store = AttributionStore(args.attribution_dir) if args.iif_store and args.iif_enabled else None
+        if self.store is not None and self.accelerator.is_main_process:
+            removed = self.store.remove_stale_temporaries()
+            if removed:
+                warnings.warn(
+                    f"removed {len(removed)} half-written round(s) that a killed run left in {self.store.path}",
+                    stacklevel=2,
+                )
+        self.iif = InfluenceFilter(
+            args,
+            self.layout,
+            self.record_loss(),
+            target=self.iif_target,
+            micro_batch_size=args.per_device_train_batch_size,
+            temperature=args.temperature,
+            collectives=Collectives(self.accelerator),
+            seed=args.seed,
+            store_gradients=self.store is not None,
+        )
+        self.iif_history: list[dict] = []  # per-round metrics, also written to the store
+        self._round: GenerationRound | None = None
+        self._rounds = 0
+        self._last_rewards: torch.Tensor | None = None
+
+    def record_loss(self) -> GRPORecordLoss:
+        """GRPO's policy loss of one completion under this run's settings."""
+        args = self.args
+        return GRPORecordLoss(
+            loss_type=args.loss_type,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            beta=args.beta,
+            temperature=args.temperature,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            steps_per_generation=args.steps_per_generation,
+            num_processes=self.accelerator.num_processes,
+            max_completion_length=args.max_completion_length,
+            delta=args.delta,
+            bias_correction_kl=args.use_bias_correction_kl,
+        )
+
+    @property
+    def lora_policy(self) -> nn.Module:
+        """The LoRA policy without DDP / DeepSpeed around it."""
+        return self.accelerator.unwrap_model(self.model)
+
+    # ------------------------------------------------------------------ where TRL hands over a generation batch
+    def _prepare_inputs(self, generation_batch):
+        if not (self.model.training and self.args.iif_enabled):
+            return super()._prepare_inputs(generation_batch)
+        args = self.args
+        generate_every = args.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            self.start_round(generation_batch)
+        elif args.iif_schedule == "epoch" and self._step % args.steps_per_generation == 0:
+            self.rescore_round()
+        return self._buffered_inputs[self._step % args.steps_per_generation]
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        weights = self.reward_weights.to(rewards_per_func.device)
+        self._last_rewards = (rewards_per_func * weights).nansum(dim=1).detach().cpu()
+        return rewards_per_func
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        self.store_round()  # the last round (every process reaches this point)
+        return output
+
+    # ------------------------------------------------------------------ a round
+    def start_round(self, generation_batch) -> None:
+        """Generate and score the round's completions, score them, filter, and cut the steps."""
+        self.store_round()  # the previous round, now that all its scorings are known
+        self._rounds += 1
+        timer = PhaseTimer(self.accelerator.device)
+        snapshot = self.adapter_snapshot() if self.store is not None else None
+        with timer("rollout"):
+            batch = self._generate_and_score_completions(generation_batch)
+            rewards = self._last_rewards
+        records = self.scored_records(batch)
+        target_records, target_rewards = records, None
+        if self.iif_target == "heldout_return":
+            with timer("target_sampling"):
+                target_records, target_rewards = self.sample_heldout_target()
+        with timer("scoring"):
+            scoring = self.score(records, target_records, round_start=True)
+        batch = split_pixel_values_by_grid(batch)
+        batch[ROW_KEY] = torch.arange(len(records), device=self.accelerator.device)
+        shuffled = shuffle_sequence_dict(batch)  # TRL's shuffle, from the same random stream
+        self._round = GenerationRound(
+            index=self._rounds, batch=batch, shuffled=shuffled, records=records, target_records=target_records,
+            rewards=rewards, target_rewards=target_rewards, snapshot=snapshot,
+            metrics={"objective/scores": float(rewards.nanmean()), **timer.metrics()}, scorings=[scoring],
+        )  # fmt: skip
+        self._buffered_inputs = self.kept_steps(shuffled, scoring.keep_local)
+        self._log_scoring(scoring)
+
+    def rescore_round(self) -> None:
+        """Score the round's records again at the current weights, before another pass over them."""
+        round_ = self._round
+        start = time.perf_counter()
+        scoring = self.score(round_.records, round_.target_records, round_start=False)
+        round_.metrics["time/scoring_seconds"] = round_.metrics.get("time/scoring_seconds", 0.0) + (
+            time.perf_counter() - start
+        )
+        round_.scorings.append(scoring)
+        self._buffered_inputs = self.kept_steps(round_.shuffled, scoring.keep_local)
+        self._log_scoring(scoring)
+
+    def scored_records(self, batch: dict) -> ScoredRecords:
+        """TRL's generation batch (this process's rows) as the records IIF scores: one record per
+        completion, its advantage on every token, its group the prompt it answers."""
+        prompt_ids, completion_ids = batch["prompt_ids"], batch["completion_ids"]
+        width = prompt_ids.shape[1]
+        loss_mask = batch["completion_mask"]
+        if "tool_mask" in batch:
+            loss_mask = loss_mask * batch["tool_mask"]
+        advantages = batch["advantages"]
+        if advantages.dim() == 1:
+            advantages = advantages[:, None].expand_as(completion_ids)
+
+        def aligned(t: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (width, 0))
+
+        n = len(prompt_ids)
+        first = self.accelerator.process_index * n
+        rows = torch.arange(first, first + n, device=prompt_ids.device)
+        return ScoredRecords(
+            input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+            attention_mask=torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1).bool(),
+            response_mask=aligned(loss_mask.bool()),
+            advantages=aligned(advantages.float() * loss_mask),
+            context_length=width,
+            old_logprobs=aligned(batch["old_per_token_logps"]) if "old_per_token_logps" in batch else None,
+            ref_logprobs=aligned(batch["ref_per_token_logps"]) if "ref_per_token_logps" in batch else None,
+            group=rows // self.num_generations,
+            positions_from_mask=False,  # TRL's GRPO leaves positions to the model
+        )
+
+    def sample_heldout_target(self) -> tuple[ScoredRecords, torch.Tensor]:
+        """Held-out prompts, ``num_generations`` fresh completions each from the current policy,
+        scored by TRL as a generation batch (rewards, group-relative advantages), under their own
+        seed and without touching TRL's logged metrics or training's random stream."""
+        args = self.args
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        per_process = max(1, args.iif_num_heldout_prompts // world)
+        first = (self._rounds - 1) * per_process * world + rank * per_process
+        n = len(self.target_dataset)
+        rows = [self.target_dataset[(first + j) % n] for j in range(per_process)]
+        inputs = [dict(row) for row in rows for _ in range(self.num_generations)]
+        seed = (args.seed * 1_000_003 + self._rounds * 7919 + rank) % (2**63)
+        with self._own_random_stream(seed), self._metrics_untouched():
+            batch = self._generate_and_score_completions(inputs)
+            rewards = self._last_rewards
+        return self.scored_records(batch), rewards
+
+    def score(self, records: ScoredRecords, target_records: ScoredRecords, *, round_start: bool) -> Scoring:
+        """The filter's scores and decision, with dropout off and training's random stream untouched."""
+        policy = self.lora_policy
+        keep_gradients = round_start and self.iif.store_projector is not None
+        with self._own_random_stream(None), _no_dropout(policy):
+            return self.iif.score(
+                policy, records, target_records, round_start=round_start, keep_gradients=keep_gradients
+            )
+
+    def kept_steps(self, shuffled: dict, keep_local: np.ndarray) -> list[dict]:
+        """The kept completions in TRL's shuffled order, cut into ``steps_per_generation`` slices.
+
+        With nothing dropped the slices are TRL's own. A slice left with no completion on this
+        process holds one completion with its loss mask zeroed (a zero-weight step keeps the
+        collectives of every process in step). ``num_items_in_batch`` (dapo's normaliser)
+        counts the kept completions' tokens, over all processes.
+        """
+        rows = shuffled[ROW_KEY].cpu().numpy()
+        kept = np.flatnonzero(keep_local[rows])
+        loss_mask = shuffled["completion_mask"]
+        if "tool_mask" in shuffled:
+            loss_mask = loss_mask * shuffled["tool_mask"]
+        kept_index = torch.as_tensor(kept, dtype=torch.long, device=loss_mask.device)
+        num_items = self.accelerator.gather(loss_mask[kept_index].sum()).sum()
+        steps = []
+        for part in np.array_split(kept, self.args.steps_per_generation):
+            empty = len(part) == 0
+            index = torch.as_tensor(part if not empty else [0], dtype=torch.long)
+            step = {}
+            for key, value in shuffled.items():
+                if key == ROW_KEY:
+                    continue
+                if isinstance(value, torch.Tensor) and value.ndim > 0:
+                    step[key] = value[index.to(value.device)]
+                elif isinstance(value, list):
+                    step[key] = [value[i] for i in index.tolist()]
+                else:
+                    step[key] = value
+            step["num_items_in_batch"] = num_items
+            if empty:
+                step["completion_mask"] = torch.zeros_like(step["completion_mask"])
+            steps.append(unsplit_pixel_values_by_grid(step))
+        return steps
+
+    def _log_scoring(self, scoring: Scoring) -> None:
+        for key, value in InfluenceFilter.metrics([scoring]).items():
+            self._metrics["train"][key].append(value)
+
+    @contextmanager
+    def _own_random_stream(self, seed: int | None):
+        """Random draws inside leave training's stream (CPU and this GPU) as it was."""
+        device = self.accelerator.device
+        devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                torch.manual_seed(seed)
+            yield
+
+    @contextmanager
+    def _metrics_untouched(self):
+        """TRL's logged metrics, completion logs and token count as they were before."""
+        metrics, logs = copy.deepcopy(self._metrics), copy.deepcopy(self._logs)
+        tokens_seen = self.state.num_input_tokens_seen
+        try:
+            yield
+        finally:
+            self._metrics, self._logs = metrics, logs
+            self.state.num_input_tokens_seen = tokens_seen
+
+    # ------------------------------------------------------------------ the store
+    def adapter_snapshot(self) -> dict[str, torch.Tensor]:
+        """The policy's trainable LoRA weights now, on the CPU, in ``iif_store_snapshot_dtype``."""
+        return adapter_snapshot(self.lora_policy, getattr(torch, self.args.iif_store_snapshot_dtype))
+
+    def store_round(self) -> None:
+        """Hand the finished round's completions, rewards, groups, scores, kept flags, projected
+        gradients, round-start adapter and held-out samples to the store (the main process writes)."""
+        round_, self._round = self._round, None
+        if round_ is None:
+            return
+        metrics = {**round_.metrics, **InfluenceFilter.metrics(round_.scorings)}
+        self.iif_history.append(metrics)
+        if self.store is None:
+            return
+        acc = self.accelerator
+        decode = self.processing_class.batch_decode
+        records = round_.records
+        prompts = gather_object(decode(round_.batch["prompt_ids"], skip_special_tokens=True))
+        completions = gather_object(decode(round_.batch["completion_ids"], skip_special_tokens=True))
+        advantage = acc.gather(records.sequence_advantages().float()).cpu()
+        group = acc.gather(records.group).cpu()
+        logprob = (
+            acc.gather((records.old_logprobs * records.response_mask).sum(1).float()).cpu().tolist()
+            if records.old_logprobs is not None
+            else [float("nan")] * len(prompts)
+        )
+        projected = round_.scorings[0].projected
+        if projected is not None:
+            projected = acc.gather(projected.to(acc.device)).cpu()
+        tensors = {"batch": self._gathered_records(records)}
+        if round_.target_rewards is not None:
+            target = round_.target_records
+            tensors["target"] = {
+                **self._gathered_records(target),
+                "last_token_advantages": acc.gather(target.sequence_advantages().float()).cpu(),
+                "scores": round_.target_rewards.float(),
+            }
+        if not acc.is_main_process:
+            return
+        table = {
+            **attribution_columns(round_.scorings, len(records)),
+            "prompt": prompts,
+            "response": completions,
+            "group": group.tolist(),
+            "reward": round_.rewards.float().tolist(),
+            "advantage_mean": advantage.tolist(),
+            "advantage_last": advantage.tolist(),
+            "logprob": logprob,
+        }
+        if projected is not None:
+            tensors["gradients"] = {"projected": projected}
+        if round_.snapshot is not None:
+            tensors["adapter"] = round_.snapshot
+        if not (self.store.path / "manifest.json").exists():
+            self.store.write_manifest(self._manifest())
+            self.store.write_model_files(model_files(self.lora_policy, self.processing_class, None))
+        self.store.write_round(round_.index, table, metrics, tensors)
+
+    def _gathered_records(self, records: ScoredRecords) -> dict[str, torch.Tensor]:
+        """The records' stored tensors over all processes (each padded as the store says)."""
+        pad_id = self.processing_class.pad_token_id
+        acc = self.accelerator
+        gathered = {}
+        for name, local in records.to_stored().items():
+            pad, first = STORED_PADDING.get(name, (0, False))
+            if local.dim() > 1:
+                local = acc.pad_across_processes(
+                    local.to(acc.device), dim=1, pad_index=pad_id if pad is None else pad, pad_first=first
+                )
+            gathered[name] = acc.gather(local.to(acc.device)).cpu()
+        return gathered
+
+    def _manifest(self) -> RunManifest:
+        args = self.args
+        projector = self.iif.store_projector
+        return RunManifest(
+            algorithm="grpo",
+            target=self.iif_target,
+            schedule=args.iif_schedule,
+            drop_fraction=args.iif_drop_fraction,
+            filter=args.iif_filter,
+            min_keep_fraction=args.iif_min_keep_fraction,
+            keep_steps=True,
+            whiten_after_filter=False,
+            projection_dim=args.iif_projection_dim,
+            projection_seed=args.iif_projection_seed,
+            num_processes=self.accelerator.num_processes,
+            distributed_type=str(self.accelerator.distributed_type.value),
+            mixed_precision=str(self.accelerator.mixed_precision),
+            records_per_round=args.generation_batch_size,
+            num_ppo_epochs=None,
+            lora_parameters=self.layout.num_params,
+            lora_adapters=len(self.layout),
+            temperature=args.temperature,
+            group_size=self.num_generations,
+            training=TrainingSettings(
+                algorithm="grpo",
+                learning_rate=args.learning_rate,
+                per_device_train_batch_size=args.per_device_train_batch_size,
+                pad_token_id=self.processing_class.pad_token_id,
+                optimizer="AdamW (re-runs start from fresh moments)",
+                num_ppo_epochs=None,
+                mini_batch_size=None,
+                cliprange=None,
+                loss_type=args.loss_type,
+                epsilon_low=self.epsilon_low,
+                epsilon_high=self.epsilon_high,
+                beta=args.beta,
+                num_iterations=self.num_iterations,
+                steps_per_generation=args.steps_per_generation,
+                gradient_accumulation_steps=args.gradient_accumulation_steps,
+                max_completion_length=args.max_completion_length,
+                num_generations=self.num_generations,
+            ),
+            stored_gradients=None
+            if projector is None
+            else StoredGradients(
+                projection="one-sided per LoRA adapter side, orthogonal"
+                + (", then a sparse sign sketch of the whole vector" if self.iif.store_folds else ""),
+                dim=args.iif_store_projection_dim,
+                sketch_dim=args.iif_store_sketch_dim or None,
+                seed=projector.seed,
+                dtype=args.iif_store_dtype,
+                size=projector.output_size(self.layout),
+            ),
+            snapshot_dtype=args.iif_store_snapshot_dtype,
+        )
+
+
+@contextmanager
+def _no_dropout(model: nn.Module):
+    """Dropout off while scoring (a record's gradient is then its expected one); modes restored."""
+    modes = [(m, m.training) for m in model.modules() if isinstance(m, nn.Dropout)]
+    for module, _ in modes:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.train(training)
