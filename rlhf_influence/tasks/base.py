@@ -31,14 +31,16 @@ class TaskSpec:
     """A task by name: a one-line summary, its run's settings, and how to build it.
 
     ``settings`` are IIFPPOConfig fields (``total_episodes`` and ``iif_num_heldout_prompts``
-    included); the recipe uses them as defaults that flags override, the benchmarks start from
-    them. They are known without building the task (no model is loaded to read them).
+    included), ``grpo_settings`` the IIFGRPOConfig fields of the same task under GRPO
+    (``max_steps`` included); the recipes use them as defaults that flags override, the
+    benchmarks start from them. They are known without building the task (no model is loaded).
     """
 
     name: str
     summary: str
     settings: dict[str, Any]
     build: Callable[..., EmbeddedTask] = field(repr=False)
+    grpo_settings: dict[str, Any] = field(default_factory=dict)  # IIFGRPOConfig fields, as ``settings``
 
     @property
     def records_per_round(self) -> int:
@@ -69,3 +71,22 @@ def prompt_dataset(tokenizer, prompts: list[str]) -> Dataset:
     """The prompts with their token ids (no special tokens): an embedded task's prompt set."""
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     return Dataset.from_dict({"input_ids": ids, "prompt": prompts})
+
+
+# Settings every embedded GRPO run shares: TRL's GRPOConfig defaults to bf16 and gradient
+# checkpointing, which a CPU run and a tiny model do not want (flags turn them back on).
+GRPO_COMMON_SETTINGS = {**COMMON_SETTINGS, "bf16": False, "gradient_checkpointing": False}
+
+
+def grpo_run_settings(
+    output_dir: str, training: dict[str, Any], steps: int, heldout_prompts: int
+) -> dict[str, Any]:
+    """A task's full GRPO run settings: the shared ones, its GRPO settings, its length (optimizer
+    steps; one generation batch each with the defaults) and held-out prompts."""
+    return {
+        **GRPO_COMMON_SETTINGS,
+        "output_dir": output_dir,
+        **training,
+        "max_steps": steps,
+        "iif_num_heldout_prompts": heldout_prompts,
+    }

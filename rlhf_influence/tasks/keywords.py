@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from ..models import cache_root, publish_directory
 from . import sentiment
-from .base import EmbeddedTask, TaskSpec, prompt_dataset, run_settings
+from .base import EmbeddedTask, TaskSpec, grpo_run_settings, prompt_dataset, run_settings
 from .rewards import keyword_reward
 from .toy import tiny_causal_lm, toy_lora_config, word_tokenizer
 
@@ -35,6 +35,9 @@ from .toy import tiny_causal_lm, toy_lora_config, word_tokenizer
 # collapse into colour salad in ~25 rounds; 0.3 stalls it near the start).
 TRAINING = {**sentiment.TRAINING, "response_length": 12, "kl_coef": 0.1}
 ROUNDS = 100
+# Under GRPO: the default task's settings with longer completions and GRPO's KL penalty (beta) in
+# place of PPO's KL-penalised reward, so the climb takes tens of steps rather than collapsing.
+GRPO_TRAINING = {**sentiment.GRPO_TRAINING, "max_completion_length": 12, "beta": 0.1}
 
 COLOURS = ["red", "blue", "green", "gold", "silver"]
 _ADJECTIVES = ["big", "small", "old", "young", "happy", "tired", "quiet", "little", "tall", "kind"]
@@ -186,4 +189,7 @@ SPEC = TaskSpec(
         "runs/ppo_iif_keywords", TRAINING, rounds=ROUNDS, heldout_prompts=sentiment.HELDOUT_PROMPTS
     ),
     build=build,
+    grpo_settings=grpo_run_settings(
+        "runs/grpo_iif_keywords", GRPO_TRAINING, ROUNDS, sentiment.GRPO_HELDOUT_PROMPTS
+    ),
 )

@@ -10,7 +10,7 @@ than chance, and what that does to the clean reward (benchmarks/iif_vs_ppo.py).
 from __future__ import annotations
 
 from . import sentiment
-from .base import EmbeddedTask, TaskSpec, run_settings
+from .base import EmbeddedTask, TaskSpec, grpo_run_settings, run_settings
 from .rewards import sentiment_reward, sign_flipped
 
 FLIP_FRACTION = 0.2
@@ -38,4 +38,7 @@ SPEC = TaskSpec(
         heldout_prompts=sentiment.HELDOUT_PROMPTS,
     ),
     build=build,
+    grpo_settings=grpo_run_settings(
+        "runs/grpo_iif_noisy", sentiment.GRPO_TRAINING, sentiment.ROUNDS, sentiment.GRPO_HELDOUT_PROMPTS
+    ),
 )

