@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     intervene = commands.add_parser(
         "intervene",
         help="re-run a round without the records that most raised a behaviour or its return target",
-        description="Re-run round K's PPO policy update from its stored snapshot three ways: on all records, "
+        description="Re-run round K's policy update (PPO's or GRPO's) from its stored snapshot three ways: on all records, "
         "without the --remove records that most raised the target (exact influence at the snapshot), and "
         "without as many random records. Prints the target after each. The target is a behaviour, "
         "log p(RESPONSE | PROMPT), or with --return-target the round's own return target: the held-out "

@@ -220,3 +220,68 @@ def test_token_logprobs_positions_follow_trls_grpo(tmp_path):
         ours = token_logprobs(trainer.model, ids, mask, trainer.args.temperature, positions_from_mask=False)
     valid = batch["completion_mask"].bool()
     assert torch.allclose(ours[:, -width:][valid], trl_logps[valid], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory):
+    """A stored IIF-GRPO run (held-out target, projected gradients, p = 0.5)."""
+    out = tmp_path_factory.mktemp("grpo-run")
+    trainer = build(out, iif_drop_fraction=0.5, max_steps=4)
+    trainer.train()
+    return out, trainer
+
+
+def test_replay_from_disk_reproduces_the_trainers_scores(grpo_run):
+    """The audit's replay rebuilds the policy, records, loss and held-out target from the store alone;
+    its exact influence equals what the trainer scored during training."""
+    from rlhf_influence.audit.intervention import RoundReplay
+    from rlhf_influence.audit.rescore import SnapshotScorer
+
+    out, _ = grpo_run
+    scorer = SnapshotScorer(out)
+    assert scorer.store.manifest.algorithm == "grpo" and scorer.store.manifest.group_size == 4
+    for round_index in scorer.rounds:
+        replay = RoundReplay(scorer, round_index)
+        replayed = replay.influence(replay.return_target()).double()
+        stored = torch.tensor(
+            scorer.store.read_records(round_index).to_pydict()["influence"], dtype=torch.float64
+        )
+        assert torch.allclose(replayed, stored, rtol=1e-4, atol=1e-6 * float(stored.abs().max()))
+
+
+def test_every_audit_command_reads_a_grpo_run(grpo_run, tmp_path, capsys):
+    import json
+
+    from scipy.stats import spearmanr
+
+    from rlhf_influence.audit.rescore import score_behaviour
+    from rlhf_influence.cli import main
+
+    out, _ = grpo_run
+    assert main(["audit", str(out), "--json", "--min-delta", "0"]) == 0
+    audit = json.loads(capsys.readouterr().out)
+    assert audit["rounds"]
+    assert main(["diagnose", str(out), "--json"]) == 0
+    capsys.readouterr()
+    assert (
+        main(["formation", str(out), "--prompt", "the movie was", "--response", "great fun", "--json"]) == 0
+    )
+    capsys.readouterr()
+    assert main(["intervene", str(out), "--round", "2", "--return-target", "--remove", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["removed"] == 3 and len(result["removed_records"]) == 3
+    assert main(["report", str(out), "-o", str(tmp_path / "report.html")]) == 0
+    assert "IIF" in (tmp_path / "report.html").read_text()
+    # score: the stored projected gradients rank like exact influence at the snapshot
+    from rlhf_influence.audit.intervention import RoundReplay
+    from rlhf_influence.audit.rescore import SnapshotScorer
+    from rlhf_influence.targets import LogProbTarget
+
+    scored = score_behaviour(out, 2, "the movie was", "great fun")
+    scorer = SnapshotScorer(out)
+    target = LogProbTarget.from_text(scorer.tokenizer, ["the movie was"], ["great fun"])
+    target.positions_from_mask = False
+    exact = RoundReplay(scorer, 2).influence(target)
+    assert spearmanr([r.influence for r in scored], exact.tolist()).statistic > 0.8
+    table = AttributionStore.open(out).read_records(2).to_pydict()
+    assert table["group"] == [i // 4 for i in range(len(table["record"]))]

@@ -1,11 +1,12 @@
 """Targeted intervention: re-run one round's policy update without the records behind a target.
 
 From the store: the policy at the round start (its stored adapter), the round's records (token
-ids, sampling log-probs, advantages) and the run's PPO settings. The records are scored exactly
-against a target at that snapshot (a behaviour, log pi(response | prompt), or the round's own
-return target: the held-out samples it drew, or its buffer); then the round's PPO policy update
-(clipped surrogate, mini-batches, AdamW, the run's epochs and learning rate) is re-run three
-ways: on all records, without the k records that most raised the target, and without k random
+ids, sampling log-probs, advantages) and the run's PPO or GRPO settings. The records are scored
+exactly against a target at that snapshot (a behaviour, log pi(response | prompt), or the round's
+own return target: the held-out samples it drew, or its buffer) with the loss the trainer scored
+them with (rlhf_influence.losses); then the round's policy update (PPO: clipped surrogate,
+mini-batches, the run's epochs; GRPO: its loss type over steps_per_generation slices, the run's
+iterations; AdamW at the run's learning rate) is re-run three ways: on all records, without the k records that most raised the target, and without k random
 records. If attribution is right, removing the top records moves the target least (or down) of
 the three.
 
@@ -23,12 +24,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..capture import capture_factors
 from ..gradients import target_gradients
 from ..influence import scores_from_factors
+from ..influence_filter import InfluenceFilter
+from ..losses import GRPORecordLoss, PPORecordLoss, RecordLoss
 from ..projection import RandomProjector
-from ..store import StoreError
-from ..targets import LogProbTarget, ReturnTarget, TokenWeightedLogProb, ppo_policy_loss
+from ..records import ScoredRecords
+from ..settings import IIFSettings
+from ..store import StoreError, TrainingSettings
+from ..targets import LogProbTarget, ReturnTarget, TokenWeightedLogProb
 from .rescore import SnapshotScorer
 
 
@@ -46,82 +50,70 @@ class InterventionResult:
     removed_records: list[int] = field(default_factory=list)
 
 
+def record_loss(training: TrainingSettings, temperature: float) -> RecordLoss:
+    """The per-record training loss a stored run optimised (one process replays all records)."""
+    if training.algorithm == "ppo":
+        return PPORecordLoss(clip_range=training.cliprange, temperature=temperature)
+    return GRPORecordLoss(
+        loss_type=training.loss_type,
+        epsilon_low=training.epsilon_low,
+        epsilon_high=training.epsilon_high,
+        beta=training.beta,
+        temperature=temperature,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        steps_per_generation=training.steps_per_generation,
+        num_processes=1,
+        max_completion_length=training.max_completion_length,
+    )
+
+
 class RoundReplay:
-    """The stored round as tensors, and its PPO policy update, replayable on a subset of records."""
+    """The stored round's records and its policy update (PPO's or GRPO's), replayable on a subset."""
 
     def __init__(self, scorer: SnapshotScorer, round_index: int) -> None:
         self.scorer = scorer
         self.round = round_index
-        settings = scorer.store.manifest.training
+        manifest = scorer.store.manifest
+        settings = manifest.training
         if settings is None:
             raise StoreError("the run's manifest has no training settings; it predates replayable rounds")
-        if settings.algorithm != "ppo":
-            raise StoreError(
-                f"replaying a {settings.algorithm.upper()} round is not supported; only PPO rounds"
-            )
         self.settings = settings
-        tensors = scorer.store.read_tensors(round_index, "batch")
-        self.pad_id = settings.pad_token_id
-        queries, responses = tensors["queries"].long(), tensors["responses"].long()
-        self.context = queries.shape[1]
-        self.query_responses = torch.cat([queries, responses], dim=1)
-        self.attention_mask = self.query_responses != self.pad_id
-        valid = tensors["padding_mask"] == 0
-        self.response_mask = torch.nn.functional.pad(valid, (self.context, 0), value=False)
-        self.advantages = torch.nn.functional.pad(tensors["advantages"], (self.context, 0))
-        self.old_logprobs = torch.nn.functional.pad(tensors["logprobs"], (self.context, 0))
+        self.grpo = settings.algorithm == "grpo"
         self.temperature = scorer.temperature
+        self.records = self._stored_records("batch")
+        self.loss = record_loss(settings, self.temperature)
+        self.filter = InfluenceFilter(
+            IIFSettings(),
+            scorer.layout,
+            self.loss,
+            target=manifest.target,
+            micro_batch_size=settings.per_device_train_batch_size,
+            temperature=self.temperature,
+        )
+
+    def _stored_records(self, name: str) -> ScoredRecords:
+        tensors = self.scorer.store.read_tensors(self.round, name)
+        return ScoredRecords.from_stored(
+            tensors, self.settings.pad_token_id, positions_from_mask=not self.grpo
+        )
 
     def __len__(self) -> int:
-        return self.query_responses.shape[0]
-
-    def _loss(self, idx, normaliser: float | None = None):
-        def loss_fn(model):
-            return ppo_policy_loss(
-                model,
-                self.query_responses[idx],
-                self.attention_mask[idx],
-                self.response_mask[idx],
-                self.advantages[idx],
-                old_logprobs=self.old_logprobs[idx],
-                clip_range=self.settings.cliprange,
-                normaliser=normaliser,
-                temperature=self.temperature,
-            )
-
-        return loss_fn
+        return len(self.records)
 
     def return_target(self) -> ReturnTarget:
         """The return target this round was filtered against, as the trainer built it: the held-out
-        samples drawn that round with their last-token advantages (``heldout_return``), or the
-        round's own records with their per-token advantages (``buffer_return``)."""
-        kind = self.scorer.store.manifest.target
-        if kind == "buffer_return":
-            return ReturnTarget.from_buffer(
-                self.query_responses,
-                self.attention_mask,
-                self.response_mask,
-                self.advantages,
-                self.temperature,
-            )
+        samples drawn that round with their own advantages (``heldout_return``), or the round's
+        own records with their per-token advantages (``buffer_return``)."""
+        if self.filter.target == "buffer_return":
+            return self.filter.return_target(self.records)
         try:
-            tensors = self.scorer.store.read_tensors(self.round, "target")
+            target_records = self._stored_records("target")
         except StoreError:
             raise StoreError(
                 f"round {self.round} has no held-out target samples (target.safetensors): the run predates "
                 "storing them"
             ) from None
-        queries, responses = tensors["queries"].long(), tensors["responses"].long()
-        query_responses = torch.cat([queries, responses], dim=1)
-        valid = tensors["padding_mask"] == 0
-        response_mask = torch.nn.functional.pad(valid, (queries.shape[1], 0), value=False)
-        return ReturnTarget.from_heldout(
-            query_responses,
-            query_responses != self.pad_id,
-            response_mask,
-            tensors["last_token_advantages"].float(),
-            self.temperature,
-        )
+        return self.filter.return_target(target_records)
 
     def influence(self, target: TokenWeightedLogProb) -> torch.Tensor:
         """Exact influence of every record on ``target`` at the round start, ``[N]``."""
@@ -133,37 +125,58 @@ class RoundReplay:
         """``[exact, *projected]`` influence ``[N]`` on ``target`` at the round start: one
         forward+backward per micro-batch serves the exact score and every projector's estimate."""
         self.scorer.load_round(self.round)
-        policy, layout = self.scorer.policy, self.scorer.layout
-        v = target_gradients(policy, target, layout=layout)[None]
-        normaliser = float(self.response_mask.sum()) / len(self) * self.settings.per_device_train_batch_size
-        step = self.settings.per_device_train_batch_size
+        policy = self.scorer.policy
+        v = target_gradients(policy, target, layout=self.scorer.layout)[None]
         parts: list[list[torch.Tensor]] = [[] for _ in range(1 + len(projectors))]
-        for start in range(0, len(self), step):
-            idx = torch.arange(start, min(len(self), start + step))
-            factors = capture_factors(policy, self._loss(idx, normaliser), layout=layout)
+        for factors in self.filter.record_factors(policy, self.records):
             for part, projector in zip(parts, (None, *projectors), strict=True):
                 part.append(scores_from_factors(factors, v, projector)[:, 0])
         return [torch.cat(part) for part in parts]
 
     def rerun(self, keep: np.ndarray, seed: int) -> None:
-        """Reset to the round start, then run the round's PPO epochs on the ``keep`` records."""
+        """Reset to the round start, then run the round's optimisation on the ``keep`` records:
+        PPO's epochs of mini-batches, or GRPO's iterations of ``steps_per_generation`` slices."""
         self.scorer.load_round(self.round)
         policy = self.scorer.policy
         params = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.settings.learning_rate, weight_decay=0.0)
         rng = np.random.default_rng(seed)
-        mini = self.settings.mini_batch_size
-        micro = self.settings.per_device_train_batch_size
-        for _ in range(self.settings.num_ppo_epochs):
-            order = rng.permutation(keep)
-            for start in range(0, len(order), mini):
-                batch = order[start : start + mini]
-                chunks = [batch[i : i + micro] for i in range(0, len(batch), micro)]
-                for chunk in chunks:  # TRL's loss: masked mean per micro-batch, averaged
-                    loss = self._loss(torch.as_tensor(chunk))(policy).sum() / len(chunks)
-                    loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
+        for steps in self._plan(keep, rng):
+            for chunk in steps:
+                self._chunk_loss(policy, chunk, len(steps), keep).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    def _plan(self, keep: np.ndarray, rng: np.random.Generator):
+        """Optimizer steps, each a list of record chunks whose losses are summed into it."""
+        settings = self.settings
+        if not self.grpo:
+            micro = settings.per_device_train_batch_size
+            for _ in range(settings.num_ppo_epochs):
+                order = rng.permutation(keep)
+                for start in range(0, len(order), settings.mini_batch_size):
+                    batch = order[start : start + settings.mini_batch_size]
+                    yield [batch[i : i + micro] for i in range(0, len(batch), micro)]
+            return
+        accumulation = settings.gradient_accumulation_steps
+        for _ in range(settings.num_iterations):
+            slices = [
+                s for s in np.array_split(rng.permutation(keep), settings.steps_per_generation) if len(s)
+            ]
+            for start in range(0, len(slices), accumulation):
+                yield slices[start : start + accumulation]
+
+    def _chunk_loss(self, policy, chunk: np.ndarray, chunks_in_step: int, keep: np.ndarray) -> torch.Tensor:
+        """The trainer's loss on one chunk: PPO's masked mean (averaged over the step's chunks),
+        GRPO's with its loss type's normaliser for a slice of ``len(chunk)`` completions."""
+        part = self.records.select(torch.as_tensor(chunk))
+        tokens = float(part.num_tokens().sum())
+        if not self.grpo:
+            return self.loss(policy, part, max(tokens, 1.0)).sum() / chunks_in_step
+        kept_tokens = float(self.records.num_tokens()[torch.as_tensor(keep)].sum())
+        normaliser = self.loss.normaliser(kept_tokens if self.loss.loss_type == "dapo" else tokens, len(chunk),
+                                          len(chunk))  # fmt: skip
+        return self.loss(policy, part, max(normaliser, 1e-9)).sum()
 
 
 def _target_value(scorer: SnapshotScorer, target: TokenWeightedLogProb) -> float:
@@ -241,6 +254,7 @@ def intervene(
     except ValueError as exc:
         raise StoreError(f"cannot score this behaviour: {exc}") from None
     target.temperature = scorer.temperature
+    target.positions_from_mask = scorer.positions_from_mask
     description = f"log p({response!r} | {prompt!r})"
     return counterfactual(replay, target, description, remove, seed, random_draws, prompt, response)
 

@@ -51,6 +51,8 @@ class SnapshotScorer:
             else RandomProjector(spec.dim, seed=spec.seed)
         )
         self.temperature = self.store.manifest.temperature
+        # TRL's PPO takes position ids from the attention mask, its GRPO leaves them to the model
+        self.positions_from_mask = self.store.manifest.algorithm != "grpo"
 
     def load_round(self, round_index: int) -> None:
         """Put round ``round_index``'s round-start adapter into the policy."""
@@ -93,6 +95,7 @@ class SnapshotScorer:
         except ValueError as exc:
             raise StoreError(f"cannot score this behaviour: {exc}") from None
         target.temperature = self.temperature
+        target.positions_from_mask = self.positions_from_mask
         target_grad = target_gradients(self.policy, target, layout=self.layout).float()
         influence = -(gradients @ self.projector.project(self.layout, target_grad))
         return [

@@ -57,6 +57,7 @@ class GenerationRound:
     target_rewards: torch.Tensor | None  # [M] the held-out completions' rewards
     snapshot: dict[str, torch.Tensor] | None
     metrics: dict[str, float]
+    started: float  # perf_counter at the round's start: its steps end when the next round starts
     scorings: list[Scoring] = field(default_factory=list)
 
 
@@ -168,6 +169,7 @@ class IIFGRPOTrainer(GRPOTrainer):
         """Generate and score the round's completions, score them, filter, and cut the steps."""
         self.store_round()  # the previous round, now that all its scorings are known
         self._rounds += 1
+        started = time.perf_counter()
         timer = PhaseTimer(self.accelerator.device)
         snapshot = self.adapter_snapshot() if self.store is not None else None
         with timer("rollout"):
@@ -186,7 +188,8 @@ class IIFGRPOTrainer(GRPOTrainer):
         self._round = GenerationRound(
             index=self._rounds, batch=batch, shuffled=shuffled, records=records, target_records=target_records,
             rewards=rewards, target_rewards=target_rewards, snapshot=snapshot,
-            metrics={"objective/scores": float(rewards.nanmean()), **timer.metrics()}, scorings=[scoring],
+            metrics={"objective/scores": float(rewards.nanmean()), **timer.metrics()}, started=started,
+            scorings=[scoring],
         )  # fmt: skip
         self._buffered_inputs = self.kept_steps(shuffled, scoring.keep_local)
         self._log_scoring(scoring)
@@ -330,7 +333,16 @@ class IIFGRPOTrainer(GRPOTrainer):
         round_, self._round = self._round, None
         if round_ is None:
             return
-        metrics = {**round_.metrics, **InfluenceFilter.metrics(round_.scorings)}
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize(self.accelerator.device)
+        seconds = time.perf_counter() - round_.started
+        phases = sum(v for k, v in round_.metrics.items() if k.startswith("time/"))
+        metrics = {
+            **round_.metrics,
+            "time/optimisation_seconds": seconds - phases,  # TRL's steps on the round (and its logging)
+            "time/round_seconds": seconds,
+            **InfluenceFilter.metrics(round_.scorings),
+        }
         self.iif_history.append(metrics)
         if self.store is None:
             return

@@ -1,0 +1,233 @@
+"""Does IIF pay under GRPO? TRL's GRPO against IIF-GRPO and the random-filter control, paired by seed.
+
+Every run trains IIFGRPOTrainer on an embedded task with the task's GRPO settings
+(``TaskSpec.grpo_settings``), one subprocess per run; the metrics come from each run's
+attribution store. A round is one generation batch (one optimizer step with the defaults).
+
+  grpo     iif_drop_fraction=0: TRL's GRPO updates (completions are still scored, for the curves;
+           the weights equal TRL's GRPOTrainer's, tested)
+  iif      IIF: the round schedule, p=1, the held-out return target (held-out prompts, fresh
+           completions, group-relative advantages)
+  iif_half IIF with p=0.5
+  iif_buffer IIF with the buffer return target (the round's own completions)
+  random   the control: as many completions dropped a round as IIF's rule would, at random
+
+The threshold is GRPO's final reward (median over seeds of its last-10-round mean); a run reaches
+it at the first round whose 5-round moving average does. Seconds are wall time per round
+(generation, held-out sampling, scoring, TRL's steps) and mean something only when nothing else
+ran on the machine (--parallel 1 and nothing beside it); the tables print them either way.
+Finished runs are kept (done.json) and reused, so seeds can be added later.
+
+    python benchmarks/iif_vs_grpo.py --task keywords --seeds 0 1 2 3 4 --parallel 2
+    python benchmarks/iif_vs_grpo.py --task reviews --rounds 20 --arms grpo iif random --seeds 0 --parallel 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from iif_vs_ppo import describe, moving_average
+
+from rlhf_influence.tasks import TASKS, get_task
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = {
+    "grpo": {"iif_drop_fraction": 0.0},
+    "iif": {},
+    "iif_half": {"iif_drop_fraction": 0.5},
+    "iif_buffer": {"iif_target": "buffer_return"},
+    "random": {"iif_filter": "random"},
+}
+FILTERING = set(ARMS) - {"grpo"}
+
+
+def train_one(task: str, arm: str, seed: int, rounds: int, run_dir: Path) -> None:
+    """One run, in this process (the worker mode of this script)."""
+    import torch
+
+    from rlhf_influence import IIFGRPOConfig, IIFGRPOTrainer
+
+    torch.set_num_threads(1)
+    spec = get_task(task)
+    built = spec.build(seed=seed)
+    settings = {**spec.grpo_settings, **ARMS[arm], "output_dir": str(run_dir), "seed": seed, "max_steps": rounds,
+                "disable_tqdm": True, "iif_store_projection_dim": 0}  # fmt: skip
+    config = IIFGRPOConfig(**settings)
+
+    def reward(prompts, completions, **kwargs):
+        return built.reward(list(prompts), list(completions))
+
+    reward.__name__ = f"{task}_reward"
+    torch.manual_seed(seed)  # LoRA's initial weights come from the global stream
+    trainer = IIFGRPOTrainer(
+        model=built.policy,
+        reward_funcs=[reward],
+        args=config,
+        train_dataset=built.train_dataset.select_columns(["prompt"]),
+        target_dataset=built.heldout_dataset.select_columns(["prompt"]),
+        processing_class=built.tokenizer,
+        peft_config=built.lora_config,
+    )
+    trainer.train()
+
+
+def run_one(task: str, arm: str, seed: int, rounds: int, out: Path) -> Path:
+    run_dir = out / arm / f"seed{seed}"
+    if (run_dir / "done.json").is_file():
+        return run_dir
+    cmd = [sys.executable, __file__, "--worker", "--task", task, "--arms", arm, "--seeds", str(seed),
+           "--rounds", str(rounds), "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    start = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{arm} seed {seed} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    (run_dir / "done.json").write_text(json.dumps({"seconds": time.time() - start}))
+    return run_dir
+
+
+def curves(run_dir: Path) -> dict[str, list[float]]:
+    rows = [json.loads(p.read_text()) for p in sorted((run_dir / "attribution").glob("round_*/metrics.json"))]
+    keys = ("objective/scores", "iif/kept_fraction", "time/round_seconds", "time/rollout_seconds",
+            "time/target_sampling_seconds", "time/scoring_seconds", "time/optimisation_seconds")  # fmt: skip
+    return {k: [r.get(k, 0.0) for r in rows] for k in keys}
+
+
+def seconds_per_round(arm: str, c: dict) -> float:
+    """What a round costs the method: the grpo arm's scoring exists only to draw its curves."""
+    total = statistics.fmean(c["time/round_seconds"])
+    if arm not in FILTERING:
+        total -= statistics.fmean(c["time/scoring_seconds"]) + statistics.fmean(
+            c["time/target_sampling_seconds"]
+        )
+    return total
+
+
+def summarise(results: dict[str, dict[int, dict]], threshold: float) -> dict:
+    summary = {}
+    for arm, by_seed in results.items():
+        rows = {}
+        for seed, c in by_seed.items():
+            reward = c["objective/scores"]
+            smooth = moving_average(reward)
+            hit = next((i for i, v in enumerate(smooth) if v >= threshold), None)
+            rows[seed] = {
+                "rounds_to_threshold": None if hit is None else hit + 1,
+                "auc": statistics.fmean(reward),
+                "final_reward": statistics.fmean(reward[-10:]),
+                "kept_fraction": statistics.fmean(c["iif/kept_fraction"]),
+                "seconds_per_round": seconds_per_round(arm, c),
+                "scoring_seconds": statistics.fmean(c["time/scoring_seconds"]),
+                "target_sampling_seconds": statistics.fmean(c["time/target_sampling_seconds"]),
+            }
+        summary[arm] = rows
+    return summary
+
+
+def table(summary: dict) -> str:
+    metrics = ["rounds_to_threshold", "auc", "final_reward", "kept_fraction", "seconds_per_round",
+               "scoring_seconds", "target_sampling_seconds"]  # fmt: skip
+    lines = ["| arm | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for arm, rows in summary.items():
+        lines.append(
+            f"| {arm} | " + " | ".join(describe([rows[s][m] for s in sorted(rows)]) for m in metrics) + " |"
+        )
+    return "\n".join(lines)
+
+
+def paired(summary: dict, metric: str, base: str) -> str:
+    """Per-seed difference arm - base (median [min, max]) and how often the arm is higher."""
+    lines = [f"| arm | {metric} minus {base}'s, per seed |", "|---|---|"]
+    for arm, rows in summary.items():
+        if arm == base or base not in summary:
+            continue
+        diffs = [rows[s][metric] - summary[base][s][metric] for s in rows if s in summary[base]
+                 and None not in (rows[s][metric], summary[base][s][metric])]  # fmt: skip
+        wins = f"; higher in {sum(d > 0 for d in diffs)} of {len(diffs)}" if diffs else ""
+        lines.append(f"| {arm} | {describe(diffs)}{wins} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for arm, by_seed in results.items():
+        rewards = list(zip(*[moving_average(c["objective/scores"]) for c in by_seed.values()], strict=False))
+        ax.plot(range(1, len(rewards) + 1), [statistics.median(r) for r in rewards], label=arm)
+    ax.set(title="mean reward (5-round moving average, median over seeds)", xlabel="round (generation batch)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--arms", nargs="+", default=["grpo", "iif", "random"], choices=list(ARMS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument(
+        "--task", choices=[t for t, s in TASKS.items() if s.grpo_settings], default="keywords"
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="default: the task's own (keywords 100)")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at once (each uses one thread)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/iif_vs_grpo_<task>"
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds or get_task(args.task).grpo_settings["max_steps"]
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"iif_vs_grpo_{args.task}"
+    if args.worker:
+        train_one(
+            args.task,
+            args.arms[0],
+            args.seeds[0],
+            args.rounds,
+            args.out / args.arms[0] / f"seed{args.seeds[0]}",
+        )
+        return
+    if "grpo" not in args.arms:
+        parser.error("the grpo arm is the reference; include it")
+    jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        dirs = list(pool.map(lambda job: run_one(args.task, *job, args.rounds, args.out), jobs))
+    results: dict[str, dict[int, dict]] = {arm: {} for arm in args.arms}
+    for (arm, seed), run_dir in zip(jobs, dirs, strict=True):
+        results[arm][seed] = curves(run_dir)
+    threshold = statistics.median(
+        statistics.fmean(c["objective/scores"][-10:]) for c in results["grpo"].values()
+    )
+    summary = summarise(results, threshold)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.json").write_text(json.dumps({"threshold": threshold, "task": args.task,
+                                                       "rounds": args.rounds, "summary": summary}, indent=2))  # fmt: skip
+    plot(results, args.out / "reward_curves.png")
+    report = "\n".join([
+        f"task {args.task} under GRPO: threshold (GRPO's final reward, median over seeds) {threshold:.3f}",
+        f"{len(args.seeds)} seeds, {args.rounds} rounds; median [min, max] over seeds; seconds are timings "
+        f"only if nothing else ran (--parallel {args.parallel})\n",
+        table(summary), "", paired(summary, "auc", "grpo"), "", paired(summary, "final_reward", "grpo"), "",
+        paired(summary, "rounds_to_threshold", "grpo"), "",
+        *([paired({a: r for a, r in summary.items() if a != "grpo"}, "final_reward", "random"), ""]
+          if "random" in summary else []),
+    ])  # fmt: skip
+    (args.out / "table.md").write_text(report + "\n")
+    print(report)
+    print(f"\nplot: {args.out / 'reward_curves.png'}; table: {args.out / 'table.md'}")
+
+
+if __name__ == "__main__":
+    main()
