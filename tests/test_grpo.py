@@ -101,8 +101,9 @@ class RecordsSteps(IIFGRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         self.steps_seen.append(
-            (self._round.index, inputs["completion_ids"].clone(), inputs["completion_mask"].clone())
-        )
+            (self._round.index, inputs["completion_ids"].clone(), inputs["completion_mask"].clone(),
+             int(inputs["num_items_in_batch"]))
+        )  # fmt: skip
         return super()._compute_loss(model, inputs)
 
 
@@ -132,10 +133,11 @@ def test_filter_drops_most_negative_and_keeps_trl_step_count(tmp_path):
         kept_rows = sorted(
             tuple(r) for r, keep in zip(batch["responses"].tolist(), kept.tolist(), strict=True) if keep
         )
-        trained = []
-        for index, ids, mask in trainer.steps_seen:
+        trained, kept_tokens = [], int(batch["completion_mask"][kept].sum())
+        for index, ids, mask, num_items in trainer.steps_seen:
             if index == k:
                 trained += [tuple(r) for r, m in zip(ids.tolist(), mask.tolist(), strict=True) if any(m)]
+                assert num_items == kept_tokens  # dapo's normaliser counts what is kept
         assert sorted(trained) == kept_rows
         metrics = store.read_metrics(k)
         assert metrics["iif/kept_fraction"] == pytest.approx(float(kept.float().mean()))
