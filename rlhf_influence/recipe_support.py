@@ -114,7 +114,7 @@ class JobArguments:
         metadata={
             "help": "Without --model_name_or_path: which embedded task runs (its own settings are the "
             "defaults; flags still win). "
-            + " ".join(f"{name!r}: {spec.summary}." for name, spec in TASKS.items())
+            + " ".join(f"{name!r}: {spec.summary}." for name, spec in TASKS.items()).replace("%", "%%")
             + " Pre-trained and converted models are cached under $RLHF_INFLUENCE_CACHE or ~/.cache/rlhf_influence.",
             "choices": list(TASKS),
         },
@@ -210,7 +210,7 @@ def check_job_flags(
                 f"embedded task {script_args.embedded_task!r} runs with its own data, model and reward"
             )
         return
-    if any(a == "--embedded_task" or a.startswith("--embedded_task=") for a in argv or sys.argv[1:]):
+    if any(a.split("=")[0] in ("--embedded_task", "--embedded-task") for a in argv or sys.argv[1:]):
         fail("--embedded_task applies only without --model_name_or_path (a job on your own model)")
     if model_args.lora_r < 1 or not math.isfinite(model_args.lora_alpha) or model_args.lora_alpha <= 0:
         fail(

@@ -35,10 +35,10 @@ from trl.trainer.utils import (
 from ..influence_filter import Collectives, InfluenceFilter, Scoring
 from ..lora import find_lora_layout
 from ..losses import GRPORecordLoss
-from ..records import STORED_PADDING, ScoredRecords
-from ..store import AttributionStore, RunManifest, StoredGradients, TrainingSettings
+from ..records import ScoredRecords
+from ..store import AttributionStore, RunManifest, TrainingSettings
 from .grpo_config import IIFGRPOConfig
-from .shared import adapter_snapshot, attribution_columns, model_files
+from .shared import adapter_snapshot, attribution_columns, gather_records, model_files, run_manifest
 from .trainer import PhaseTimer, check_policy_has_lora
 
 ROW_KEY = "iif_row"  # each completion's position in its generation batch, carried through TRL's shuffle
@@ -361,11 +361,11 @@ class IIFGRPOTrainer(GRPOTrainer):
         projected = round_.scorings[0].projected
         if projected is not None:
             projected = acc.gather(projected.to(acc.device)).cpu()
-        tensors = {"batch": self._gathered_records(records)}
+        tensors = {"batch": gather_records(acc, records, self.processing_class.pad_token_id)}
         if round_.target_rewards is not None:
             target = round_.target_records
             tensors["target"] = {
-                **self._gathered_records(target),
+                **gather_records(acc, target, self.processing_class.pad_token_id),
                 "last_token_advantages": acc.gather(target.sequence_advantages().float()).cpu(),
                 "scores": round_.target_rewards.float(),
             }
@@ -390,75 +390,28 @@ class IIFGRPOTrainer(GRPOTrainer):
             self.store.write_model_files(model_files(self.lora_policy, self.processing_class, None))
         self.store.write_round(round_.index, table, metrics, tensors)
 
-    def _gathered_records(self, records: ScoredRecords) -> dict[str, torch.Tensor]:
-        """The records' stored tensors over all processes (each padded as the store says)."""
-        pad_id = self.processing_class.pad_token_id
-        acc = self.accelerator
-        gathered = {}
-        for name, local in records.to_stored().items():
-            pad, first = STORED_PADDING.get(name, (0, False))
-            if local.dim() > 1:
-                local = acc.pad_across_processes(
-                    local.to(acc.device), dim=1, pad_index=pad_id if pad is None else pad, pad_first=first
-                )
-            gathered[name] = acc.gather(local.to(acc.device)).cpu()
-        return gathered
-
     def _manifest(self) -> RunManifest:
         args = self.args
-        projector = self.iif.store_projector
-        return RunManifest(
+        training = TrainingSettings(
             algorithm="grpo",
-            target=self.iif_target,
-            schedule=args.iif_schedule,
-            drop_fraction=args.iif_drop_fraction,
-            filter=args.iif_filter,
-            min_keep_fraction=args.iif_min_keep_fraction,
-            keep_steps=True,
-            whiten_after_filter=False,
-            projection_dim=args.iif_projection_dim,
-            projection_seed=args.iif_projection_seed,
-            num_processes=self.accelerator.num_processes,
-            distributed_type=str(self.accelerator.distributed_type.value),
-            mixed_precision=str(self.accelerator.mixed_precision),
-            records_per_round=args.generation_batch_size,
-            num_ppo_epochs=None,
-            lora_parameters=self.layout.num_params,
-            lora_adapters=len(self.layout),
-            temperature=args.temperature,
-            group_size=self.num_generations,
-            training=TrainingSettings(
-                algorithm="grpo",
-                learning_rate=args.learning_rate,
-                per_device_train_batch_size=args.per_device_train_batch_size,
-                pad_token_id=self.processing_class.pad_token_id,
-                optimizer="AdamW (re-runs start from fresh moments)",
-                num_ppo_epochs=None,
-                mini_batch_size=None,
-                cliprange=None,
-                loss_type=args.loss_type,
-                epsilon_low=self.epsilon_low,
-                epsilon_high=self.epsilon_high,
-                beta=args.beta,
-                num_iterations=self.num_iterations,
-                steps_per_generation=args.steps_per_generation,
-                gradient_accumulation_steps=args.gradient_accumulation_steps,
-                max_completion_length=args.max_completion_length,
-                num_generations=self.num_generations,
-            ),
-            stored_gradients=None
-            if projector is None
-            else StoredGradients(
-                projection="one-sided per LoRA adapter side, orthogonal"
-                + (", then a sparse sign sketch of the whole vector" if self.iif.store_folds else ""),
-                dim=args.iif_store_projection_dim,
-                sketch_dim=args.iif_store_sketch_dim or None,
-                seed=projector.seed,
-                dtype=args.iif_store_dtype,
-                size=projector.output_size(self.layout),
-            ),
-            snapshot_dtype=args.iif_store_snapshot_dtype,
+            learning_rate=args.learning_rate,
+            per_device_train_batch_size=args.per_device_train_batch_size,
+            pad_token_id=self.processing_class.pad_token_id,
+            optimizer="AdamW (re-runs start from fresh moments)",
+            loss_type=args.loss_type,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            beta=args.beta,
+            num_iterations=self.num_iterations,
+            steps_per_generation=args.steps_per_generation,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            max_completion_length=args.max_completion_length,
+            num_generations=self.num_generations,
         )
+        return run_manifest(
+            args, self.iif, self.accelerator, training, records_per_round=args.generation_batch_size,
+            keep_steps=True, group_size=self.num_generations,
+        )  # fmt: skip
 
 
 @contextmanager

@@ -1,5 +1,6 @@
-"""What both IIF trainers hand the attribution store, written once: the round-start adapter, the
-files that rebuild the policy, and the records table's attribution columns."""
+"""What both IIF trainers hand the attribution store, written once: the manifest's common part,
+the round-start adapter, the files that rebuild the policy, the records' tensors gathered over
+processes, and the records table's attribution columns."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from ..influence_filter import Scoring
+from ..influence_filter import InfluenceFilter, Scoring
 from ..lora import canonical_name
+from ..records import STORED_PADDING, ScoredRecords
+from ..settings import IIFSettings
+from ..store import RunManifest, StoredGradients, TrainingSettings
 
 # Base models up to this size are copied into the store (tiny and test models); larger ones are
 # referenced by name, as loaded.
@@ -63,3 +67,69 @@ def attribution_columns(scorings: list[Scoring], records_per_process: int) -> di
         "kept_by_scoring": [list(x) for x in zip(*kept, strict=True)],
         "kept_on_each_process": scorings[0].keep_by_process.T.tolist(),
     }
+
+
+def run_manifest(
+    args: IIFSettings,
+    iif: InfluenceFilter,
+    accelerator,
+    training: TrainingSettings,
+    *,
+    records_per_round: int,
+    keep_steps: bool,
+    whiten_after_filter: bool = False,
+    num_ppo_epochs: int | None = None,
+    group_size: int | None = None,
+) -> RunManifest:
+    """The run's manifest: the filter's settings, the processes, the LoRA layout, the stored
+    gradients' projection, and the algorithm's ``training`` settings (what a replay needs)."""
+    projector = iif.store_projector
+    stored = None
+    if projector is not None:
+        stored = StoredGradients(
+            projection="one-sided per LoRA adapter side, orthogonal"
+            + (", then a sparse sign sketch of the whole vector" if iif.store_folds else ""),
+            dim=args.iif_store_projection_dim,
+            sketch_dim=args.iif_store_sketch_dim or None,
+            seed=projector.seed,
+            dtype=args.iif_store_dtype,
+            size=projector.output_size(iif.layout),
+        )
+    return RunManifest(
+        algorithm=training.algorithm,
+        target=iif.target,
+        schedule=args.iif_schedule,
+        drop_fraction=args.iif_drop_fraction,
+        filter=args.iif_filter,
+        min_keep_fraction=args.iif_min_keep_fraction,
+        keep_steps=keep_steps,
+        whiten_after_filter=whiten_after_filter,
+        projection_dim=args.iif_projection_dim,
+        projection_seed=args.iif_projection_seed,
+        num_processes=accelerator.num_processes,
+        distributed_type=str(accelerator.distributed_type.value),
+        mixed_precision=str(accelerator.mixed_precision),
+        records_per_round=records_per_round,
+        num_ppo_epochs=num_ppo_epochs,
+        lora_parameters=iif.layout.num_params,
+        lora_adapters=len(iif.layout),
+        temperature=iif.temperature,
+        training=training,
+        stored_gradients=stored,
+        snapshot_dtype=args.iif_store_snapshot_dtype,
+        group_size=group_size,
+    )
+
+
+def gather_records(accelerator, records: ScoredRecords, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The records' stored tensors (token ids, masks, sampling log-probs, advantages, groups) over
+    all processes, each padded to one width as :data:`STORED_PADDING` says."""
+    gathered = {}
+    for name, local in records.to_stored().items():
+        local = local.to(accelerator.device)
+        if local.dim() > 1:
+            pad, first = STORED_PADDING.get(name, (0, False))
+            pad = pad_token_id if pad is None else pad
+            local = accelerator.pad_across_processes(local, dim=1, pad_index=pad, pad_first=first)
+        gathered[name] = accelerator.gather(local).cpu()
+    return gathered

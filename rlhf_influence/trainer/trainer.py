@@ -51,11 +51,11 @@ from ..influence_filter import Collectives, InfluenceFilter, Scoring
 from ..lora import find_lora_layout
 from ..losses import PPORecordLoss
 from ..projection import RandomProjector, SketchedProjector
-from ..records import STORED_PADDING, RolloutBatch, ScoredRecords
-from ..store import AttributionStore, RunManifest, StoredGradients, TrainingSettings
+from ..records import RolloutBatch
+from ..store import AttributionStore, RunManifest, TrainingSettings
 from .config import IIFPPOConfig
 from .rewards import RewardFunction, as_reward_module
-from .shared import adapter_snapshot, attribution_columns, model_files
+from .shared import adapter_snapshot, attribution_columns, gather_records, model_files, run_manifest
 
 PPO_STATS = ("approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")
 
@@ -684,11 +684,11 @@ class IIFPPOTrainer(PPOTrainer):
         if projected is not None:
             projected = self.accelerator.gather(projected.to(self.accelerator.device)).cpu()
         pad_id = self.processing_class.pad_token_id
-        round_batch = self._gathered_records(batch.scored_records(pad_id))
+        round_batch = gather_records(self.accelerator, batch.scored_records(pad_id), pad_id)
         heldout = None
         if target_batch is not None and target_batch is not batch:  # the held-out return target's samples
             heldout = {
-                **self._gathered_records(target_batch.scored_records(pad_id)),
+                **gather_records(self.accelerator, target_batch.scored_records(pad_id), pad_id),
                 "last_token_advantages": self._global(target_batch.last_token_advantages()).float(),
                 "scores": self._global(target_batch.scores).float(),
             }
@@ -712,72 +712,23 @@ class IIFPPOTrainer(PPOTrainer):
             self.store.write_model_files(self._model_files())
         self.store.write_round(round_index, records, metrics, tensors)
 
-    def _gathered_records(self, records: ScoredRecords) -> dict[str, torch.Tensor]:
-        """The records' stored tensors (token ids, masks, sampling log-probs, advantages) over all
-        processes, so the round's policy update can be re-run later (the intervention analysis)."""
-        pad_id = self.processing_class.pad_token_id
-        acc = self.accelerator
-        gathered = {}
-        for name, local in records.to_stored().items():
-            pad, first = STORED_PADDING.get(name, (0, False))
-            if local.dim() > 1:
-                local = acc.pad_across_processes(
-                    local.to(acc.device), dim=1, pad_index=pad_id if pad is None else pad, pad_first=first
-                )
-            gathered[name] = acc.gather(local.to(acc.device)).cpu()
-        return gathered
-
     def _manifest(self) -> RunManifest:
         args = self.args
-        projector = self.store_projector
-        return RunManifest(
+        training = TrainingSettings(
             algorithm="ppo",
-            target=self.iif_target,
-            schedule=args.iif_schedule,
-            drop_fraction=args.iif_drop_fraction,
-            filter=args.iif_filter,
-            min_keep_fraction=args.iif_min_keep_fraction,
-            keep_steps=args.iif_keep_steps,
-            whiten_after_filter=args.iif_whiten_after_filter,
-            projection_dim=args.iif_projection_dim,
-            projection_seed=args.iif_projection_seed,
-            num_processes=self.accelerator.num_processes,
-            distributed_type=str(self.accelerator.distributed_type.value),
-            mixed_precision=str(self.accelerator.mixed_precision),
-            records_per_round=args.batch_size,
+            learning_rate=args.learning_rate,
+            per_device_train_batch_size=args.per_device_train_batch_size,
+            pad_token_id=self.processing_class.pad_token_id,
+            optimizer="AdamW (re-runs start from fresh moments)",
             num_ppo_epochs=args.num_ppo_epochs,
-            lora_parameters=self.layout.num_params,
-            lora_adapters=len(self.layout),
-            temperature=args.temperature + 1e-7,
-            training=TrainingSettings(
-                algorithm="ppo",
-                learning_rate=args.learning_rate,
-                per_device_train_batch_size=args.per_device_train_batch_size,
-                pad_token_id=self.processing_class.pad_token_id,
-                optimizer="AdamW (re-runs start from fresh moments)",
-                num_ppo_epochs=args.num_ppo_epochs,
-                mini_batch_size=args.mini_batch_size,
-                cliprange=args.cliprange,
-            ),
-            stored_gradients=None
-            if projector is None
-            else StoredGradients(
-                projection="one-sided per LoRA adapter side, orthogonal"
-                + (", then a sparse sign sketch of the whole vector" if self._store_folds else ""),
-                dim=args.iif_store_projection_dim,
-                sketch_dim=args.iif_store_sketch_dim or None,
-                seed=projector.seed,
-                dtype=args.iif_store_dtype,
-                size=projector.output_size(self.layout),
-            ),
-            snapshot_dtype=args.iif_store_snapshot_dtype,
-            group_size=None,
+            mini_batch_size=args.mini_batch_size,
+            cliprange=args.cliprange,
         )
-
-    @property
-    def _store_folds(self) -> bool:
-        """Whether the stored vectors are folded by the sketch (only when longer than it)."""
-        return self.iif.store_folds
+        return run_manifest(
+            args, self.iif, self.accelerator, training, records_per_round=args.batch_size,
+            keep_steps=args.iif_keep_steps, whiten_after_filter=args.iif_whiten_after_filter,
+            num_ppo_epochs=args.num_ppo_epochs,
+        )  # fmt: skip
 
     def _model_files(self) -> dict:
         """What the store keeps so that a round's snapshot can be rebuilt after training."""
