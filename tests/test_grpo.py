@@ -141,6 +141,10 @@ def test_filter_drops_most_negative_and_keeps_trl_step_count(tmp_path):
         assert sorted(trained) == kept_rows
         metrics = store.read_metrics(k)
         assert metrics["iif/kept_fraction"] == pytest.approx(float(kept.float().mean()))
+        if k == 1:  # LoRA's B starts at 0: the first round's policy is the reference
+            assert metrics["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+        else:
+            assert metrics["objective/kl"] > 0
     assert dropped_any
 
 

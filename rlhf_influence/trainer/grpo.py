@@ -37,6 +37,7 @@ from ..lora import find_lora_layout
 from ..losses import GRPORecordLoss
 from ..records import ScoredRecords
 from ..store import AttributionStore, RunManifest, TrainingSettings
+from ..targets import token_logprobs
 from .grpo_config import IIFGRPOConfig
 from .shared import adapter_snapshot, attribution_columns, gather_records, model_files, run_manifest
 from .trainer import PhaseTimer, check_policy_has_lora
@@ -182,13 +183,17 @@ class IIFGRPOTrainer(GRPOTrainer):
                 target_records, target_rewards = self.sample_heldout_target()
         with timer("scoring"):
             scoring = self.score(records, target_records, round_start=True)
+        metrics = {"objective/scores": float(rewards.nanmean())}
+        if self.store is not None:  # the store's curves and the audit's chart show the KL beside the reward
+            with timer("kl"):
+                metrics["objective/kl"] = self.kl_to_reference(records)
         batch = split_pixel_values_by_grid(batch)
         batch[ROW_KEY] = torch.arange(len(records), device=self.accelerator.device)
         shuffled = shuffle_sequence_dict(batch)  # TRL's shuffle, from the same random stream
         self._round = GenerationRound(
             index=self._rounds, batch=batch, shuffled=shuffled, records=records, target_records=target_records,
             rewards=rewards, target_rewards=target_rewards, snapshot=snapshot,
-            metrics={"objective/scores": float(rewards.nanmean()), **timer.metrics()}, started=started,
+            metrics={**metrics, **timer.metrics()}, started=started,
             scorings=[scoring],
         )  # fmt: skip
         self._buffered_inputs = self.kept_steps(shuffled, scoring.keep_local)
@@ -235,6 +240,29 @@ class IIFGRPOTrainer(GRPOTrainer):
             group=rows // self.num_generations,
             positions_from_mask=False,  # TRL's GRPO leaves positions to the model
         )
+
+    @torch.no_grad()
+    def kl_to_reference(self, records: ScoredRecords) -> float:
+        """The policy's KL to the reference on the round's completions, summed over a completion's
+        tokens (as PPO's ``objective/kl``) and averaged over all processes' completions. Per token
+        GRPO's estimator ``exp(r) - r - 1`` with ``r = log pi_ref - log pi`` (never negative);
+        the reference is TRL's reference log-probs when ``beta > 0``, else the policy with its
+        adapter disabled."""
+        policy = self.lora_policy
+        logp, ref = [], []
+        with self._own_random_stream(None), _no_dropout(policy):
+            for idx in self.iif.chunks(len(records)):
+                part = records.select(idx)
+                args = (part.input_ids, part.attention_mask, self.args.temperature, False)
+                logp.append(token_logprobs(policy, *args))
+                if records.ref_logprobs is None:
+                    with policy.disable_adapter():
+                        ref.append(token_logprobs(policy, *args))
+        logp = torch.cat(logp)
+        reference = records.ref_logprobs if records.ref_logprobs is not None else torch.cat(ref)
+        gap = (reference.to(logp.dtype) - logp) * records.response_mask
+        kl = (torch.exp(gap) - gap - 1).sum(1)
+        return float(self.accelerator.gather(kl.float()).mean())
 
     def sample_heldout_target(self) -> tuple[ScoredRecords, torch.Tensor]:
         """Held-out prompts, ``num_generations`` fresh completions each from the current policy,
