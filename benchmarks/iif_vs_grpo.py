@@ -13,7 +13,9 @@ attribution store. A round is one generation batch (one optimizer step with the 
   random   the control: as many completions dropped a round as IIF's rule would, at random
 
 The threshold is GRPO's final reward (median over seeds of its last-10-round mean); a run reaches
-it at the first round whose 5-round moving average does. Seconds are wall time per round
+it at the first round whose 5-round moving average does. KL is the policy's KL to the reference on
+a round's completions, summed over a completion's tokens; reward_at_grpo_kl is a run's reward when
+its KL first reaches GRPO's final KL (a reward bought with more drift is not the same reward). Seconds are wall time per round
 (generation, held-out sampling, scoring, TRL's steps) and mean something only when nothing else
 ran on the machine (--parallel 1 and nothing beside it); the tables print them either way.
 Finished runs are kept (done.json) and reused, so seeds can be added later.
@@ -96,7 +98,7 @@ def run_one(task: str, arm: str, seed: int, rounds: int, out: Path) -> Path:
 
 def curves(run_dir: Path) -> dict[str, list[float]]:
     rows = [json.loads(p.read_text()) for p in sorted((run_dir / "attribution").glob("round_*/metrics.json"))]
-    keys = ("objective/scores", "iif/kept_fraction", "time/round_seconds", "time/rollout_seconds",
+    keys = ("objective/scores", "objective/kl", "iif/kept_fraction", "time/round_seconds", "time/rollout_seconds",
             "time/target_sampling_seconds", "time/scoring_seconds", "time/optimisation_seconds")  # fmt: skip
     return {k: [r.get(k, 0.0) for r in rows] for k in keys}
 
@@ -111,18 +113,22 @@ def seconds_per_round(arm: str, c: dict) -> float:
     return total
 
 
-def summarise(results: dict[str, dict[int, dict]], threshold: float) -> dict:
+def summarise(results: dict[str, dict[int, dict]], threshold: float, kl_level: float) -> dict:
     summary = {}
     for arm, by_seed in results.items():
         rows = {}
         for seed, c in by_seed.items():
             reward = c["objective/scores"]
-            smooth = moving_average(reward)
+            smooth, smooth_kl = moving_average(reward), moving_average(c["objective/kl"])
             hit = next((i for i, v in enumerate(smooth) if v >= threshold), None)
+            at_kl = next((i for i, v in enumerate(smooth_kl) if v >= kl_level), len(smooth) - 1)
             rows[seed] = {
                 "rounds_to_threshold": None if hit is None else hit + 1,
                 "auc": statistics.fmean(reward),
                 "final_reward": statistics.fmean(reward[-10:]),
+                "final_kl": statistics.fmean(c["objective/kl"][-10:]),
+                # the reward when the run's KL to the reference first reaches GRPO's final KL
+                "reward_at_grpo_kl": smooth[at_kl],
                 "kept_fraction": statistics.fmean(c["iif/kept_fraction"]),
                 "seconds_per_round": seconds_per_round(arm, c),
                 "scoring_seconds": statistics.fmean(c["time/scoring_seconds"]),
@@ -133,7 +139,8 @@ def summarise(results: dict[str, dict[int, dict]], threshold: float) -> dict:
 
 
 def table(summary: dict) -> str:
-    metrics = ["rounds_to_threshold", "auc", "final_reward", "kept_fraction", "seconds_per_round",
+    metrics = ["rounds_to_threshold", "auc", "final_reward", "final_kl", "reward_at_grpo_kl", "kept_fraction",
+               "seconds_per_round",
                "scoring_seconds", "target_sampling_seconds"]  # fmt: skip
     lines = ["| arm | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for arm, rows in summary.items():
@@ -162,11 +169,20 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (ax, ax_kl, ax_rk) = plt.subplots(1, 3, figsize=(17, 4.5))
     for arm, by_seed in results.items():
         rewards = list(zip(*[moving_average(c["objective/scores"]) for c in by_seed.values()], strict=False))
-        ax.plot(range(1, len(rewards) + 1), [statistics.median(r) for r in rewards], label=arm)
+        kls = list(zip(*[moving_average(c["objective/kl"]) for c in by_seed.values()], strict=False))
+        reward_median, kl_median = (
+            [statistics.median(r) for r in rewards],
+            [statistics.median(k) for k in kls],
+        )
+        ax.plot(range(1, len(rewards) + 1), reward_median, label=arm)
+        ax_kl.plot(range(1, len(kls) + 1), kl_median, label=arm)
+        ax_rk.plot(kl_median, reward_median, label=arm)
     ax.set(title="mean reward (5-round moving average, median over seeds)", xlabel="round (generation batch)")
+    ax_kl.set(title="KL to the reference (summed over a completion)", xlabel="round (generation batch)")
+    ax_rk.set(title="reward against KL (the two medians, round by round)", xlabel="KL to the reference")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -210,17 +226,19 @@ def main(argv: list[str] | None = None) -> None:
     threshold = statistics.median(
         statistics.fmean(c["objective/scores"][-10:]) for c in results["grpo"].values()
     )
-    summary = summarise(results, threshold)
+    kl_level = statistics.median(statistics.fmean(c["objective/kl"][-10:]) for c in results["grpo"].values())
+    summary = summarise(results, threshold, kl_level)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps({"threshold": threshold, "task": args.task,
+    (args.out / "summary.json").write_text(json.dumps({"threshold": threshold, "kl_level": kl_level, "task": args.task,
                                                        "rounds": args.rounds, "summary": summary}, indent=2))  # fmt: skip
     plot(results, args.out / "reward_curves.png")
     report = "\n".join([
-        f"task {args.task} under GRPO: threshold (GRPO's final reward, median over seeds) {threshold:.3f}",
+        f"task {args.task} under GRPO: threshold (GRPO's final reward, median over seeds) {threshold:.3f}; "
+        f"GRPO's final KL {kl_level:.3f}",
         f"{len(args.seeds)} seeds, {args.rounds} rounds; median [min, max] over seeds; seconds are timings "
         f"only if nothing else ran (--parallel {args.parallel})\n",
         table(summary), "", paired(summary, "auc", "grpo"), "", paired(summary, "final_reward", "grpo"), "",
-        paired(summary, "rounds_to_threshold", "grpo"), "",
+        paired(summary, "rounds_to_threshold", "grpo"), "", paired(summary, "reward_at_grpo_kl", "grpo"), "",
         *([paired({a: r for a, r in summary.items() if a != "grpo"}, "final_reward", "random"), ""]
           if "random" in summary else []),
     ])  # fmt: skip
