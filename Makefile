@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRL_EXPERIMENTAL_SILENCE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo reviews test lint bench clean
+.PHONY: install demo grpo-demo reviews test lint bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ demo: install
 	rm -rf runs/demo
 	$(PY) recipes/ppo_iif.py --output_dir runs/demo
 	$(VENV)/bin/rlhf-influence audit runs/demo --top 3
+
+# The same embedded default trained with GRPO (recipes/grpo_iif.py), then its audit.
+grpo-demo: install
+	rm -rf runs/grpo-demo
+	$(PY) recipes/grpo_iif.py --output_dir runs/grpo-demo
+	$(VENV)/bin/rlhf-influence audit runs/grpo-demo --top 3
 
 # The real-LM task: SmolLM2-135M-Instruct with LoRA, 30 rounds (about 15-20 min on 2 CPU cores).
 reviews: install

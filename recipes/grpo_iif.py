@@ -118,8 +118,8 @@ class RecipeGRPOConfig(IIFGRPOConfig):
 
 
 # PPO's flags (recipes/ppo_iif.py) that GRPO does not have, and the GRPO flag closest to each.
-PPO_FLAGS = {f.name for f in fields(IIFPPOConfig)} - {f.name for f in fields(IIFGRPOConfig)}
-PPO_FLAGS = (PPO_FLAGS | {"pad_token", "value_model_path"}) - {"reward_model_path"}
+PPO_FLAGS = ({f.name for f in fields(IIFPPOConfig)} - {f.name for f in fields(IIFGRPOConfig)} - {"reward_model_path"}
+             | {"pad_token", "value_model_path"})  # fmt: skip
 GRPO_COUNTERPART = {
     "num_ppo_epochs": "num_iterations",
     "response_length": "max_completion_length",

@@ -77,7 +77,8 @@ def gguf_cache_path(directory: str, file_name: str, cache_dir: str | os.PathLike
     if not source.is_file():
         raise ModelLoadError(f"GGUF file {str(source)!r} does not exist")
     stat = source.stat()
-    key = f"{source.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
+    # v2: conversions written without the GGUF quantization flag (which made Trainer refuse to train)
+    key = f"v2|{source.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     return root / f"gguf_{source.stem}_{digest}"
@@ -115,6 +116,8 @@ def gguf_checkpoint(directory: str, file_name: str, cache_dir: str | os.PathLike
         plain = type(loaded)(loaded.config)
     plain.load_state_dict(loaded.state_dict(), strict=True)
     plain.generation_config = loaded.generation_config
+    if hasattr(plain.config, "quantization_config"):  # the weights are dequantised: not a quantized model
+        del plain.config.quantization_config
     del loaded
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=root))

@@ -218,6 +218,8 @@ def check_job_flags(
         )
     if not 0.0 <= model_args.lora_dropout < 1.0:
         fail(f"--lora_dropout must be in [0, 1), got {model_args.lora_dropout}")
+    if script_args.reward_function == "keywords" and not script_args.reward_keywords:
+        fail("--reward_function keywords needs the words it rewards: --reward_keywords WORD [WORD ...]")
     if script_args.reward_function is None and reward_model_path == default_reward_model:
         fail(
             "a job on your own model needs a reward: --reward_model_path (a sequence classifier) or --reward_function"

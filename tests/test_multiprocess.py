@@ -16,15 +16,18 @@ from rlhf_influence.store import AttributionStore
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "ppo_iif.py")
+GRPO_RECIPE = str(ROOT / "recipes" / "grpo_iif.py")
 BIN = Path(sys.executable).parent
 
 
-def launch(config: str, out: Path, *flags: str, timeout: int = 240) -> subprocess.CompletedProcess:
+def launch(
+    config: str, out: Path, *flags: str, timeout: int = 240, recipe: str = RECIPE
+) -> subprocess.CompletedProcess:
     """A shipped config launched as shipped, with only the process count set (the GPU configs say 8;
     here 2 CPU processes, 1 for single_gpu)."""
     processes = "1" if config == "single_gpu" else "2"
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / f"{config}.yaml"),
-           "--num_processes", processes, "--main_process_port", "29518", RECIPE]  # fmt: skip
+           "--num_processes", processes, "--main_process_port", "29518", recipe]  # fmt: skip
     cmd += ["--output_dir", str(out), "--disable_tqdm", "true", *flags]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     try:  # a hang becomes a failure
@@ -115,3 +118,37 @@ def test_ddp_two_processes_default_task_reward_rises(tmp_path):
     # the default task reaches its plateau within 10-20 rounds, so compare the start with the end
     first, last = rewards[:3].mean(), rewards[-15:].mean()
     assert last > first + 0.08, rewards.tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags, rounds, per_process",
+    [
+        # the processes keep different numbers of completions: TRL gathers one value per completion
+        # of a step from every process, so each step's slices are padded to one size
+        pytest.param(["--max_steps", "3"], 3, 32, id="default"),
+        # one completion a step: a process that kept fewer than 32 of its completions trains on
+        # empty (zero-weight) slices while the other trains on kept ones
+        pytest.param(["--max_steps", "64", "--per_device_train_batch_size", "1", "--steps_per_generation", "32"],
+                     2, 32, id="empty-slices"),
+    ],
+)  # fmt: skip
+def test_grpo_two_processes_filter_globally(tmp_path, flags, rounds, per_process):
+    """The GRPO recipe on 2 CPU processes (DDP over gloo), every negative completion dropped: each
+    round holds the whole generation batch, both processes' records, one decision for all."""
+    out = tmp_path / "grpo"
+    launch("multi_cpu", out, *flags, "--iif_drop_fraction", "1.0", recipe=GRPO_RECIPE, timeout=400)
+    manifest = json.loads((out / "attribution" / "manifest.json").read_text())
+    assert (manifest["algorithm"], manifest["distributed_type"]) == ("grpo", DDP)
+    assert manifest["records_per_round"] == 2 * per_process  # the global generation batch
+    tables = check_store(out, rounds=rounds, per_process=per_process, drop_fraction=1.0)
+    for t in tables:
+        assert sorted(set(t["process"])) == [0, 1]
+        assert t["group"] == [i // 4 for i in range(2 * per_process)]  # the task's 4 completions a prompt
+    assert any(not all(t["kept"]) for t in tables)  # records were dropped
+    if "--steps_per_generation" in flags:  # some step had no kept completion on some process
+        assert any(
+            t["kept"][p * per_process : (p + 1) * per_process].count(True) < 32
+            for t in tables
+            for p in (0, 1)
+        )

@@ -157,7 +157,9 @@ class IIFGRPOTrainer(GRPOTrainer):
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         weights = self.reward_weights.to(rewards_per_func.device)
-        self._last_rewards = (rewards_per_func * weights).nansum(dim=1).detach().cpu()
+        rewards = (rewards_per_func * weights).nansum(dim=1)  # every process's completions, as TRL sums them
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable: no reward, as TRL logs it
+        self._last_rewards = rewards.detach().cpu()
         return rewards_per_func
 
     def train(self, *args, **kwargs):
@@ -293,22 +295,32 @@ class IIFGRPOTrainer(GRPOTrainer):
     def kept_steps(self, shuffled: dict, keep_local: np.ndarray) -> list[dict]:
         """The kept completions in TRL's shuffled order, cut into ``steps_per_generation`` slices.
 
-        With nothing dropped the slices are TRL's own. A slice left with no completion on this
-        process holds one completion with its loss mask zeroed (a zero-weight step keeps the
-        collectives of every process in step). ``num_items_in_batch`` (dapo's normaliser)
-        counts the kept completions' tokens, over all processes.
+        With nothing dropped the slices are TRL's own. Every process's slice of a step is padded
+        to the longest one any process has (at least one completion) with completions whose loss
+        mask is zeroed: TRL gathers per-completion statistics across processes, which needs equal
+        sizes, and a step must run on every process to keep the collectives in step. Padding adds
+        nothing to a loss's sum or to its token count (``dapo``, ``bnpo``: exact); ``grpo`` and
+        ``dr_grpo`` divide by the slice's rows, padding included. ``num_items_in_batch`` (dapo's
+        normaliser) counts the kept completions' tokens over all processes.
         """
         rows = shuffled[ROW_KEY].cpu().numpy()
         kept = np.flatnonzero(keep_local[rows])
         loss_mask = shuffled["completion_mask"]
         if "tool_mask" in shuffled:
             loss_mask = loss_mask * shuffled["tool_mask"]
-        kept_index = torch.as_tensor(kept, dtype=torch.long, device=loss_mask.device)
-        num_items = self.accelerator.gather(loss_mask[kept_index].sum()).sum()
+        device = loss_mask.device
+        num_items = self.accelerator.gather(
+            loss_mask[torch.as_tensor(kept, dtype=torch.long, device=device)].sum()
+        ).sum()
+        parts = np.array_split(kept, self.args.steps_per_generation)
+        sizes = torch.tensor([len(p) for p in parts], device=self.accelerator.device)
+        widths = self.accelerator.gather(sizes[None]).max(dim=0).values.clamp(min=1).tolist()
         steps = []
-        for part in np.array_split(kept, self.args.steps_per_generation):
-            empty = len(part) == 0
-            index = torch.as_tensor(part if not empty else [0], dtype=torch.long)
+        for part, width in zip(parts, widths, strict=True):
+            padding = width - len(part)
+            index = torch.as_tensor(
+                np.concatenate([part, np.zeros(padding, dtype=np.int64)]), dtype=torch.long
+            )
             step = {}
             for key, value in shuffled.items():
                 if key == ROW_KEY:
@@ -320,8 +332,9 @@ class IIFGRPOTrainer(GRPOTrainer):
                 else:
                     step[key] = value
             step["num_items_in_batch"] = num_items
-            if empty:
-                step["completion_mask"] = torch.zeros_like(step["completion_mask"])
+            if padding:
+                real = (torch.arange(width, device=device) < len(part)).to(step["completion_mask"].dtype)
+                step["completion_mask"] = step["completion_mask"] * real[:, None]
             steps.append(unsplit_pixel_values_by_grid(step))
         return steps
 
