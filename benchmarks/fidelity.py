@@ -51,6 +51,7 @@ def projection_fidelity(
     prompt, response = behaviour
     target = LogProbTarget.from_text(scorer.tokenizer, [prompt], [response])
     target.temperature = scorer.temperature
+    target.positions_from_mask = scorer.positions_from_mask
     replay = RoundReplay(scorer, round_index)
     kinds = [(f"side {d}", lambda s, d=d: RandomProjector(d, seed=s)) for d in dims]
     kinds += [

@@ -15,7 +15,8 @@ attribution store. A round is one generation batch (one optimizer step with the 
 The threshold is GRPO's final reward (median over seeds of its last-10-round mean); a run reaches
 it at the first round whose 5-round moving average does. KL is the policy's KL to the reference on
 a round's completions, summed over a completion's tokens; reward_at_grpo_kl is a run's reward when
-its KL first reaches GRPO's final KL (a reward bought with more drift is not the same reward). Seconds are wall time per round
+its KL first reaches GRPO's final KL, or its final reward if it never does (a reward bought with
+more drift is not the same reward). Seconds are wall time per round
 (generation, held-out sampling, scoring, TRL's steps) and mean something only when nothing else
 ran on the machine (--parallel 1 and nothing beside it); the tables print them either way.
 Finished runs are kept (done.json) and reused, so seeds can be added later.

@@ -212,6 +212,7 @@ class InfluenceFilter:
             temperature=self.temperature,
         )
         target.positions_from_mask = target_records.positions_from_mask
+        target.position_offset = target_records.position_offset
         return target
 
     def target_gradient(self, policy: nn.Module, target_records: ScoredRecords) -> torch.Tensor:

@@ -70,7 +70,8 @@ class GRPORecordLoss:
     loss sums its tokens and divides as its loss type does: ``grpo`` by the completion's own
     length and the micro-batch's size, ``bnpo`` by the micro-batch's tokens, ``dr_grpo`` by the
     micro-batch's size times ``max_completion_length``, ``dapo`` by the generation batch's tokens
-    per process (each with TRL's gradient-accumulation factor).
+    per process times ``gradient_accumulation_steps / steps_per_generation`` (the others by the
+    accumulation steps).
     """
 
     loss_type: str
@@ -96,21 +97,21 @@ class GRPORecordLoss:
             records.attention_mask,
             self.temperature,
             positions_from_mask=records.positions_from_mask,
+            position_offset=records.position_offset,
         )
         old = logp.detach() if records.old_logprobs is None else records.old_logprobs.to(logp.dtype)
         mask = records.response_mask.to(logp.dtype)
         ratio = torch.exp((logp - old) * mask)
         clipped = ratio.clamp(1 - self.epsilon_low, 1 + self.epsilon_high)
-        if self.delta is not None:
-            ratio = ratio.clamp(max=self.delta)
+        capped = ratio if self.delta is None else ratio.clamp(max=self.delta)  # TRL's two-sided clip
         advantages = records.advantages.to(logp.dtype)
-        per_token = -torch.minimum(ratio * advantages, clipped * advantages)
+        per_token = -torch.minimum(capped * advantages, clipped * advantages)
         if self.beta != 0.0:
             if records.ref_logprobs is None:
                 raise ValueError("GRPO with beta > 0 needs the records' reference log-probs")
             gap = (records.ref_logprobs.to(logp.dtype) - logp) * mask
             kl = torch.exp(gap) - gap - 1
-            if self.bias_correction_kl:
+            if self.bias_correction_kl:  # by the ratio before delta's cap, as TRL
                 kl = kl * ratio
             per_token = per_token + self.beta * kl
         summed = (per_token * mask).sum(dim=1)

@@ -114,6 +114,7 @@ class ScoredRecords:
     ref_logprobs: torch.Tensor | None = None  # [n, T] reference log-probs (GRPO's KL term)
     group: torch.Tensor | None = None  # [n] long
     positions_from_mask: bool = True  # position ids follow the attention mask (TRL's PPO) or not (GRPO)
+    position_offset: torch.Tensor | None = None  # [n] left padding added after training (stored rounds)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -155,6 +156,8 @@ class ScoredRecords:
             stored["ref_logprobs"] = self.ref_logprobs[:, c:].float()
         if self.group is not None:
             stored["group"] = self.group.to(torch.int64)
+        if self.position_offset is not None:
+            stored["position_offset"] = self.position_offset.to(torch.int64)
         return stored
 
     @classmethod
@@ -185,4 +188,5 @@ class ScoredRecords:
             ref_logprobs=aligned("ref_logprobs"),
             group=tensors["group"].long() if "group" in tensors else None,
             positions_from_mask=positions_from_mask,
+            position_offset=tensors["position_offset"].long() if "position_offset" in tensors else None,
         )

@@ -29,18 +29,24 @@ def token_logprobs(
     attention_mask: torch.Tensor,
     temperature: float = 1.0,
     positions_from_mask: bool = True,
+    position_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """log pi(input_ids[:, t] | input_ids[:, :t]) at every position ``[m, T]`` (0 at t = 0).
 
     Position ids follow the attention mask, so left-padded and right-padded batches give the
     same values for the same tokens (TRL's PPO does this); ``positions_from_mask=False`` leaves
-    them to the model (0..T-1 whatever the padding), as TRL's GRPOTrainer calls it. Logits are
-    divided by ``temperature`` as in sampling.
+    them to the model (0..T-1 whatever the padding), as TRL's GRPOTrainer calls it, or with
+    ``position_offset`` ``[m]`` starts row i at -offset_i (rows left-padded further than they were
+    in training, as a store gathered over processes pads them). Logits are divided by
+    ``temperature`` as in sampling.
     """
     mask = attention_mask.bool()
     inputs = {"input_ids": input_ids.masked_fill(~mask, 0), "attention_mask": mask.long()}
     if positions_from_mask:
         inputs["position_ids"] = (mask.long().cumsum(dim=1) - 1).clamp_min(0)
+    elif position_offset is not None:
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+        inputs["position_ids"] = (columns[None] - position_offset.to(input_ids.device)[:, None]).clamp_min(0)
     logits = model(**inputs).logits[:, :-1]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
@@ -76,10 +82,16 @@ class TokenWeightedLogProb:
         self.token_weights = token_weights
         self.temperature = temperature
         self.positions_from_mask = True  # as token_logprobs; False: the model's own positions (GRPO)
+        self.position_offset: torch.Tensor | None = None  # [m], with positions_from_mask=False
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
         logp = token_logprobs(
-            model, self.input_ids, self.attention_mask, self.temperature, self.positions_from_mask
+            model,
+            self.input_ids,
+            self.attention_mask,
+            self.temperature,
+            self.positions_from_mask,
+            self.position_offset,
         )
         return (logp * self.token_weights.to(logp.dtype)).sum(dim=1)
 

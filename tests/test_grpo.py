@@ -291,3 +291,36 @@ def test_every_audit_command_reads_a_grpo_run(grpo_run, tmp_path, capsys):
     assert spearmanr([r.influence for r in scored], exact.tolist()).statistic > 0.8
     table = AttributionStore.open(out).read_records(2).to_pydict()
     assert table["group"] == [i // 4 for i in range(len(table["record"]))]
+
+
+class ChecksRescoring(IIFGRPOTrainer):
+    """At each re-scoring (the second of num_iterations passes, weights moved by the first), the
+    scores next to the brute-force reference through TRL's own loss at the same weights."""
+
+    def rescore_round(self):
+        super().rescore_round()
+        round_ = self._round
+        self.rescorings.append(
+            (round_.scorings[-1].scores, brute_force_influence(self, round_.batch, round_.records,
+                                                               round_.target_records, heldout=True))
+        )  # fmt: skip
+
+
+def test_rescoring_after_a_step_equals_brute_force_off_policy(tmp_path):
+    """num_iterations=2 with the epoch schedule: the second scoring sees weights that moved, so the
+    ratio differs from 1 (clipped by epsilon, capped by delta, the KL term corrected by it)."""
+    trainer = build(tmp_path, ChecksRescoring, iif_drop_fraction=0.0, max_steps=4, num_iterations=2,
+                    iif_schedule="epoch", beta=0.1, loss_type="grpo", delta=1.02,
+                    learning_rate=3e-2)  # fmt: skip
+    trainer.rescorings = []
+    trainer.train()
+    assert len(trainer.rescorings) == 2
+    for exact, reference in trainer.rescorings:
+        assert torch.allclose(exact, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
+
+
+def test_plain_grpo_takes_any_loss_type(tmp_path):
+    """iif_enabled=false builds no filter, so loss types IIF cannot score still train (as TRL)."""
+    trainer = build(tmp_path, iif_enabled=False, loss_type="cispo", max_steps=1)
+    trainer.train()
+    assert trainer.iif is None and trainer.store is None and trainer.state.global_step == 1

@@ -146,6 +146,17 @@ def test_grpo_two_processes_filter_globally(tmp_path, flags, rounds, per_process
         assert sorted(set(t["process"])) == [0, 1]
         assert t["group"] == [i // 4 for i in range(2 * per_process)]  # the task's 4 completions a prompt
     assert any(not all(t["kept"]) for t in tables)  # records were dropped
+    # the audit rebuilds each round from the store alone (records gathered over processes, their
+    # prompts left-padded further) and reproduces the scores the trainer computed on 2 processes
+    from rlhf_influence.audit.intervention import RoundReplay
+    from rlhf_influence.audit.rescore import SnapshotScorer
+
+    scorer = SnapshotScorer(out)
+    for round_index, t in zip(scorer.rounds, tables, strict=True):
+        replay = RoundReplay(scorer, round_index)
+        replayed = replay.influence(replay.return_target()).double()
+        stored = torch.tensor(t["influence"], dtype=torch.float64)
+        assert torch.allclose(replayed, stored, rtol=1e-4, atol=1e-6 * float(stored.abs().max()))
     if "--steps_per_generation" in flags:  # some step had no kept completion on some process
         assert any(
             t["kept"][p * per_process : (p + 1) * per_process].count(True) < 32

@@ -50,8 +50,9 @@ class InterventionResult:
     removed_records: list[int] = field(default_factory=list)
 
 
-def record_loss(training: TrainingSettings, temperature: float) -> RecordLoss:
-    """The per-record training loss a stored run optimised (one process replays all records)."""
+def record_loss(training: TrainingSettings, temperature: float, num_processes: int = 1) -> RecordLoss:
+    """The per-record training loss a stored run optimised. ``num_processes``: the run's, to score
+    as the trainer did (dapo's normaliser is per process); 1 to re-run the update in one process."""
     if training.algorithm == "ppo":
         return PPORecordLoss(clip_range=training.cliprange, temperature=temperature)
     return GRPORecordLoss(
@@ -62,8 +63,10 @@ def record_loss(training: TrainingSettings, temperature: float) -> RecordLoss:
         temperature=temperature,
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         steps_per_generation=training.steps_per_generation,
-        num_processes=1,
+        num_processes=num_processes,
         max_completion_length=training.max_completion_length,
+        delta=training.delta,
+        bias_correction_kl=True if training.bias_correction_kl is None else training.bias_correction_kl,
     )
 
 
@@ -81,11 +84,11 @@ class RoundReplay:
         self.grpo = settings.algorithm == "grpo"
         self.temperature = scorer.temperature
         self.records = self._stored_records("batch")
-        self.loss = record_loss(settings, self.temperature)
-        self.filter = InfluenceFilter(
+        self.loss = record_loss(settings, self.temperature)  # the re-run: one process, all records
+        self.filter = InfluenceFilter(  # scores as the trainer scored them
             IIFSettings(),
             scorer.layout,
-            self.loss,
+            record_loss(settings, self.temperature, manifest.num_processes),
             target=manifest.target,
             micro_batch_size=settings.per_device_train_batch_size,
             temperature=self.temperature,
@@ -158,13 +161,13 @@ class RoundReplay:
                     batch = order[start : start + settings.mini_batch_size]
                     yield [batch[i : i + micro] for i in range(0, len(batch), micro)]
             return
+        # TRL shuffles a generation batch once and passes over its slices num_iterations times;
+        # every gradient_accumulation_steps slices make an optimizer step (the last one may be short)
+        slices = [s for s in np.array_split(rng.permutation(keep), settings.steps_per_generation) if len(s)]
+        sequence = slices * settings.num_iterations
         accumulation = settings.gradient_accumulation_steps
-        for _ in range(settings.num_iterations):
-            slices = [
-                s for s in np.array_split(rng.permutation(keep), settings.steps_per_generation) if len(s)
-            ]
-            for start in range(0, len(slices), accumulation):
-                yield slices[start : start + accumulation]
+        for start in range(0, len(sequence), accumulation):
+            yield sequence[start : start + accumulation]
 
     def _chunk_loss(self, policy, chunk: np.ndarray, chunks_in_step: int, keep: np.ndarray) -> torch.Tensor:
         """The trainer's loss on one chunk: PPO's masked mean (averaged over the step's chunks),

@@ -123,6 +123,8 @@ class TrainingSettings:
     gradient_accumulation_steps: int | None = None  # micro-batches per optimizer step
     max_completion_length: int | None = None  # longest sampled completion, in tokens
     num_generations: int | None = None  # completions sampled per prompt
+    delta: float | None = None  # the upper cap of the ratio's two-sided clip (None: none)
+    bias_correction_kl: bool | None = None  # the KL term multiplied by the ratio (None: TRL's default, true)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,10 +134,16 @@ class TrainingSettings:
         """Read the ``training`` object; StoreError naming the field if it is wrong or if a PPO
         setting a replay needs is missing."""
         settings = cls(**_fields_from_json(cls, data, source, prefix))
-        if settings.algorithm == "ppo":
-            for name in ("num_ppo_epochs", "mini_batch_size", "cliprange"):
-                if getattr(settings, name) is None:
-                    raise StoreError(f"{source} is damaged: a PPO run lacks the field {prefix + name!r}")
+        required = {
+            "ppo": ("num_ppo_epochs", "mini_batch_size", "cliprange"),
+            "grpo": ("loss_type", "epsilon_low", "epsilon_high", "beta", "num_iterations", "steps_per_generation",
+                     "gradient_accumulation_steps", "max_completion_length"),
+        }[settings.algorithm]  # fmt: skip
+        for name in required:
+            if getattr(settings, name) is None:
+                raise StoreError(
+                    f"{source} is damaged: a {settings.algorithm.upper()} run lacks the field {prefix + name!r}"
+                )
         return settings
 
 

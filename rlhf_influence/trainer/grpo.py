@@ -23,13 +23,13 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from accelerate.utils import gather_object
 from torch import nn
 from trl import GRPOTrainer
 from trl.trainer.utils import (
     shuffle_sequence_dict,
     split_pixel_values_by_grid,
     unsplit_pixel_values_by_grid,
+    use_adapter,
 )
 
 from ..influence_filter import Collectives, InfluenceFilter, Scoring
@@ -39,7 +39,7 @@ from ..records import ScoredRecords
 from ..store import AttributionStore, RunManifest, TrainingSettings
 from ..targets import token_logprobs
 from .grpo_config import IIFGRPOConfig
-from .shared import adapter_snapshot, attribution_columns, gather_records, model_files, run_manifest
+from .shared import StoredRound, adapter_snapshot, model_files, run_manifest, write_round
 from .trainer import PhaseTimer, check_policy_has_lora
 
 ROW_KEY = "iif_row"  # each completion's position in its generation batch, carried through TRL's shuffle
@@ -104,6 +104,18 @@ class IIFGRPOTrainer(GRPOTrainer):
                     f"removed {len(removed)} half-written round(s) that a killed run left in {self.store.path}",
                     stacklevel=2,
                 )
+        if args.iif_enabled and self.aux_loss_enabled:
+            raise ValueError(
+                "IIF scores each completion with GRPO's policy loss; the MoE router's auxiliary loss "
+                "(router_aux_loss_coef != 0) changes it and is not supported (or set iif_enabled=false)"
+            )
+        self.iif_history: list[dict] = []  # per-round metrics, also written to the store
+        self._round: GenerationRound | None = None
+        self._rounds = 0
+        self._last_rewards: torch.Tensor | None = None
+        self.iif: InfluenceFilter | None = None  # plain GRPO (iif_enabled=false): no filter, any loss type
+        if not args.iif_enabled:
+            return
         self.iif = InfluenceFilter(
             args,
             self.layout,
@@ -115,10 +127,6 @@ class IIFGRPOTrainer(GRPOTrainer):
             seed=args.seed,
             store_gradients=self.store is not None,
         )
-        self.iif_history: list[dict] = []  # per-round metrics, also written to the store
-        self._round: GenerationRound | None = None
-        self._rounds = 0
-        self._last_rewards: torch.Tensor | None = None
 
     def record_loss(self) -> GRPORecordLoss:
         """GRPO's policy loss of one completion under this run's settings."""
@@ -162,10 +170,19 @@ class IIFGRPOTrainer(GRPOTrainer):
         self._last_rewards = rewards.detach().cpu()
         return rewards_per_func
 
-    def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint and self.store is not None:
+            self._rounds = self._last_stored_round()  # go on numbering after the rounds on disk
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
         self.store_round()  # the last round (every process reaches this point)
         return output
+
+    def _last_stored_round(self) -> int:
+        """The store's last complete round, as the main process reads it, on every process."""
+        from accelerate.utils import broadcast_object_list
+
+        last = [max(self.store.rounds(), default=0) if self.accelerator.is_main_process else 0]
+        return int(broadcast_object_list(last, from_process=0)[0])
 
     # ------------------------------------------------------------------ a round
     def start_round(self, generation_batch) -> None:
@@ -257,8 +274,8 @@ class IIFGRPOTrainer(GRPOTrainer):
                 part = records.select(idx)
                 args = (part.input_ids, part.attention_mask, self.args.temperature, False)
                 logp.append(token_logprobs(policy, *args))
-                if records.ref_logprobs is None:
-                    with policy.disable_adapter():
+                if records.ref_logprobs is None:  # the reference as TRL's GRPO takes it
+                    with use_adapter(policy, adapter_name="ref" if "ref" in policy.peft_config else None):
                         ref.append(token_logprobs(policy, *args))
         logp = torch.cat(logp)
         reference = records.ref_logprobs if records.ref_logprobs is not None else torch.cat(ref)
@@ -387,49 +404,33 @@ class IIFGRPOTrainer(GRPOTrainer):
         self.iif_history.append(metrics)
         if self.store is None:
             return
-        acc = self.accelerator
         decode = self.processing_class.batch_decode
         records = round_.records
-        prompts = gather_object(decode(round_.batch["prompt_ids"], skip_special_tokens=True))
-        completions = gather_object(decode(round_.batch["completion_ids"], skip_special_tokens=True))
-        advantage = acc.gather(records.sequence_advantages().float()).cpu()
-        group = acc.gather(records.group).cpu()
-        logprob = (
-            acc.gather((records.old_logprobs * records.response_mask).sum(1).float()).cpu().tolist()
+        n, rank = len(records), self.accelerator.process_index
+        advantage = records.sequence_advantages().float()
+        columns = {
+            "group": records.group,
+            "reward": round_.rewards[rank * n : (rank + 1) * n].float(),
+            "advantage_mean": advantage,
+            "advantage_last": advantage,
+            "logprob": (records.old_logprobs * records.response_mask).sum(1).float()
             if records.old_logprobs is not None
-            else [float("nan")] * len(prompts)
-        )
-        projected = round_.scorings[0].projected
-        if projected is not None:
-            projected = acc.gather(projected.to(acc.device)).cpu()
-        tensors = {"batch": gather_records(acc, records, self.processing_class.pad_token_id)}
-        if round_.target_rewards is not None:
-            target = round_.target_records
-            tensors["target"] = {
-                **gather_records(acc, target, self.processing_class.pad_token_id),
-                "last_token_advantages": acc.gather(target.sequence_advantages().float()).cpu(),
-                "scores": round_.target_rewards.float(),
-            }
-        if not acc.is_main_process:
-            return
-        table = {
-            **attribution_columns(round_.scorings, len(records)),
-            "prompt": prompts,
-            "response": completions,
-            "group": group.tolist(),
-            "reward": round_.rewards.float().tolist(),
-            "advantage_mean": advantage.tolist(),
-            "advantage_last": advantage.tolist(),
-            "logprob": logprob,
+            else torch.full((n,), float("nan")),
         }
-        if projected is not None:
-            tensors["gradients"] = {"projected": projected}
-        if round_.snapshot is not None:
-            tensors["adapter"] = round_.snapshot
-        if not (self.store.path / "manifest.json").exists():
-            self.store.write_manifest(self._manifest())
-            self.store.write_model_files(model_files(self.lora_policy, self.processing_class, None))
-        self.store.write_round(round_.index, table, metrics, tensors)
+        stored = StoredRound(
+            index=round_.index,
+            prompts=decode(round_.batch["prompt_ids"], skip_special_tokens=True),
+            responses=decode(round_.batch["completion_ids"], skip_special_tokens=True),
+            columns=columns,
+            scorings=round_.scorings,
+            records=records,
+            metrics=metrics,
+            snapshot=round_.snapshot,
+            target=round_.target_records if round_.target_rewards is not None else None,
+            target_rewards=round_.target_rewards,
+        )
+        write_round(self.store, self.accelerator, self.processing_class.pad_token_id, stored, self._manifest,
+                    lambda: model_files(self.lora_policy, self.processing_class, None))  # fmt: skip
 
     def _manifest(self) -> RunManifest:
         args = self.args
@@ -448,6 +449,8 @@ class IIFGRPOTrainer(GRPOTrainer):
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             max_completion_length=args.max_completion_length,
             num_generations=self.num_generations,
+            delta=args.delta,
+            bias_correction_kl=args.use_bias_correction_kl,
         )
         return run_manifest(
             args, self.iif, self.accelerator, training, records_per_round=args.generation_batch_size,
@@ -457,12 +460,14 @@ class IIFGRPOTrainer(GRPOTrainer):
 
 @contextmanager
 def _no_dropout(model: nn.Module):
-    """Dropout off while scoring (a record's gradient is then its expected one); modes restored."""
-    modes = [(m, m.training) for m in model.modules() if isinstance(m, nn.Dropout)]
-    for module, _ in modes:
-        module.eval()
+    """Dropout off while scoring (a record's gradient is then its expected one), as TRL's
+    ``disable_dropout_in_model`` does it: p = 0 (some attention layers read ``dropout.p`` in
+    training mode rather than calling the module); restored after."""
+    modules = [(m, m.p) for m in model.modules() if isinstance(m, nn.Dropout)]
+    for module, _ in modules:
+        module.p = 0.0
     try:
         yield
     finally:
-        for module, training in modes:
-            module.train(training)
+        for module, p in modules:
+            module.p = p

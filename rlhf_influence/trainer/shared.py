@@ -5,16 +5,19 @@ processes, and the records table's attribution columns."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
+from accelerate.utils import gather_object
 from torch import nn
 
 from ..influence_filter import InfluenceFilter, Scoring
 from ..lora import canonical_name
 from ..records import STORED_PADDING, ScoredRecords
 from ..settings import IIFSettings
-from ..store import RunManifest, StoredGradients, TrainingSettings
+from ..store import AttributionStore, RunManifest, StoredGradients, TrainingSettings
 
 # Base models up to this size are copied into the store (tiny and test models); larger ones are
 # referenced by name, as loaded.
@@ -125,11 +128,77 @@ def gather_records(accelerator, records: ScoredRecords, pad_token_id: int) -> di
     """The records' stored tensors (token ids, masks, sampling log-probs, advantages, groups) over
     all processes, each padded to one width as :data:`STORED_PADDING` says."""
     gathered = {}
-    for name, local in records.to_stored().items():
+    stored = records.to_stored()
+    for name, local in stored.items():
         local = local.to(accelerator.device)
         if local.dim() > 1:
             pad, first = STORED_PADDING.get(name, (0, False))
             pad = pad_token_id if pad is None else pad
             local = accelerator.pad_across_processes(local, dim=1, pad_index=pad, pad_first=first)
         gathered[name] = accelerator.gather(local).cpu()
+    # the left padding the gathering added to this process's prompts: where the model's own
+    # positions (GRPO) would otherwise shift, a replay starts each row's positions that much earlier
+    added = gathered["queries"].shape[1] - stored["queries"].shape[1]
+    offset = torch.full((len(records),), added, dtype=torch.int64, device=accelerator.device)
+    if records.position_offset is not None:
+        offset += records.position_offset.to(offset.device)
+    gathered["position_offset"] = accelerator.gather(offset).cpu()
     return gathered
+
+
+@dataclass
+class StoredRound:
+    """One round as a trainer hands it to the store: this process's part, gathered by :func:`write_round`."""
+
+    index: int
+    prompts: list[str]  # this process's records, decoded
+    responses: list[str]
+    columns: dict[str, torch.Tensor]  # per-record values of this process's records [n]: reward, advantages...
+    scorings: list[Scoring]  # the round's scorings (the first keeps the projected gradients)
+    records: ScoredRecords  # this process's records
+    metrics: dict[str, float]
+    snapshot: dict[str, torch.Tensor] | None  # the round-start LoRA weights
+    target: ScoredRecords | None = None  # the held-out target's records (None: the buffer target)
+    target_rewards: torch.Tensor | None = None  # [M] the held-out completions' rewards, all processes
+
+
+def write_round(
+    store: AttributionStore,
+    accelerator,
+    pad_token_id: int,
+    round_: StoredRound,
+    manifest: Callable[[], RunManifest],
+    files: Callable[[], dict],
+) -> None:
+    """Gather a round over processes and write it (the main process writes; every process must
+    call this, at the same point): its records table, metrics, token tensors, projected gradients,
+    round-start adapter and held-out target; the manifest and model files with the first round."""
+    acc = accelerator
+    prompts, responses = gather_object(round_.prompts), gather_object(round_.responses)
+    columns = {k: acc.gather(v.to(acc.device)).cpu().tolist() for k, v in round_.columns.items()}
+    projected = round_.scorings[0].projected
+    if projected is not None:
+        projected = acc.gather(projected.to(acc.device)).cpu()
+    tensors = {"batch": gather_records(acc, round_.records, pad_token_id)}
+    if round_.target is not None:
+        tensors["target"] = {
+            **gather_records(acc, round_.target, pad_token_id),
+            "last_token_advantages": acc.gather(round_.target.sequence_advantages().float()).cpu(),
+            "scores": round_.target_rewards.float().cpu(),
+        }
+    if not acc.is_main_process:
+        return
+    table = {
+        **attribution_columns(round_.scorings, len(round_.records)),
+        "prompt": prompts,
+        "response": responses,
+        **columns,
+    }
+    if projected is not None:
+        tensors["gradients"] = {"projected": projected}
+    if round_.snapshot is not None:
+        tensors["adapter"] = round_.snapshot
+    if not (store.path / "manifest.json").exists():
+        store.write_manifest(manifest())
+        store.write_model_files(files())
+    store.write_round(round_.index, table, round_.metrics, tensors)

@@ -26,7 +26,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from accelerate.utils import gather_object
 from torch import nn
 from transformers import GenerationConfig
 
@@ -55,7 +54,7 @@ from ..records import RolloutBatch
 from ..store import AttributionStore, RunManifest, TrainingSettings
 from .config import IIFPPOConfig
 from .rewards import RewardFunction, as_reward_module
-from .shared import adapter_snapshot, attribution_columns, gather_records, model_files, run_manifest
+from .shared import StoredRound, adapter_snapshot, model_files, run_manifest, write_round
 
 PPO_STATS = ("approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")
 
@@ -671,46 +670,28 @@ class IIFPPOTrainer(PPOTrainer):
         if self.store is None:
             return
         decode = self.processing_class.batch_decode
-        prompts = gather_object(decode(batch.queries, skip_special_tokens=True))
-        responses = gather_object(decode(batch.postprocessed_responses, skip_special_tokens=True))
-        columns = {
-            "reward": batch.scores.float(),
-            "advantage_mean": batch.mean_advantages().float(),
-            "advantage_last": batch.last_token_advantages().float(),
-            "logprob": batch.sequence_logprobs().float(),
-        }
-        gathered = {k: self._global(v).tolist() for k, v in columns.items()}
-        projected = epochs[0].projected
-        if projected is not None:
-            projected = self.accelerator.gather(projected.to(self.accelerator.device)).cpu()
         pad_id = self.processing_class.pad_token_id
-        round_batch = gather_records(self.accelerator, batch.scored_records(pad_id), pad_id)
-        heldout = None
-        if target_batch is not None and target_batch is not batch:  # the held-out return target's samples
-            heldout = {
-                **gather_records(self.accelerator, target_batch.scored_records(pad_id), pad_id),
-                "last_token_advantages": self._global(target_batch.last_token_advantages()).float(),
-                "scores": self._global(target_batch.scores).float(),
-            }
-        if not self.accelerator.is_main_process:
-            return
-        records = {
-            **attribution_columns(epochs, len(batch)),
-            "prompt": prompts,
-            "response": responses,
-            **gathered,
-        }
-        tensors = {"batch": round_batch}
-        if heldout is not None:
-            tensors["target"] = heldout
-        if projected is not None:
-            tensors["gradients"] = {"projected": projected}
-        if snapshot is not None:
-            tensors["adapter"] = snapshot
-        if not (self.store.path / "manifest.json").exists():
-            self.store.write_manifest(self._manifest())
-            self.store.write_model_files(self._model_files())
-        self.store.write_round(round_index, records, metrics, tensors)
+        heldout = (
+            target_batch is not None and target_batch is not batch
+        )  # the held-out return target's samples
+        stored = StoredRound(
+            index=round_index,
+            prompts=decode(batch.queries, skip_special_tokens=True),
+            responses=decode(batch.postprocessed_responses, skip_special_tokens=True),
+            columns={
+                "reward": batch.scores.float(),
+                "advantage_mean": batch.mean_advantages().float(),
+                "advantage_last": batch.last_token_advantages().float(),
+                "logprob": batch.sequence_logprobs().float(),
+            },
+            scorings=epochs,
+            records=batch.scored_records(pad_id),
+            metrics=metrics,
+            snapshot=snapshot,
+            target=target_batch.scored_records(pad_id) if heldout else None,
+            target_rewards=self._global(target_batch.scores) if heldout else None,
+        )
+        write_round(self.store, self.accelerator, pad_id, stored, self._manifest, self._model_files)
 
     def _manifest(self) -> RunManifest:
         args = self.args
