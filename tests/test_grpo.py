@@ -208,6 +208,8 @@ def test_unsupported_grpo_settings_are_refused(tmp_path):
         IIFGRPOConfig(**grpo_kwargs(tmp_path, loss_type="cispo"))
     with pytest.raises(ValueError, match="GRPO keeps TRL's step count"):
         IIFGRPOConfig(**grpo_kwargs(tmp_path, iif_keep_steps=False))
+    with pytest.raises(ValueError, match="GRPO samples the held-out target apart"):
+        IIFGRPOConfig(**grpo_kwargs(tmp_path, iif_heldout_sampling="with_rollout"))
     IIFGRPOConfig(**grpo_kwargs(tmp_path, loss_type="cispo", iif_enabled=False))  # plain GRPO: anything goes
     with pytest.raises(ValueError, match="needs a target_dataset"):
         build(tmp_path, heldout=False, iif_target="heldout_return")

@@ -29,6 +29,15 @@ class IIFGRPOConfig(GRPOConfig, IIFSettings):
         },
     )
 
+    iif_heldout_sampling: str = field(
+        default="separate",
+        metadata={
+            "help": "GRPO samples the held-out target's completions in their own call, under their own seed "
+            "('separate'), so training's random stream is TRL's. Only 'separate' is accepted.",
+            "choices": ["separate"],
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_iif_settings()
@@ -37,6 +46,10 @@ class IIFGRPOConfig(GRPOConfig, IIFSettings):
         if not self.iif_keep_steps:
             raise ValueError(
                 "iif_keep_steps=false (fewer optimizer steps) is PPO's; GRPO keeps TRL's step count"
+            )
+        if self.iif_heldout_sampling != "separate":
+            raise ValueError(
+                "iif_heldout_sampling='with_rollout' is PPO's; GRPO samples the held-out target apart"
             )
         if self.iif_whiten_after_filter:
             raise ValueError("iif_whiten_after_filter is PPO's; GRPO's advantages are group-relative already")
