@@ -42,6 +42,8 @@ from .grpo_config import IIFGRPOConfig
 from .shared import StoredRound, adapter_snapshot, model_files, run_manifest, write_round
 from .trainer import PhaseTimer, check_policy_has_lora
 
+# What TRL's _generate_and_score_completions rebinds for each batch it generates (environments, tools)
+BATCH_BINDINGS = ("environments", "_batch_environments", "_sync_tool_dicts", "_async_tool_dicts")
 ROW_KEY = "iif_row"  # each completion's position in its generation batch, carried through TRL's shuffle
 
 
@@ -295,7 +297,7 @@ class IIFGRPOTrainer(GRPOTrainer):
         rows = [self.target_dataset[(first + j) % n] for j in range(per_process)]
         inputs = [dict(row) for row in rows for _ in range(self.num_generations)]
         seed = (args.seed * 1_000_003 + self._rounds * 7919 + rank) % (2**63)
-        with self._own_random_stream(seed), self._metrics_untouched():
+        with self._own_random_stream(seed), self._trl_state_untouched():
             batch = self._generate_and_score_completions(inputs)
             rewards = self._last_rewards
         return self.scored_records(batch), rewards
@@ -370,15 +372,19 @@ class IIFGRPOTrainer(GRPOTrainer):
             yield
 
     @contextmanager
-    def _metrics_untouched(self):
-        """TRL's logged metrics, completion logs and token count as they were before."""
+    def _trl_state_untouched(self):
+        """TRL's logged metrics, completion logs, token count and per-batch environment and tool
+        bindings as they were before (the held-out batch is generated and scored by TRL's own code)."""
         metrics, logs = copy.deepcopy(self._metrics), copy.deepcopy(self._logs)
         tokens_seen = self.state.num_input_tokens_seen
+        bindings = {name: getattr(self, name) for name in BATCH_BINDINGS if hasattr(self, name)}
         try:
             yield
         finally:
             self._metrics, self._logs = metrics, logs
             self.state.num_input_tokens_seen = tokens_seen
+            for name, value in bindings.items():
+                setattr(self, name, value)
 
     # ------------------------------------------------------------------ the store
     def adapter_snapshot(self) -> dict[str, torch.Tensor]:
