@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .records import ScoredRecords
+from .store.manifest import TrainingSettings
 from .targets import ppo_policy_loss, token_logprobs
 
 # GRPO loss types whose per-record loss is written here (TRL 1.12's names).
@@ -128,3 +129,24 @@ class GRPORecordLoss:
         if self.loss_type == "dr_grpo":
             return float(micro_batch_size * self.max_completion_length * accumulation)
         return num_tokens / self.num_processes * accumulation / self.steps_per_generation  # dapo
+
+
+def record_loss(training: TrainingSettings, temperature: float, num_processes: int = 1) -> RecordLoss:
+    """The per-record loss of a run with these training settings (the trainer's, or a stored run's
+    manifest). ``num_processes``: the run's, to score as the trainer does (dapo's normaliser is per
+    process); 1 to re-run a stored round's update in one process."""
+    if training.algorithm == "ppo":
+        return PPORecordLoss(clip_range=training.cliprange, temperature=temperature)
+    return GRPORecordLoss(
+        loss_type=training.loss_type,
+        epsilon_low=training.epsilon_low,
+        epsilon_high=training.epsilon_high,
+        beta=training.beta,
+        temperature=temperature,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        steps_per_generation=training.steps_per_generation,
+        num_processes=num_processes,
+        max_completion_length=training.max_completion_length,
+        delta=training.delta,
+        bias_correction_kl=True if training.bias_correction_kl is None else training.bias_correction_kl,
+    )

@@ -27,11 +27,11 @@ import torch
 from ..gradients import target_gradients
 from ..influence import scores_from_factors
 from ..influence_filter import InfluenceFilter
-from ..losses import GRPORecordLoss, PPORecordLoss, RecordLoss
+from ..losses import record_loss
 from ..projection import RandomProjector
 from ..records import ScoredRecords
 from ..settings import IIFSettings
-from ..store import StoreError, TrainingSettings
+from ..store import StoreError
 from ..targets import LogProbTarget, ReturnTarget, TokenWeightedLogProb
 from .rescore import SnapshotScorer
 
@@ -48,26 +48,6 @@ class InterventionResult:
     target_without_top: float  # ... without the `removed` records most raising the target
     target_without_random: float  # ... without `removed` random records (mean over draws)
     removed_records: list[int] = field(default_factory=list)
-
-
-def record_loss(training: TrainingSettings, temperature: float, num_processes: int = 1) -> RecordLoss:
-    """The per-record training loss a stored run optimised. ``num_processes``: the run's, to score
-    as the trainer did (dapo's normaliser is per process); 1 to re-run the update in one process."""
-    if training.algorithm == "ppo":
-        return PPORecordLoss(clip_range=training.cliprange, temperature=temperature)
-    return GRPORecordLoss(
-        loss_type=training.loss_type,
-        epsilon_low=training.epsilon_low,
-        epsilon_high=training.epsilon_high,
-        beta=training.beta,
-        temperature=temperature,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        steps_per_generation=training.steps_per_generation,
-        num_processes=num_processes,
-        max_completion_length=training.max_completion_length,
-        delta=training.delta,
-        bias_correction_kl=True if training.bias_correction_kl is None else training.bias_correction_kl,
-    )
 
 
 class RoundReplay:

@@ -34,7 +34,7 @@ from trl.trainer.utils import (
 
 from ..influence_filter import Collectives, InfluenceFilter, Scoring
 from ..lora import find_lora_layout
-from ..losses import GRPORecordLoss
+from ..losses import record_loss
 from ..records import ScoredRecords
 from ..store import AttributionStore, RunManifest, TrainingSettings
 from ..targets import token_logprobs
@@ -121,30 +121,13 @@ class IIFGRPOTrainer(GRPOTrainer):
         self.iif = InfluenceFilter(
             args,
             self.layout,
-            self.record_loss(),
+            record_loss(self.training_settings(), args.temperature, self.accelerator.num_processes),
             target=self.iif_target,
             micro_batch_size=args.per_device_train_batch_size,
             temperature=args.temperature,
             collectives=Collectives(self.accelerator),
             seed=args.seed,
             store_gradients=self.store is not None,
-        )
-
-    def record_loss(self) -> GRPORecordLoss:
-        """GRPO's policy loss of one completion under this run's settings."""
-        args = self.args
-        return GRPORecordLoss(
-            loss_type=args.loss_type,
-            epsilon_low=self.epsilon_low,
-            epsilon_high=self.epsilon_high,
-            beta=args.beta,
-            temperature=args.temperature,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            steps_per_generation=args.steps_per_generation,
-            num_processes=self.accelerator.num_processes,
-            max_completion_length=args.max_completion_length,
-            delta=args.delta,
-            bias_correction_kl=args.use_bias_correction_kl,
         )
 
     @property
@@ -438,9 +421,10 @@ class IIFGRPOTrainer(GRPOTrainer):
         write_round(self.store, self.accelerator, self.processing_class.pad_token_id, stored, self._manifest,
                     lambda: model_files(self.lora_policy, self.processing_class, None))  # fmt: skip
 
-    def _manifest(self) -> RunManifest:
+    def training_settings(self) -> TrainingSettings:
+        """This run's GRPO settings: what scores a completion and what a replay of a round needs."""
         args = self.args
-        training = TrainingSettings(
+        return TrainingSettings(
             algorithm="grpo",
             learning_rate=args.learning_rate,
             per_device_train_batch_size=args.per_device_train_batch_size,
@@ -458,9 +442,11 @@ class IIFGRPOTrainer(GRPOTrainer):
             delta=args.delta,
             bias_correction_kl=args.use_bias_correction_kl,
         )
+
+    def _manifest(self) -> RunManifest:
         return run_manifest(
-            args, self.iif, self.accelerator, training, records_per_round=args.generation_batch_size,
-            keep_steps=True, group_size=self.num_generations,
+            self.args, self.iif, self.accelerator, self.training_settings(),
+            records_per_round=self.args.generation_batch_size, keep_steps=True, group_size=self.num_generations,
         )  # fmt: skip
 
 
