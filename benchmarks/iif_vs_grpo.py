@@ -37,7 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from iif_vs_ppo import describe, moving_average
+from iif_vs_ppo import moving_average, paired, plot, table
 
 from rlhf_influence.tasks import TASKS, get_task
 
@@ -140,54 +140,8 @@ def summarise(results: dict[str, dict[int, dict]], threshold: float, kl_level: f
     return summary
 
 
-def table(summary: dict) -> str:
-    metrics = ["rounds_to_threshold", "auc", "final_reward", "final_kl", "reward_at_grpo_kl", "kept_fraction",
-               "seconds_per_round",
-               "scoring_seconds", "target_sampling_seconds"]  # fmt: skip
-    lines = ["| arm | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for arm, rows in summary.items():
-        lines.append(
-            f"| {arm} | " + " | ".join(describe([rows[s][m] for s in sorted(rows)]) for m in metrics) + " |"
-        )
-    return "\n".join(lines)
-
-
-def paired(summary: dict, metric: str, base: str) -> str:
-    """Per-seed difference arm - base (median [min, max]) and how often the arm is higher."""
-    lines = [f"| arm | {metric} minus {base}'s, per seed |", "|---|---|"]
-    for arm, rows in summary.items():
-        if arm == base or base not in summary:
-            continue
-        diffs = [rows[s][metric] - summary[base][s][metric] for s in rows if s in summary[base]
-                 and None not in (rows[s][metric], summary[base][s][metric])]  # fmt: skip
-        wins = f"; higher in {sum(d > 0 for d in diffs)} of {len(diffs)}" if diffs else ""
-        lines.append(f"| {arm} | {describe(diffs)}{wins} |")
-    return "\n".join(lines)
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax_kl, ax_rk) = plt.subplots(1, 3, figsize=(17, 4.5))
-    for arm, by_seed in results.items():
-        rewards = list(zip(*[moving_average(c["objective/scores"]) for c in by_seed.values()], strict=False))
-        kls = list(zip(*[moving_average(c["objective/kl"]) for c in by_seed.values()], strict=False))
-        reward_median, kl_median = (
-            [statistics.median(r) for r in rewards],
-            [statistics.median(k) for k in kls],
-        )
-        ax.plot(range(1, len(rewards) + 1), reward_median, label=arm)
-        ax_kl.plot(range(1, len(kls) + 1), kl_median, label=arm)
-        ax_rk.plot(kl_median, reward_median, label=arm)
-    ax.set(title="mean reward (5-round moving average, median over seeds)", xlabel="round (generation batch)")
-    ax_kl.set(title="KL to the reference (summed over a completion)", xlabel="round (generation batch)")
-    ax_rk.set(title="reward against KL (the two medians, round by round)", xlabel="KL to the reference")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+METRICS = ["rounds_to_threshold", "auc", "final_reward", "final_kl", "reward_at_grpo_kl", "kept_fraction",
+           "seconds_per_round", "scoring_seconds", "target_sampling_seconds"]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -233,13 +187,14 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps({"threshold": threshold, "kl_level": kl_level, "task": args.task,
                                                        "rounds": args.rounds, "summary": summary}, indent=2))  # fmt: skip
-    plot(results, args.out / "reward_curves.png")
+    plot(results, args.out / "reward_curves.png", round_label="round (generation batch)",
+         kl_title="KL to the reference (summed over a completion)")  # fmt: skip
     report = "\n".join([
         f"task {args.task} under GRPO: threshold (GRPO's final reward, median over seeds) {threshold:.3f}; "
         f"GRPO's final KL {kl_level:.3f}",
         f"{len(args.seeds)} seeds, {args.rounds} rounds; median [min, max] over seeds; seconds are timings "
         f"only if nothing else ran (--parallel {args.parallel})\n",
-        table(summary), "", paired(summary, "auc", "grpo"), "", paired(summary, "final_reward", "grpo"), "",
+        table(summary, METRICS), "", paired(summary, "auc", "grpo"), "", paired(summary, "final_reward", "grpo"), "",
         paired(summary, "rounds_to_threshold", "grpo"), "", paired(summary, "reward_at_grpo_kl", "grpo"), "",
         *([paired({a: r for a, r in summary.items() if a != "grpo"}, "final_reward", "random"), ""]
           if "random" in summary else []),

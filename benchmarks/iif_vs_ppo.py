@@ -253,9 +253,12 @@ def describe(values: list) -> str:
     return text + (f" ({len(values) - len(present)} never)" if len(present) < len(values) else "")
 
 
-def table(summary: dict) -> str:
-    metrics = ["rounds_to_threshold", "seconds_to_threshold", "rounds_to_80pct", "seconds_to_80pct", "auc", "final_reward", "final_kl", "reward_at_ppo_kl",
-               "seconds_per_round", "kept_fraction", "early_step_kl"]  # fmt: skip
+METRICS = ["rounds_to_threshold", "seconds_to_threshold", "rounds_to_80pct", "seconds_to_80pct", "auc", "final_reward",
+           "final_kl", "reward_at_ppo_kl", "seconds_per_round", "kept_fraction", "early_step_kl"]  # fmt: skip
+
+
+def table(summary: dict, metrics: list[str] = METRICS) -> str:
+    """One row per arm: each metric's median [min, max] over seeds."""
     lines = ["| arm | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for arm, rows in summary.items():
         cells = [describe([rows[s][m] for s in sorted(rows)]) for m in metrics]
@@ -263,24 +266,34 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def paired(summary: dict, metric: str) -> str:
-    """Per-seed difference arm - ppo (median [min, max]), for the seeds both have."""
-    base = summary.get("ppo", {})
-    lines = [f"| arm | {metric} minus ppo's, per seed |", "|---|---|"]
+BASE_NAMES = {"ppo": "PPO", "grpo": "GRPO"}
+
+
+def paired(summary: dict, metric: str, base_arm: str = "ppo") -> str:
+    """Per-seed difference arm - ``base_arm`` (median [min, max]), for the seeds both have."""
+    base = summary.get(base_arm, {})
+    name = BASE_NAMES.get(base_arm, base_arm)
+    lines = [f"| arm | {metric} minus {base_arm}'s, per seed |", "|---|---|"]
     for arm, rows in summary.items():
-        if arm == "ppo":
+        if arm == base_arm:
             continue
         diffs = [
             rows[s][metric] - base[s][metric]
             for s in rows
             if s in base and None not in (rows[s][metric], base[s][metric])
         ]
-        wins = f"; higher than PPO's in {sum(d > 0 for d in diffs)} of {len(diffs)}" if diffs else ""
+        wins = f"; higher than {name}'s in {sum(d > 0 for d in diffs)} of {len(diffs)}" if diffs else ""
         lines.append(f"| {arm} | {describe(diffs)}{wins} |")
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(
+    results: dict,
+    path: Path,
+    round_label: str = "round",
+    kl_title: str = "KL to the reference (same smoothing)",
+) -> None:
+    """Median over seeds of each arm's smoothed reward and KL per round, and reward against KL."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,8 +308,8 @@ def plot(results: dict, path: Path) -> None:
         ax_r.plot(range(1, len(rewards) + 1), reward_median, label=arm)
         ax_k.plot(range(1, len(kls) + 1), kl_median, label=arm)
         ax_rk.plot(kl_median, reward_median, label=arm)
-    ax_r.set(title="mean reward (5-round moving average, median over seeds)", xlabel="round")
-    ax_k.set(title="KL to the reference (same smoothing)", xlabel="round")
+    ax_r.set(title="mean reward (5-round moving average, median over seeds)", xlabel=round_label)
+    ax_k.set(title=kl_title, xlabel=round_label)
     ax_rk.set(title="reward against KL (the two medians, round by round)", xlabel="KL to the reference")
     ax_r.legend(fontsize=8)
     fig.tight_layout()

@@ -239,11 +239,13 @@ class InfluenceFilter:
         records: ScoredRecords,
         store_projector: RandomProjector | SketchedProjector | None = None,
         projected: list[torch.Tensor] | None = None,
+        normaliser: float | None = None,
     ):
         """The records' layer factors, one micro-batch at a time, their losses under one
-        normaliser; with ``store_projector`` each micro-batch's projected gradients for the store
-        are appended to ``projected``."""
-        normaliser = self.normaliser(records)
+        normaliser (``self.normaliser(records)`` unless given); with ``store_projector`` each
+        micro-batch's projected gradients for the store are appended to ``projected``."""
+        if normaliser is None:
+            normaliser = self.normaliser(records)
         for idx in self.chunks(len(records)):
             part = records.select(idx)
             factors = capture_factors(policy, lambda model, part=part: self.loss(model, part, normaliser),
@@ -282,14 +284,14 @@ class InfluenceFilter:
         target's (tested against two passes).
         """
         projected: list[torch.Tensor] = []
+        normaliser = self.normaliser(records)  # one gather, shared by the losses and the target
         record_grads = torch.cat(
             [
                 factors.gradients(self.projector)
-                for factors in self.record_factors(policy, records, store_projector, projected)
+                for factors in self.record_factors(policy, records, store_projector, projected, normaliser)
             ]
         )
         total = self.collectives.sum(record_grads.sum(dim=0))
-        normaliser = self.normaliser(records)
         target_grad = -(normaliser / (len(records) * self.collectives.num_processes)) * total
         scores = -(record_grads @ target_grad)
         return scores, (torch.cat(projected) if projected else None)

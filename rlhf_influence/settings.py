@@ -153,6 +153,14 @@ class IIFSettings:
         """Where the attribution store is written (``iif_store_dir`` or <output_dir>/attribution)."""
         return self.iif_store_dir or os.path.join(self.output_dir, "attribution")
 
+    def resolved_target(self, has_target_dataset: bool) -> str:
+        """The return target a trainer scores against: ``iif_target``, or by default
+        ``heldout_return`` when held-out prompts were given and ``buffer_return`` otherwise."""
+        target = self.iif_target or ("heldout_return" if has_target_dataset else "buffer_return")
+        if target == "heldout_return" and not has_target_dataset:
+            raise ValueError("iif_target='heldout_return' needs a target_dataset of held-out prompts")
+        return target
+
     def check_iif_settings(self) -> None:
         """Raise ValueError on any IIF setting out of range (a config's ``__post_init__`` calls it)."""
         if not 0.0 <= self.iif_drop_fraction <= 1.0:

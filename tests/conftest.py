@@ -128,3 +128,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(params=["gpt2", "llama", "qwen2"])
 def arch(request):
     return request.param
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any model load fails the test: the checks must come first."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    for auto in (AutoModelForCausalLM, AutoModelForSequenceClassification):
+        monkeypatch.setattr(auto, "from_config", refuse)
+        monkeypatch.setattr(auto, "from_pretrained", refuse)

@@ -46,19 +46,6 @@ def fails_with(capsys, argv: list[str], message: str) -> None:
     assert err.strip().splitlines()[-1] == lines[0] and message in lines[0], lines[0]
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    """Any model load fails the test: the checks must come first."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the flags were checked")
-
-    for auto in (AutoModelForCausalLM, AutoModelForSequenceClassification):
-        monkeypatch.setattr(auto, "from_config", refuse)
-        monkeypatch.setattr(auto, "from_pretrained", refuse)
-
-
 def test_embedded_default_trains_and_stores_rounds_by_group(tmp_path, capsys):
     out = tmp_path / "run"
     assert recipe_main()(["--output_dir", str(out), "--max_steps", "3", *QUIET]) == 0

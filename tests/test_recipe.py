@@ -265,19 +265,6 @@ BAD_FLAGS = [  # (flags, a phrase of the one-line message); every case fails bef
 ]  # fmt: skip
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    """Any model load fails the test: the checks must come first."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the flags were checked")
-
-    for auto in (AutoModelForCausalLM, AutoModelForSequenceClassification):
-        monkeypatch.setattr(auto, "from_config", refuse)
-        monkeypatch.setattr(auto, "from_pretrained", refuse)
-
-
 @pytest.mark.parametrize("flags, message", BAD_FLAGS)
 def test_bad_flags_of_the_embedded_run(capsys, tmp_path, no_model_loads, flags, message):
     fails_with(capsys, ["--output_dir", str(tmp_path / "out"), *flags], message)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -36,10 +35,21 @@ from ..influence_filter import Collectives, InfluenceFilter, Scoring
 from ..lora import find_lora_layout
 from ..losses import record_loss
 from ..records import ScoredRecords
-from ..store import AttributionStore, RunManifest, TrainingSettings
+from ..store import RunManifest, TrainingSettings
 from ..targets import token_logprobs
 from .grpo_config import IIFGRPOConfig
-from .shared import StoredRound, adapter_snapshot, model_files, run_manifest, write_round
+from .shared import (
+    REPLAY_OPTIMIZER,
+    StoredRound,
+    adapter_snapshot,
+    heldout_rows,
+    heldout_seed,
+    model_files,
+    open_store,
+    own_random_stream,
+    run_manifest,
+    write_round,
+)
 from .trainer import PhaseTimer, check_policy_has_lora
 
 # What TRL's _generate_and_score_completions rebinds for each batch it generates (environments, tools)
@@ -79,11 +89,7 @@ class IIFGRPOTrainer(GRPOTrainer):
                  processing_class=None, peft_config=None, **kwargs) -> None:  # fmt: skip
         if not isinstance(args, IIFGRPOConfig):
             raise TypeError(f"args must be an IIFGRPOConfig, got {type(args).__name__}")
-        self.iif_target = args.iif_target or (
-            "heldout_return" if target_dataset is not None else "buffer_return"
-        )
-        if self.iif_target == "heldout_return" and target_dataset is None:
-            raise ValueError("iif_target='heldout_return' needs a target_dataset of held-out prompts")
+        self.iif_target = args.resolved_target(target_dataset is not None)
         if target_dataset is not None and "prompt" not in target_dataset.column_names:
             raise ValueError("target_dataset must have a 'prompt' column, as train_dataset")
         check_policy_has_lora(model, peft_config)
@@ -98,14 +104,7 @@ class IIFGRPOTrainer(GRPOTrainer):
         )
         self.target_dataset = target_dataset
         self.layout = find_lora_layout(self.lora_policy)
-        self.store = AttributionStore(args.attribution_dir) if args.iif_store and args.iif_enabled else None
-        if self.store is not None and self.accelerator.is_main_process:
-            removed = self.store.remove_stale_temporaries()
-            if removed:
-                warnings.warn(
-                    f"removed {len(removed)} half-written round(s) that a killed run left in {self.store.path}",
-                    stacklevel=2,
-                )
+        self.store = open_store(args, self.accelerator)
         if args.iif_enabled and self.aux_loss_enabled:
             raise ValueError(
                 "IIF scores each completion with GRPO's policy loss; the MoE router's auxiliary loss "
@@ -254,7 +253,7 @@ class IIFGRPOTrainer(GRPOTrainer):
         adapter disabled."""
         policy = self.lora_policy
         logp, ref = [], []
-        with self._own_random_stream(None), _no_dropout(policy):
+        with own_random_stream(self.accelerator.device), _no_dropout(policy):
             for idx in self.iif.chunks(len(records)):
                 part = records.select(idx)
                 args = (part.input_ids, part.attention_mask, self.args.temperature, False)
@@ -272,15 +271,11 @@ class IIFGRPOTrainer(GRPOTrainer):
         """Held-out prompts, ``num_generations`` fresh completions each from the current policy,
         scored by TRL as a generation batch (rewards, group-relative advantages), under their own
         seed and without touching TRL's logged metrics or training's random stream."""
-        args = self.args
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        per_process = max(1, args.iif_num_heldout_prompts // world)
-        first = (self._rounds - 1) * per_process * world + rank * per_process
-        n = len(self.target_dataset)
-        rows = [self.target_dataset[(first + j) % n] for j in range(per_process)]
+        acc = self.accelerator
+        rows = heldout_rows(self.target_dataset, self._rounds, self.args.iif_num_heldout_prompts, acc)
         inputs = [dict(row) for row in rows for _ in range(self.num_generations)]
-        seed = (args.seed * 1_000_003 + self._rounds * 7919 + rank) % (2**63)
-        with self._own_random_stream(seed), self._trl_state_untouched():
+        seed = heldout_seed(self.args.seed, self._rounds, acc.process_index)
+        with own_random_stream(acc.device, seed), self._trl_state_untouched():
             batch = self._generate_and_score_completions(inputs)
             rewards = self._last_rewards
         return self.scored_records(batch), rewards
@@ -289,7 +284,7 @@ class IIFGRPOTrainer(GRPOTrainer):
         """The filter's scores and decision, with dropout off and training's random stream untouched."""
         policy = self.lora_policy
         keep_gradients = round_start and self.iif.store_projector is not None
-        with self._own_random_stream(None), _no_dropout(policy):
+        with own_random_stream(self.accelerator.device), _no_dropout(policy):
             return self.iif.score(
                 policy, records, target_records, round_start=round_start, keep_gradients=keep_gradients
             )
@@ -343,16 +338,6 @@ class IIFGRPOTrainer(GRPOTrainer):
     def _log_scoring(self, scoring: Scoring) -> None:
         for key, value in InfluenceFilter.metrics([scoring]).items():
             self._metrics["train"][key].append(value)
-
-    @contextmanager
-    def _own_random_stream(self, seed: int | None):
-        """Random draws inside leave training's stream (CPU and this GPU) as it was."""
-        device = self.accelerator.device
-        devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            if seed is not None:
-                torch.manual_seed(seed)
-            yield
 
     @contextmanager
     def _trl_state_untouched(self):
@@ -429,7 +414,7 @@ class IIFGRPOTrainer(GRPOTrainer):
             learning_rate=args.learning_rate,
             per_device_train_batch_size=args.per_device_train_batch_size,
             pad_token_id=self.processing_class.pad_token_id,
-            optimizer="AdamW (re-runs start from fresh moments)",
+            optimizer=REPLAY_OPTIMIZER,
             loss_type=args.loss_type,
             epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high,

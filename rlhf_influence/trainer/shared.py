@@ -5,8 +5,9 @@ processes, and the records table's attribution columns."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,50 @@ from ..store import AttributionStore, RunManifest, StoredGradients, TrainingSett
 # Base models up to this size are copied into the store (tiny and test models); larger ones are
 # referenced by name, as loaded.
 BASE_MODEL_STORE_LIMIT = 64 * 2**20
+# How the audit's replay of a round optimises (the manifest records it for the reader).
+REPLAY_OPTIMIZER = "AdamW (re-runs start from fresh moments)"
+
+
+@contextmanager
+def own_random_stream(device: torch.device, seed: int | None = None):
+    """Random draws inside (seeded with ``seed`` if given) leave training's stream, on the CPU and
+    on this GPU, as it was."""
+    devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
+def heldout_rows(dataset, round_index: int, num_prompts: int, accelerator) -> list[dict]:
+    """This process's share of round ``round_index``'s held-out prompts (``num_prompts`` over all
+    processes), taken in order from ``dataset`` and cycling through it."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_process = max(1, num_prompts // world)
+    first = (round_index - 1) * per_process * world + rank * per_process
+    return [dataset[(first + j) % len(dataset)] for j in range(per_process)]
+
+
+def heldout_seed(seed: int, round_index: int, process_index: int) -> int:
+    """The seed a round's held-out target samples under on one process, apart from training's."""
+    return (seed * 1_000_003 + round_index * 7919 + process_index) % (2**63)
+
+
+def open_store(args: IIFSettings, accelerator) -> AttributionStore | None:
+    """The run's attribution store (None when IIF or storing is off); the main process removes
+    the half-written rounds a killed run left, and says so."""
+    if not (args.iif_store and args.iif_enabled):
+        return None
+    store = AttributionStore(args.attribution_dir)
+    if accelerator.is_main_process:
+        removed = store.remove_stale_temporaries()
+        if removed:
+            warnings.warn(
+                f"removed {len(removed)} half-written round(s) that a killed run left in {store.path}: "
+                + ", ".join(removed),
+                stacklevel=3,
+            )
+    return store
 
 
 def adapter_snapshot(policy: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -18,7 +18,6 @@ import gc
 import math
 import os
 import time
-import warnings
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -51,10 +50,21 @@ from ..lora import find_lora_layout
 from ..losses import PPORecordLoss
 from ..projection import RandomProjector, SketchedProjector
 from ..records import RolloutBatch
-from ..store import AttributionStore, RunManifest, TrainingSettings
+from ..store import RunManifest, TrainingSettings
 from .config import IIFPPOConfig
 from .rewards import RewardFunction, as_reward_module
-from .shared import StoredRound, adapter_snapshot, model_files, run_manifest, write_round
+from .shared import (
+    REPLAY_OPTIMIZER,
+    StoredRound,
+    adapter_snapshot,
+    heldout_rows,
+    heldout_seed,
+    model_files,
+    open_store,
+    own_random_stream,
+    run_manifest,
+    write_round,
+)
 
 PPO_STATS = ("approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")
 
@@ -118,11 +128,7 @@ class IIFPPOTrainer(PPOTrainer):
     ) -> None:
         if not isinstance(args, IIFPPOConfig):
             raise TypeError(f"args must be an IIFPPOConfig, got {type(args).__name__}")
-        self.iif_target = args.iif_target or (
-            "heldout_return" if target_dataset is not None else "buffer_return"
-        )
-        if self.iif_target == "heldout_return" and target_dataset is None:
-            raise ValueError("iif_target='heldout_return' needs a target_dataset of held-out prompts")
+        self.iif_target = args.resolved_target(target_dataset is not None)
         if target_dataset is not None and "input_ids" not in target_dataset.column_names:
             raise ValueError("target_dataset must be tokenised like train_dataset (an 'input_ids' column)")
         check_policy_has_lora(model, peft_config)
@@ -152,15 +158,7 @@ class IIFPPOTrainer(PPOTrainer):
             )
         self.target_dataset = target_dataset
         self.layout = find_lora_layout(self.policy_model)
-        self.store = AttributionStore(args.attribution_dir) if args.iif_store and args.iif_enabled else None
-        if self.store is not None and self.accelerator.is_main_process:
-            removed = self.store.remove_stale_temporaries()
-            if removed:
-                warnings.warn(
-                    f"removed {len(removed)} half-written round(s) that a killed run left in {self.store.path}: "
-                    + ", ".join(removed),
-                    stacklevel=2,
-                )
+        self.store = open_store(args, self.accelerator)
         self.iif = InfluenceFilter(
             args,
             self.layout,
@@ -455,23 +453,17 @@ class IIFPPOTrainer(PPOTrainer):
             return heldout
         queries = self._heldout_queries(round_index)
         device = self.accelerator.device
-        devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            seed = (self.args.seed * 1_000_003 + round_index * 7919 + self.accelerator.process_index) % (
-                2**63
-            )
-            torch.manual_seed(seed)
+        with own_random_stream(
+            device, heldout_seed(self.args.seed, round_index, self.accelerator.process_index)
+        ):
             heldout = self.rollout(queries.to(device))
         self.compute_rewards_and_advantages(heldout)
         return heldout
 
     def _heldout_queries(self, round_index: int) -> torch.Tensor:
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        per_process = max(1, self.args.iif_num_heldout_prompts // world)
-        total = per_process * world
-        n = len(self.target_dataset)
-        first = (round_index - 1) * total + rank * per_process
-        rows = [self.target_dataset[(first + j) % n] for j in range(per_process)]
+        rows = heldout_rows(
+            self.target_dataset, round_index, self.args.iif_num_heldout_prompts, self.accelerator
+        )
         features = [{"input_ids": row["input_ids"]} for row in rows]
         return self.data_collator(features)["input_ids"]
 
@@ -700,7 +692,7 @@ class IIFPPOTrainer(PPOTrainer):
             learning_rate=args.learning_rate,
             per_device_train_batch_size=args.per_device_train_batch_size,
             pad_token_id=self.processing_class.pad_token_id,
-            optimizer="AdamW (re-runs start from fresh moments)",
+            optimizer=REPLAY_OPTIMIZER,
             num_ppo_epochs=args.num_ppo_epochs,
             mini_batch_size=args.mini_batch_size,
             cliprange=args.cliprange,
