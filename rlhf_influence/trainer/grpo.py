@@ -159,6 +159,9 @@ class IIFGRPOTrainer(GRPOTrainer):
             self._rounds = self._last_stored_round()  # go on numbering after the rounds on disk
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         self.store_round()  # the last round (every process reaches this point)
+        # leave together: a process that exits while the main one still writes the round tears its
+        # process group down under it (gloo aborts with "terminate called without an active exception")
+        self.accelerator.wait_for_everyone()
         return output
 
     def _last_stored_round(self) -> int:
