@@ -37,6 +37,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from accelerate import PartialState
+from transformers import set_seed
 from trl import ModelConfig
 
 from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"{len(train_set)} training prompts are fewer than one round's batch of {per_round} records")
     target = heldout_target(heldout, training_args)
 
+    set_seed(training_args.seed)  # TRL's PPO seeds torch only; the epochs' shuffles draw from numpy's stream
     trainer = IIFPPOTrainer(
         args=training_args,
         processing_class=tokenizer,

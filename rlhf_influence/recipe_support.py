@@ -39,6 +39,7 @@ from .models import (
 )
 from .tasks import DEFAULT_TASK, TASKS, TaskSpec, get_task
 from .tasks.rewards import REWARD_FUNCTIONS, keyword_reward
+from .trainer.checkpoint import CheckpointError, complete_checkpoints, resolve_checkpoint
 
 DATA_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -177,7 +178,8 @@ def _parse(argv, dataclass_types, task_settings, defaults):
 def device_defaults() -> dict[str, Any]:
     """LoRA is what IIF scores; the CPU where there is no GPU; bf16 only where the hardware has it."""
     cuda = torch.cuda.is_available()
-    return {"use_peft": True, "use_cpu": not cuda, "bf16": cuda and torch.cuda.is_bf16_supported()}
+    return {"use_peft": True, "use_cpu": not cuda, "bf16": cuda and torch.cuda.is_bf16_supported(),
+            "save_final_model": True}  # fmt: skip
 
 
 # TRL's model flags, which an embedded task (its own model and LoRA config) would silently ignore.
@@ -253,9 +255,18 @@ def check_output_location(training_args) -> None:
             pass
     except OSError as exc:
         fail(f"cannot write to --output_dir {out}: {exc.strerror or exc}")
+    if training_args.resume_from_checkpoint:
+        try:
+            resolve_checkpoint(training_args.output_dir, training_args.resume_from_checkpoint)
+        except CheckpointError as exc:
+            fail(one_line(exc))
+        return  # the run goes on in its own directory
     store = Path(training_args.attribution_dir)
     if training_args.iif_enabled and training_args.iif_store and store.is_dir() and any(store.iterdir()):
-        fail(f"{store} already holds a run; choose another --output_dir")
+        fail(
+            f"{store} already holds a run; choose another --output_dir, or continue it with "
+            "--resume_from_checkpoint true"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -564,15 +575,28 @@ def train(trainer, training_args, progress, history: Callable[[], list[dict]] | 
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(progress)
     stop = StopSignal()
+    resume = training_args.resume_from_checkpoint
     try:
+        checkpoint = resolve_checkpoint(training_args.output_dir, resume)
         with stop.on_sigterm():
-            trainer.train()
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except CheckpointError as exc:
+        fail(one_line(exc))
     except KeyboardInterrupt:
+        saved = None
+        if training_args.save_final_model:  # the policy as the signal found it
+            with stop.on_sigterm():
+                saved = trainer.save_final_model()
         if trainer.accelerator.is_main_process:
             done = trainer.store.rounds() if trainer.store else []
             print(
                 f"\n{stop.name}: {len(done)} complete round(s) are on disk in {training_args.attribution_dir}"
             )
+            if saved is not None:
+                print(f"the policy as it was when stopped is saved in {os.path.abspath(saved)}")
+            latest = complete_checkpoints(training_args.output_dir)
+            if latest:
+                print(f"continue the run with --resume_from_checkpoint true (from {latest[-1].name})")
         return 128 + stop.number
     if trainer.accelerator.is_main_process:
         summarise(history() if history is not None else trainer.iif_history, training_args)
@@ -597,6 +621,9 @@ def summarise(history: list[dict], training_args) -> None:
     print(f"\nmean reward per round: {sparkline(rewards)}")
     print(f"  first {k} rounds {first:+.3f} -> last {k} rounds {last:+.3f}; mean kept fraction {kept:.2f}")
     print(f"run directory: {os.path.abspath(training_args.output_dir)}")
+    if training_args.save_final_model:
+        print(f"trained model: {os.path.abspath(training_args.output_dir)} (LoRA adapter and tokenizer; load it "
+              "with peft.AutoPeftModelForCausalLM.from_pretrained)")  # fmt: skip
     if not (training_args.iif_enabled and training_args.iif_store):
         print("attribution:   none stored (--iif_enabled false or --iif_store false)")
         return

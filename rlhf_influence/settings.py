@@ -21,6 +21,14 @@ class IIFSettings:
     """Iterative Influence-based Filtering (IIF) and its attribution store: what to score against,
     what to drop, how to optimise what is kept, what to store. ``check_iif_settings`` validates."""
 
+    save_final_model: bool = field(
+        default=False,
+        metadata={
+            "help": "At the end of train(), save the trained policy in output_dir as TRL's scripts do (LoRA "
+            "adapter and tokenizer, loadable with peft's AutoPeftModelForCausalLM.from_pretrained; PPO's value "
+            "model in output_dir/value_model). The recipes switch it on, and save on Ctrl-C/SIGTERM too."
+        },
+    )
     iif_enabled: bool = field(
         default=True,
         metadata={

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -37,6 +39,23 @@ from ..losses import record_loss
 from ..records import ScoredRecords
 from ..store import RunManifest, TrainingSettings
 from ..targets import token_logprobs
+from .checkpoint import (
+    CHECKPOINT_PREFIX,
+    CheckpointError,
+    CheckpointInfo,
+    base_model_name,
+    check_resumable,
+    check_store,
+    lora_digest,
+    point_adapter_at_base,
+    read_info,
+    resolve_checkpoint,
+    resume_settings,
+    round_digest,
+    set_aside_rounds,
+    write_info,
+)
+from .checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
 from .grpo_config import IIFGRPOConfig
 from .shared import (
     REPLAY_OPTIMIZER,
@@ -154,22 +173,88 @@ class IIFGRPOTrainer(GRPOTrainer):
         self._last_rewards = rewards.detach().cpu()
         return rewards_per_func
 
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if resume_from_checkpoint and self.store is not None:
-            self._rounds = self._last_stored_round()  # go on numbering after the rounds on disk
-        output = super().train(resume_from_checkpoint, *args, **kwargs)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """TRL's training; from a checkpoint (a path, or True for the run's latest complete one) the
+        run continues at the round after it, as the uninterrupted run would have."""
+        checkpoint = resolve_checkpoint(self.args.output_dir, resume_from_checkpoint)
+        if checkpoint is not None:
+            self.load_iif_checkpoint(checkpoint)
+        output = super().train(str(checkpoint) if checkpoint else None, *args, **kwargs)
         self.store_round()  # the last round (every process reaches this point)
         # leave together: a process that exits while the main one still writes the round tears its
         # process group down under it (gloo aborts with "terminate called without an active exception")
         self.accelerator.wait_for_everyone()
+        if self.args.save_final_model:
+            self.save_final_model()
         return output
 
-    def _last_stored_round(self) -> int:
-        """The store's last complete round, as the main process reads it, on every process."""
-        from accelerate.utils import broadcast_object_list
+    # ------------------------------------------------------------------ the final model and checkpoints
+    def save_final_model(self, output_dir: str | None = None) -> Path:
+        """Save the trained policy as TRL's scripts do (LoRA adapter and tokenizer, loadable with
+        ``AutoPeftModelForCausalLM.from_pretrained(output_dir)``); every process must call it."""
+        out = Path(output_dir or self.args.output_dir)
+        self.save_model(str(out))
+        if self.accelerator.is_main_process:
+            point_adapter_at_base(out, self.lora_policy)
+        self.accelerator.wait_for_everyone()
+        return out
 
-        last = [max(self.store.rounds(), default=0) if self.accelerator.is_main_process else 0]
-        return int(broadcast_object_list(last, from_process=0)[0])
+    def checkpoint_info(self) -> CheckpointInfo:
+        """What a checkpoint taken now is, and what a resume from it must match."""
+        args = self.args
+        stored = None if self.store is None else max(self.store.rounds(), default=0)
+        return CheckpointInfo(
+            format_version=CHECKPOINT_FORMAT, algorithm="grpo", round=self._rounds,
+            global_step=self.state.global_step, output_dir=str(Path(args.output_dir).resolve()),
+            num_processes=self.accelerator.num_processes, seed=args.seed,
+            base_model=base_model_name(self.lora_policy), lora=lora_digest(self.layout),
+            settings=resume_settings(args, ("generation_batch_size", "num_generations", "num_iterations",
+                                            "steps_per_generation", "learning_rate", "loss_type", "iif_enabled",
+                                            "iif_drop_fraction", "iif_filter", "iif_schedule")),
+            stored_rounds=stored,
+            last_round_digest=round_digest(self.store, stored) if stored else None,
+        )  # fmt: skip
+
+    def _save_checkpoint(self, model, trial):
+        """Hugging Face's checkpoint (adapter, optimizer, scheduler, random streams, trainer state)
+        after the round it ends is stored, plus IIF's own state (round counter, the filter's random
+        control, TRL's step counter); the info file, written last, makes it complete."""
+        self.store_round()  # the round that just ended (a checkpoint falls between rounds)
+        super()._save_checkpoint(model, trial)
+        path = Path(self._get_output_dir(trial=trial)) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        acc = self.accelerator
+        state = {
+            "rounds": self._rounds,
+            "step": self._step,
+            "filter_scorings": self.iif._scorings if self.iif else 0,
+        }
+        torch.save(state, path / f"iif_process_{acc.process_index}.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            write_info(path, self.checkpoint_info())
+        acc.wait_for_everyone()
+
+    def load_iif_checkpoint(self, path: Path) -> None:
+        """IIF's part of a resume: the checks, the store's later rounds set aside, the counters."""
+        acc = self.accelerator
+        info = read_info(path)
+        check_resumable(info, self.checkpoint_info(), path)
+        check_store(self.store, info, path)
+        state_file = path / f"iif_process_{acc.process_index}.pt"
+        if not state_file.is_file():
+            raise CheckpointError(f"cannot resume from {path}: it lacks process {acc.process_index}'s state")
+        state = torch.load(state_file, weights_only=True)
+        self._rounds, self._step = state["rounds"], state["step"]
+        if self.iif is not None:
+            self.iif._scorings = state["filter_scorings"]
+        if self.store is not None and acc.is_main_process:
+            aside = set_aside_rounds(self.store, info.stored_rounds or 0)
+            if aside is not None:
+                warnings.warn(
+                    f"rounds after round {info.stored_rounds} (redone by this resume) moved to {aside}",
+                    stacklevel=2,
+                )
+        acc.wait_for_everyone()
 
     # ------------------------------------------------------------------ a round
     def start_round(self, generation_batch) -> None:

@@ -15,12 +15,16 @@ gradient, from one forward and one backward per micro-batch.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
+import shutil
 import time
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -51,6 +55,27 @@ from ..losses import PPORecordLoss
 from ..projection import RandomProjector, SketchedProjector
 from ..records import RolloutBatch
 from ..store import RunManifest, TrainingSettings
+from .checkpoint import (
+    CHECKPOINT_PREFIX,
+    CheckpointError,
+    CheckpointInfo,
+    ResumableBatches,
+    base_model_name,
+    check_resumable,
+    check_store,
+    load_trainable_weights,
+    lora_digest,
+    point_adapter_at_base,
+    read_info,
+    resolve_checkpoint,
+    resume_settings,
+    rotate_checkpoints,
+    round_digest,
+    set_aside_rounds,
+    trainable_weights_only,
+    write_info,
+)
+from .checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
 from .config import IIFPPOConfig
 from .rewards import RewardFunction, as_reward_module
 from .shared import (
@@ -66,6 +91,7 @@ from .shared import (
     write_round,
 )
 
+RESUMED_STATE = ("global_step", "episode", "epoch", "log_history")  # TRL's trainer state a checkpoint keeps
 PPO_STATS = ("approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")
 
 
@@ -171,6 +197,9 @@ class IIFPPOTrainer(PPOTrainer):
             store_gradients=self.store is not None,
         )
         self.iif_history: list[dict] = []  # per-round summaries, also written to the store
+        if not self.is_deepspeed_enabled:  # checkpoints keep the trainable weights only
+            self.accelerator.register_save_state_pre_hook(trainable_weights_only)
+            self.accelerator.register_load_state_pre_hook(load_trainable_weights)
 
     @property
     def store_projector(self) -> RandomProjector | SketchedProjector | None:
@@ -215,12 +244,19 @@ class IIFPPOTrainer(PPOTrainer):
             self.model = wrapped
 
     # ------------------------------------------------------------------ the training loop
-    def train(self) -> None:
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> None:
+        """PPO rounds until ``total_episodes``; from a checkpoint (a path, or True for the run's
+        latest) the run continues at the round after it, as the uninterrupted run would have."""
         args = self.args
         self._begin_training()
-        batches = self._repeat(self.dataloader)
+        batches = ResumableBatches(self.dataloader)
+        first_round = 1
+        checkpoint = resolve_checkpoint(args.output_dir, resume_from_checkpoint)
+        if checkpoint is not None:
+            first_round = self.load_checkpoint(checkpoint, batches) + 1
+        self._batches = batches
         start = time.time()
-        for round_index in range(1, args.num_total_batches + 1):
+        for round_index in range(first_round, args.num_total_batches + 1):
             self.state.episode += args.batch_size
             queries = next(batches)["input_ids"].to(self.accelerator.device)
             timer = PhaseTimer(self.accelerator.device)
@@ -258,6 +294,8 @@ class IIFPPOTrainer(PPOTrainer):
             self.store_round(round_index, batch, epochs, metrics, snapshot, target_batch)
             self._end_round(metrics)
         self._end_training()
+        if args.save_final_model:
+            self.save_final_model()
 
     # ------------------------------------------------------------------ step 1: rollout
     @torch.no_grad()
@@ -723,11 +761,6 @@ class IIFPPOTrainer(PPOTrainer):
     def _generation_config(self) -> GenerationConfig:
         return GenerationConfig(**self._generation_kwargs())
 
-    @staticmethod
-    def _repeat(dataloader):
-        while True:
-            yield from dataloader
-
     def _begin_training(self) -> None:
         args = self.args
         self.model.train()
@@ -753,7 +786,7 @@ class IIFPPOTrainer(PPOTrainer):
         self.lr_scheduler.step()
         self.control = self.callback_handler.on_step_end(args, self.state, self.control)
         if self.control.should_save:
-            self._save_checkpoint(self.model, trial=None)
+            self.save_checkpoint()
             self.control = self.callback_handler.on_save(args, self.state, self.control)
         gc.collect()
         if (
@@ -764,9 +797,112 @@ class IIFPPOTrainer(PPOTrainer):
 
     def _end_training(self) -> None:
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
-        if self.control.should_save:
-            self._save_checkpoint(self.model, trial=None)
+        if self.control.should_save and not (Path(self.args.output_dir) / self._checkpoint_name()).is_dir():
+            self.save_checkpoint()
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+
+    # ------------------------------------------------------------------ the final model and checkpoints
+    def save_final_model(self, output_dir: str | None = None) -> Path:
+        """Save the trained policy as TRL's scripts do (LoRA adapter and tokenizer, loadable with
+        ``AutoPeftModelForCausalLM.from_pretrained(output_dir)``) and the value model in
+        ``output_dir/value_model``; every process must call it. Returns the directory."""
+        out = Path(output_dir or self.args.output_dir)
+        self.save_model(str(out))
+        value_model = self.unwrapped.value_model
+        state = self.accelerator.get_state_dict(value_model) if self.is_deepspeed_enabled else None
+        if self.accelerator.is_main_process:
+            value_model.save_pretrained(out / "value_model", state_dict=state)
+            point_adapter_at_base(out, self.unwrapped.policy)
+        self.accelerator.wait_for_everyone()
+        return out
+
+    def _checkpoint_name(self) -> str:
+        return f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+
+    def checkpoint_info(self) -> CheckpointInfo:
+        """What a checkpoint taken now is, and what a resume from it must match."""
+        args = self.args
+        stored = None if self.store is None else max(self.store.rounds(), default=0)
+        return CheckpointInfo(
+            format_version=CHECKPOINT_FORMAT, algorithm="ppo", round=self.state.global_step,
+            global_step=self.state.global_step, output_dir=str(Path(args.output_dir).resolve()),
+            num_processes=self.accelerator.num_processes, seed=args.seed,
+            base_model=base_model_name(self.unwrapped.policy), lora=lora_digest(self.layout),
+            settings=resume_settings(args, ("batch_size", "num_ppo_epochs", "num_mini_batches", "learning_rate",
+                                            "iif_enabled", "iif_drop_fraction", "iif_filter", "iif_schedule")),
+            stored_rounds=stored,
+            last_round_digest=round_digest(self.store, stored) if stored else None,
+        )  # fmt: skip
+
+    def save_checkpoint(self) -> Path:
+        """``output_dir/checkpoint-K`` after round K: the policy's adapter (PEFT) and tokenizer, the
+        trainable weights (LoRA and value model), optimizer, learning-rate schedule, every random
+        stream of every process, the data position, the filter's counter and the trainer state;
+        written under a temporary name and renamed (every process must call it)."""
+        acc, args = self.accelerator, self.args
+        final = Path(args.output_dir) / self._checkpoint_name()
+        tmp = final.with_name(f".{final.name}.tmp")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        self.save_model(str(tmp))  # the policy's adapter and tokenizer, as at the end of a run
+        acc.save_state(str(tmp / "state"), **self._state_kwargs())
+        torch.save(
+            {"batches": self._batches.state_dict(), "filter_scorings": self.iif._scorings},
+            tmp / f"process_{acc.process_index}.pt",
+        )
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            torch.save({"lr_scheduler": self.lr_scheduler.state_dict()}, tmp / "scheduler.pt")
+            state = {name: getattr(self.state, name) for name in RESUMED_STATE}
+            (tmp / "trainer_state.json").write_text(json.dumps({**state, "iif_history": self.iif_history}))
+            write_info(tmp, self.checkpoint_info())
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            rotate_checkpoints(args.output_dir, args.save_total_limit)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path, batches: ResumableBatches) -> int:
+        """Restore the run as it was at checkpoint ``path``; the rounds it completed."""
+        acc = self.accelerator
+        info = read_info(path)
+        check_resumable(info, self.checkpoint_info(), path)
+        check_store(self.store, info, path)
+        if not (path / f"process_{acc.process_index}.pt").is_file():
+            raise CheckpointError(f"cannot resume from {path}: it lacks process {acc.process_index}'s state")
+        try:
+            acc.load_state(str(path / "state"), **self._state_kwargs(loading=True))
+            process = torch.load(path / f"process_{acc.process_index}.pt", weights_only=False)
+            scheduler = torch.load(path / "scheduler.pt", weights_only=False)
+            state = json.loads((path / "trainer_state.json").read_text())
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"cannot resume from {path}: it is damaged ({type(exc).__name__}: {' '.join(str(exc).split())})"
+            ) from None
+        self.lr_scheduler.load_state_dict(scheduler["lr_scheduler"])
+        self.iif._scorings = process["filter_scorings"]
+        self.iif_history = state["iif_history"]
+        for name in RESUMED_STATE:
+            setattr(self.state, name, state[name])
+        batches.load_state_dict(process["batches"])
+        if self.store is not None and acc.is_main_process:
+            aside = set_aside_rounds(self.store, info.stored_rounds or 0)
+            if aside is not None:
+                warnings.warn(
+                    f"rounds after round {info.stored_rounds} (redone by this resume) moved to {aside}",
+                    stacklevel=2,
+                )
+        acc.wait_for_everyone()
+        return info.round
+
+    def _state_kwargs(self, loading: bool = False) -> dict:
+        """accelerate's save/load of the model under DeepSpeed: only the trainable weights (LoRA and
+        value model); elsewhere the hooks registered at construction do it."""
+        if self.is_deepspeed_enabled:
+            return {"load_module_strict": False} if loading else {"exclude_frozen_parameters": True}
+        return {}
 
 
 def check_policy_has_lora(model: nn.Module, peft_config) -> None:

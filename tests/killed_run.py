@@ -1,0 +1,61 @@
+"""Run a recipe and SIGKILL it in the middle of a round, for the resume tests.
+
+    python tests/killed_run.py ppo|grpo ROUND RECIPE_FLAGS...
+
+PPO: killed in ROUND's second PPO epoch (after the first epoch's optimizer steps). GRPO: killed
+after ROUND's first optimizer step (a round is two or more steps: --num_iterations 2).
+Nothing is cleaned up: the process dies as a preempted job does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    algorithm, kill_round, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    if algorithm == "ppo":
+        from rlhf_influence import IIFPPOTrainer
+
+        epochs: list[int] = []
+        original = IIFPPOTrainer.ppo_epoch
+
+        def ppo_epoch(self, *args, **kwargs):
+            epochs.append(self.state.global_step + 1)  # the round this epoch belongs to
+            if epochs.count(kill_round) == 2:
+                kill()
+            return original(self, *args, **kwargs)
+
+        IIFPPOTrainer.ppo_epoch = ppo_epoch
+    else:
+        from rlhf_influence import IIFGRPOTrainer
+
+        original = IIFGRPOTrainer.training_step
+
+        def training_step(self, *args, **kwargs):
+            output = original(self, *args, **kwargs)
+            if self._rounds == kill_round:  # one step of the round done, its others not
+                kill()
+            return output
+
+        IIFGRPOTrainer.training_step = training_step
+    recipe = ROOT / "recipes" / f"{algorithm}_iif.py"
+    spec = importlib.util.spec_from_file_location(f"{algorithm}_iif_recipe", recipe)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    sys.exit(module.main(argv))
+
+
+if __name__ == "__main__":
+    main()
