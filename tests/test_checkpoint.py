@@ -106,3 +106,165 @@ def test_sigkill_mid_round_then_resume_equals_the_uninterrupted_run(tmp_path, al
     report = audit(whole)
     assert len(json.loads(report)["rounds"]) == len(AttributionStore.open(whole).rounds())
     assert report == audit(killed).replace(str(killed), str(whole))
+
+
+def captured_trainers(monkeypatch) -> list:
+    """The trainers whose final model a recipe saves (to compare the files with the live policy)."""
+    seen = []
+    for cls in (IIFPPOTrainer, IIFGRPOTrainer):
+        original = cls.save_final_model
+
+        def save(self, *args, _original=original, **kwargs):
+            seen.append(self)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "save_final_model", save)
+    return seen
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_the_trained_policy_is_saved_and_generates_as_the_trainer(tmp_path, monkeypatch, capsys, algorithm):
+    from peft import AutoPeftModelForCausalLM
+
+    seen = captured_trainers(monkeypatch)
+    out = tmp_path / "run"
+    length = ["--total_episodes", "64"] if algorithm == "ppo" else ["--max_steps", "2"]
+    assert recipe_main(algorithm)(["--output_dir", str(out), *length, "--disable_tqdm", "true"]) == 0
+    assert f"trained model: {out}" in capsys.readouterr().out
+    (trainer,) = seen
+    policy = trainer.unwrapped.policy if algorithm == "ppo" else trainer.lora_policy
+    loaded = AutoPeftModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = trainer.processing_class
+    prompt = tokenizer(["the movie was", "i thought the film"], return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    policy.eval()
+    with torch.no_grad():
+        expected = policy.generate(**prompt, **kwargs)
+        got = loaded.generate(**prompt, **kwargs)
+    assert torch.equal(expected, got)
+    trained = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    reloaded = dict(loaded.named_parameters())
+    assert trained and all(torch.equal(p, reloaded[n]) for n, p in trained.items())
+    if algorithm == "ppo":  # and the value model beside it
+        from transformers import AutoModelForSequenceClassification
+
+        value = AutoModelForSequenceClassification.from_pretrained(out / "value_model")
+        live = trainer.unwrapped.value_model.state_dict()
+        assert all(torch.equal(t, live[k]) for k, t in value.state_dict().items() if k in live)
+
+
+def test_plain_ppo_saves_the_trained_policy_too(tmp_path):
+    out = tmp_path / "plain"
+    argv = ["--output_dir", str(out), "--total_episodes", "32", "--iif_enabled", "false", "--disable_tqdm", "true"]
+    assert recipe_main("ppo")(argv) == 0
+    assert (out / "adapter_model.safetensors").is_file() and (out / "value_model" / "config.json").is_file()
+    assert not (out / "attribution").exists()
+
+
+def fails_with(capsys, algorithm: str, argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        recipe_main(algorithm)(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def snapshot(path: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``path`` with its size and modification time (to show that nothing changed)."""
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def checkpointed_runs(tmp_path_factory) -> dict[str, Path]:
+    """A PPO and a GRPO run of the embedded default with checkpoints (4 rounds each)."""
+    root = tmp_path_factory.mktemp("checkpointed")
+    runs = {"ppo": root / "ppo", "grpo": root / "grpo"}
+    flags = {"ppo": ["--total_episodes", "128", "--save_steps", "2"], "grpo": ["--max_steps", "4", "--save_steps", "2"]}
+    for algorithm, out in runs.items():
+        argv = ["--output_dir", str(out), *flags[algorithm], "--save_strategy", "steps", "--disable_tqdm", "true"]
+        assert recipe_main(algorithm)(argv) == 0
+    return runs
+
+
+def test_resume_refuses_what_it_cannot_continue_in_one_line_and_changes_nothing(tmp_path, capsys, checkpointed_runs):
+    ppo, grpo = checkpointed_runs["ppo"], checkpointed_runs["grpo"]
+    flags = ["--total_episodes", "128", "--save_strategy", "steps", "--save_steps", "2", "--disable_tqdm", "true"]
+    run = tmp_path / "run"
+    shutil.copytree(ppo, run)
+    # the copy is another directory: its checkpoints name the run they belong to
+    fails_with(capsys, "ppo", ["--output_dir", str(run), *flags, "--resume_from_checkpoint", "true"],
+               f"belongs to the run in {ppo.resolve()}, not {run.resolve()}")  # fmt: skip
+    before = snapshot(run)
+    cases = [
+        (["--resume_from_checkpoint", str(grpo / "checkpoint-2")], "it is a GRPO checkpoint, this run trains PPO"),
+        (["--resume_from_checkpoint", str(tmp_path / "nowhere")], "no such checkpoint directory"),
+        (["--seed", "3", "--resume_from_checkpoint", str(ppo / "checkpoint-2")], "trained with --seed 0, this run has 3"),
+    ]
+    for extra, message in cases:
+        fails_with(capsys, "ppo", ["--output_dir", str(ppo), *flags, *extra], message)
+    empty = tmp_path / "empty"
+    fails_with(capsys, "ppo", ["--output_dir", str(empty), *flags, "--resume_from_checkpoint", "true"],
+               "holds no complete checkpoint-K")  # fmt: skip
+    assert snapshot(run) == before
+
+
+def damaged_copy(run: Path, tmp_path: Path) -> Path:
+    """A copy of ``run`` in the same place (a run's checkpoints name their directory): moved aside first."""
+    backup = tmp_path / "backup"
+    shutil.copytree(run, backup)
+    return backup
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda ckpt, store: (ckpt / INFO_FILE).unlink(), "not a complete rlhf-influence checkpoint"),
+        (lambda ckpt, store: (ckpt / INFO_FILE).write_text("{not json"), "is unreadable"),
+        (lambda ckpt, store: (ckpt / INFO_FILE).write_text(json.dumps({"round": 2})), "is damaged: it lacks"),
+        (lambda ckpt, store: (ckpt / "state" / "model.safetensors").write_bytes(b"\0" * 64), "is damaged"),
+        (lambda ckpt, store: shutil.rmtree(store.round_dir(2)), "round(s) 2 missing"),
+        (lambda ckpt, store: [shutil.rmtree(store.round_dir(r)) for r in (2, 3, 4)], "holds 1 round(s)"),
+        (lambda ckpt, store: shutil.copy(store.round_dir(1) / "records.parquet", store.round_dir(2)),
+         "is not the one the checkpoint saw"),
+    ],
+    ids=["half-written", "unreadable", "missing-fields", "damaged-weights", "store-hole", "store-cut", "store-other"],
+)  # fmt: skip
+def test_damaged_checkpoint_or_store_is_refused_in_one_line(tmp_path, capsys, checkpointed_runs, damage, message):
+    run = checkpointed_runs["ppo"]
+    backup = damaged_copy(run, tmp_path)
+    try:
+        checkpoint = run / "checkpoint-2"
+        damage(checkpoint, AttributionStore(run / "attribution"))
+        before = snapshot(run)
+        argv = ["--output_dir", str(run), "--total_episodes", "128", "--save_strategy", "steps", "--save_steps", "2",
+                "--disable_tqdm", "true", "--resume_from_checkpoint", str(checkpoint)]  # fmt: skip
+        fails_with(capsys, "ppo", argv, message)
+        assert snapshot(run) == before
+    finally:
+        shutil.rmtree(run)
+        shutil.move(backup, run)
+
+
+def test_checkpoints_rotate_and_record_what_they_are(checkpointed_runs):
+    from rlhf_influence.trainer.checkpoint import rotate_checkpoints
+
+    for algorithm, run in checkpointed_runs.items():
+        names = [p.name for p in complete_checkpoints(run)]
+        assert names == ["checkpoint-2", "checkpoint-4"]
+        info = read_info(run / "checkpoint-2")
+        assert (info.algorithm, info.round, info.stored_rounds, info.num_processes) == (algorithm, 2, 2, 1)
+        assert info.output_dir == str(run.resolve())
+    scratch = checkpointed_runs["ppo"].parent / "rotate"
+    shutil.copytree(checkpointed_runs["ppo"], scratch)
+    assert [p.name for p in rotate_checkpoints(scratch, 1)] == ["checkpoint-2"]
+    assert [p.name for p in complete_checkpoints(scratch)] == ["checkpoint-4"]
+
+
+def test_grpo_checkpoints_fall_between_rounds(tmp_path):
+    from test_grpo import build
+
+    # a round is 2 steps: the checkpoint --save_steps 3 asks for at step 3 is written when round 2 ends
+    trainer = build(tmp_path, max_steps=6, num_iterations=2, save_strategy="steps", save_steps=3)
+    trainer.train()
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
+    assert [read_info(p).round for p in complete_checkpoints(tmp_path)] == [2, 3]

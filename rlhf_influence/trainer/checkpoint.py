@@ -91,10 +91,19 @@ def lora_digest(layout: LoraLayout) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# The config fields that say which architecture and size a model is (names differ by family).
+ARCHITECTURE_FIELDS = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer",
+                       "num_attention_heads", "n_head", "num_key_value_heads", "intermediate_size", "n_inner")  # fmt: skip
+
+
 def base_model_name(policy: nn.Module) -> str:
-    """The base model a LoRA policy wraps: its name or path as loaded, else its class (built from a config)."""
+    """The base model a LoRA policy wraps: its name or path as loaded (else its class: built from a
+    config) and a digest of its config (architecture and sizes)."""
     base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-    return getattr(base.config, "_name_or_path", "") or type(base).__name__
+    name = getattr(base.config, "_name_or_path", "") or type(base).__name__
+    config = base.config.to_dict()
+    shape = {k: config.get(k) for k in ARCHITECTURE_FIELDS if config.get(k) is not None}
+    return f"{name} ({', '.join(f'{k}={v}' for k, v in shape.items())})"
 
 
 def round_digest(store: AttributionStore, round_index: int) -> str:
@@ -205,6 +214,12 @@ def check_store(store: AttributionStore | None, info: CheckpointInfo, path: Path
         return
     rounds = store.rounds()
     have = max(rounds, default=0)
+    missing = sorted(set(range(1, min(have, info.stored_rounds) + 1)) - set(rounds))
+    if missing:
+        raise CheckpointError(
+            f"cannot resume from {path}: round(s) {', '.join(map(str, missing[:5]))} missing from {store.path} "
+            "(rounds are written in sequence, so one was removed or lost)"
+        )
     if have < info.stored_rounds:
         raise CheckpointError(
             f"cannot resume from {path}: it was written after round {info.stored_rounds}, but {store.path} holds "

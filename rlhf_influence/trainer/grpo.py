@@ -133,6 +133,7 @@ class IIFGRPOTrainer(GRPOTrainer):
         self._round: GenerationRound | None = None
         self._rounds = 0
         self._last_rewards: torch.Tensor | None = None
+        self._checkpoint_pending = False  # --save_steps fell inside a round: checkpoint when it ends
         self.iif: InfluenceFilter | None = None  # plain GRPO (iif_enabled=false): no filter, any loss type
         if not args.iif_enabled:
             return
@@ -204,7 +205,8 @@ class IIFGRPOTrainer(GRPOTrainer):
         args = self.args
         stored = None if self.store is None else max(self.store.rounds(), default=0)
         return CheckpointInfo(
-            format_version=CHECKPOINT_FORMAT, algorithm="grpo", round=self._rounds,
+            format_version=CHECKPOINT_FORMAT, algorithm="grpo",
+            round=self._step // (args.steps_per_generation * self.num_iterations),
             global_step=self.state.global_step, output_dir=str(Path(args.output_dir).resolve()),
             num_processes=self.accelerator.num_processes, seed=args.seed,
             base_model=base_model_name(self.lora_policy), lora=lora_digest(self.layout),
@@ -214,6 +216,21 @@ class IIFGRPOTrainer(GRPOTrainer):
             stored_rounds=stored,
             last_round_digest=round_digest(self.store, stored) if stored else None,
         )  # fmt: skip
+
+    def _between_rounds(self) -> bool:
+        """Whether the steps so far end a round (a generation batch's slices, each pass over them)."""
+        return self._step % (self.args.steps_per_generation * self.num_iterations) == 0
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        # A checkpoint falls between rounds, where a resume can start: one that --save_steps asks for
+        # inside a round is written when that round ends.
+        if self.control.should_save and not self._between_rounds():
+            self.control.should_save, self._checkpoint_pending = False, True
+        elif self._checkpoint_pending and self._between_rounds():
+            self.control.should_save = True
+        if self.control.should_save:
+            self._checkpoint_pending = False
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         """Hugging Face's checkpoint (adapter, optimizer, scheduler, random streams, trainer state)

@@ -41,7 +41,6 @@ class IIFGRPOConfig(GRPOConfig, IIFSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_iif_settings()
-        self.check_checkpoint_steps()
         if not self.iif_enabled:
             return
         if not self.iif_keep_steps:
@@ -73,21 +72,3 @@ class IIFGRPOConfig(GRPOConfig, IIFSettings):
                     f"{name}={getattr(self, name)!r} changes that loss and is not supported (use {wanted}, or "
                     "iif_enabled=false)"
                 )
-
-    @property
-    def steps_per_round(self) -> float:
-        """Optimizer steps per generation batch (a round): its slices times its passes over them."""
-        return self.steps_per_generation * self.num_iterations / self.gradient_accumulation_steps
-
-    def check_checkpoint_steps(self) -> None:
-        """A checkpoint falls between rounds (what a resume starts from): ``save_steps`` must be a
-        whole number of rounds' optimizer steps."""
-        if self.save_strategy != "steps" or not self.save_steps or self.save_steps < 1:
-            return
-        per_round = self.steps_per_round
-        if (self.save_steps / per_round) != int(self.save_steps / per_round):
-            raise ValueError(
-                f"save_steps={self.save_steps:g} does not fall between rounds: a round (one generation batch) is "
-                f"{per_round:g} optimizer step(s) (steps_per_generation x num_iterations / "
-                "gradient_accumulation_steps); choose a multiple of it"
-            )

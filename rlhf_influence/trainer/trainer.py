@@ -877,7 +877,9 @@ class IIFPPOTrainer(PPOTrainer):
             process = torch.load(path / f"process_{acc.process_index}.pt", weights_only=False)
             scheduler = torch.load(path / "scheduler.pt", weights_only=False)
             state = json.loads((path / "trainer_state.json").read_text())
-        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        except CheckpointError:
+            raise
+        except Exception as exc:  # unreadable or truncated files of any kind
             raise CheckpointError(
                 f"cannot resume from {path}: it is damaged ({type(exc).__name__}: {' '.join(str(exc).split())})"
             ) from None
