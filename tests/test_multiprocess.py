@@ -163,3 +163,61 @@ def test_grpo_two_processes_filter_globally(tmp_path, flags, rounds, per_process
             for t in tables
             for p in (0, 1)
         )
+
+
+def trained_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    weights = {f"policy.{k}": v for k, v in load_file(out / "adapter_model.safetensors").items()}
+    if (out / "value_model").is_dir():
+        weights.update({f"value.{k}": v for k, v in load_file(out / "value_model" / "model.safetensors").items()})
+    return weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config, recipe",
+    [("multi_cpu", RECIPE), ("deepspeed_zero2", RECIPE), ("deepspeed_zero3", RECIPE), ("multi_cpu", GRPO_RECIPE)],
+    ids=["ppo-ddp", "ppo-zero2", "ppo-zero3", "grpo-ddp"],
+)
+def test_two_processes_resume_equals_the_uninterrupted_run(tmp_path, config, recipe):
+    """A 2-process run resumed from its checkpoint after round 2 ends as the uninterrupted run did:
+    every process's shard, optimizer state and random streams restored; the rounds it redoes are
+    set aside, and redone the same."""
+    import shutil
+
+    out = tmp_path / "run"
+    length = ["--total_episodes", "256"] if recipe == RECIPE else ["--max_steps", "4"]
+    flags = [*length, "--save_steps", "2", "--save_total_limit", "3", "--iif_drop_fraction", "0.5"]
+    launch(config, out, *flags, recipe=recipe, timeout=400)
+    expected = trained_weights(out)
+    store = AttributionStore(out / "attribution")
+    tables = {r: store.read_records(r).to_pydict() for r in store.rounds()}
+    assert sorted(tables) == [1, 2, 3, 4]
+    shutil.rmtree(out / "checkpoint-4")
+    for name in ("adapter_model.safetensors", "value_model"):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+    if config == "multi_cpu" and recipe == RECIPE:  # another process count is refused in one line
+        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / "single_gpu.yaml"),
+               "--num_processes", "1", RECIPE, "--output_dir", str(out), "--disable_tqdm", "true", *flags,
+               "--resume_from_checkpoint", "true"]  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        refused = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+        assert refused.returncode == 2
+        assert "written by 2 process(es), this run has 1 (resume with the same process count)" in refused.stderr
+        assert store.rounds() == [1, 2, 3, 4]  # nothing changed
+
+    launch(config, out, *flags, "--resume_from_checkpoint", "true", recipe=recipe, timeout=400)
+    got = trained_weights(out)
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        assert torch.allclose(got[name].float(), tensor.float(), rtol=1e-5, atol=1e-7), name
+    assert store.rounds() == [1, 2, 3, 4]
+    for r in (3, 4):  # redone: the same records, scores and decision
+        redone = store.read_records(r).to_pydict()
+        assert redone["response"] == tables[r]["response"] and redone["kept"] == tables[r]["kept"]
+        assert torch.allclose(torch.tensor(redone["influence"]), torch.tensor(tables[r]["influence"]), rtol=1e-4, atol=1e-7)
+    aside = list((out / "attribution" / "set_aside").glob("after_round_000002-*"))
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["round_000003", "round_000004"]

@@ -20,6 +20,7 @@ after the checkpoint (which the resumed run redoes) are moved aside, not mixed i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -388,3 +389,23 @@ def load_trainable_weights(models: list[nn.Module], input_dir: str) -> None:
             )
         model.load_state_dict(state, strict=False)
     models.clear()
+
+
+def gathered_state_dict(module: nn.Module, select=lambda name, param: True) -> dict[str, torch.Tensor]:
+    """``module``'s state dict on the CPU with its parameters whole (gathered where ZeRO-3 shards
+    them: every process must call it), restricted to the parameters ``select(name, param)`` keeps
+    (buffers are kept with all parameters only)."""
+    params = [(name, p) for name, p in module.named_parameters() if select(name, p)]
+    every = len(params) == len(list(module.parameters()))
+    sharded = [p for _, p in params if hasattr(p, "ds_id")]
+    gather = contextlib.nullcontext()
+    if sharded:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(sharded, modifier_rank=None)
+    with gather:
+        state = {name: p.detach().to("cpu", copy=True) for name, p in params}
+    if every:
+        names = set(state)
+        state.update({k: v.detach().cpu() for k, v in module.state_dict().items() if k not in names})
+    return state

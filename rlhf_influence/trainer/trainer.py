@@ -63,6 +63,7 @@ from .checkpoint import (
     base_model_name,
     check_resumable,
     check_store,
+    gathered_state_dict,
     load_trainable_weights,
     lora_digest,
     point_adapter_at_base,
@@ -236,12 +237,16 @@ class IIFPPOTrainer(PPOTrainer):
                 policy.set_adapter(self.model_adapter_name or "default")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        wrapped = self.model
-        self.model = self.unwrapped  # so that TRL finds .policy under DDP too
-        try:
-            super().save_model(output_dir, _internal_call)
-        finally:
-            self.model = wrapped
+        """The policy's LoRA adapter and the tokenizer in ``output_dir`` (PEFT's format), gathered
+        under ZeRO-3; the main process writes, every process must call it. (TRL's own goes through
+        Hugging Face's Trainer, which its PPOTrainer never initialises: it fails under DeepSpeed.)"""
+        out = output_dir or self.args.output_dir
+        policy = self.unwrapped.policy
+        adapter = gathered_state_dict(policy, lambda name, p: p.requires_grad)
+        if self.accelerator.is_main_process:
+            policy.save_pretrained(out, state_dict=adapter)
+            self.processing_class.save_pretrained(out)
+        self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ the training loop
     def train(self, resume_from_checkpoint: str | bool | None = None) -> None:
@@ -809,7 +814,7 @@ class IIFPPOTrainer(PPOTrainer):
         out = Path(output_dir or self.args.output_dir)
         self.save_model(str(out))
         value_model = self.unwrapped.value_model
-        state = self.accelerator.get_state_dict(value_model) if self.is_deepspeed_enabled else None
+        state = gathered_state_dict(value_model)
         if self.accelerator.is_main_process:
             value_model.save_pretrained(out / "value_model", state_dict=state)
             point_adapter_at_base(out, self.unwrapped.policy)
