@@ -268,3 +268,31 @@ def test_grpo_checkpoints_fall_between_rounds(tmp_path):
     trainer.train()
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
     assert [read_info(p).round for p in complete_checkpoints(tmp_path)] == [2, 3]
+
+
+def test_another_lora_layout_or_base_model_is_refused(tmp_path):
+    """Through the trainer (an embedded task's LoRA layout and model are fixed): a checkpoint of a
+    rank-4 policy cannot continue a rank-8 one, nor one of another width."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from trainer_setup import Setup, ppo_kwargs
+
+    from rlhf_influence import IIFPPOConfig
+    from rlhf_influence.tasks.toy import toy_lora_config
+    from rlhf_influence.trainer.checkpoint import CheckpointError
+
+    def trainer(setup: Setup):
+        config = IIFPPOConfig(**ppo_kwargs(tmp_path, save_strategy="steps", save_steps=1))
+        return IIFPPOTrainer(args=config, processing_class=setup.tokenizer, model=setup.peft_policy(), ref_model=None,
+                             reward_model=setup.reward, train_dataset=setup.train, value_model=setup.value,
+                             target_dataset=setup.heldout)  # fmt: skip
+
+    trainer(Setup()).train()
+    wider = Setup(hidden=48)
+    with pytest.raises(CheckpointError, match=r"its base model is 'GPT2LMHeadModel \(model_type=gpt2, .*n_embd=32"):
+        trainer(wider).train(resume_from_checkpoint=True)
+    other_rank = Setup()
+    other_rank.lora = toy_lora_config("gpt2", r=8)
+    with pytest.raises(CheckpointError, match=r"its LoRA layout .* differs from this run's"):
+        trainer(other_rank).train(resume_from_checkpoint=True)
