@@ -30,6 +30,7 @@ class RolloutBatch:
     non_score_reward: torch.Tensor | None = None  # [n, R]
     advantages: torch.Tensor | None = None  # [n, R] whitened, 0 on padding
     returns: torch.Tensor | None = None  # [n, R]
+    exact_kl: torch.Tensor | None = None  # [n] each response's KL to the reference (kl.exact_kl)
 
     def __len__(self) -> int:
         return self.queries.shape[0]

@@ -7,8 +7,11 @@ command-line flag through ``HfArgumentParser`` / ``TrlParser``.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
+
+from .kl import KL_CONTROLS
 
 SCHEDULES = ("epoch", "round")
 TARGETS = ("heldout_return", "buffer_return")
@@ -28,6 +31,28 @@ class IIFSettings:
             "adapter and tokenizer, loadable with peft's AutoPeftModelForCausalLM.from_pretrained; PPO's value "
             "model in output_dir/value_model). The recipes switch it on, and save on Ctrl-C/SIGTERM too."
         },
+    )
+    kl_control: str = field(
+        default="fixed",
+        metadata={
+            "help": "The KL penalty's coefficient (PPO's --kl_coef, GRPO's --beta, its starting value): 'fixed' "
+            "(TRL's) or 'adaptive', steered each round toward --kl_target as the paper's code does (Ziegler et "
+            "al. 2019: beta *= 1 + clip(KL/target - 1, -0.2, 0.2) * records / --kl_horizon). Logged as "
+            "objective/kl_coef, stored with each round, drawn in the report.",
+            "choices": list(KL_CONTROLS),
+        },
+    )
+    kl_target: float | None = field(
+        default=None,
+        metadata={
+            "help": "With --kl_control adaptive: the KL to the reference per response (summed over its tokens: "
+            "PPO's exact KL over the vocabulary, GRPO's non-negative estimator) to hold. Each embedded task names "
+            "one; a job on your own model must give it (the paper: 0.1 with --kl_coef 0.04)."
+        },
+    )
+    kl_horizon: int = field(
+        default=10_000,
+        metadata={"help": "With --kl_control adaptive: the controller's horizon in records (the paper: 10,000)."},
     )
     iif_enabled: bool = field(
         default=True,
@@ -171,6 +196,16 @@ class IIFSettings:
 
     def check_iif_settings(self) -> None:
         """Raise ValueError on any IIF setting out of range (a config's ``__post_init__`` calls it)."""
+        if self.kl_control not in KL_CONTROLS:
+            raise ValueError(f"kl_control must be one of {KL_CONTROLS}, got {self.kl_control!r}")
+        if self.kl_control == "adaptive":
+            target = self.kl_target
+            if target is None or not math.isfinite(target) or target <= 0:
+                raise ValueError(
+                    f"kl_control='adaptive' needs kl_target, a KL per response > 0 (the paper: 0.1), got {target}"
+                )
+        if isinstance(self.kl_horizon, bool) or not isinstance(self.kl_horizon, int) or self.kl_horizon < 1:
+            raise ValueError(f"kl_horizon must be a whole number >= 1, got {self.kl_horizon}")
         if not 0.0 <= self.iif_drop_fraction <= 1.0:
             raise ValueError(f"iif_drop_fraction must be in [0, 1], got {self.iif_drop_fraction}")
         if self.iif_schedule not in SCHEDULES:

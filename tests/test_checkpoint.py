@@ -27,9 +27,12 @@ from rlhf_influence.trainer.checkpoint import INFO_FILE, complete_checkpoints, r
 ROOT = Path(__file__).resolve().parents[1]
 TIMED = ("time/", "seconds", "eps")  # wall-clock metrics: the only ones a resumed run may differ in
 
-PPO_FLAGS = ["--total_episodes", "160", "--save_strategy", "steps", "--save_steps", "2", "--disable_tqdm", "true"]
+# with the adaptive KL coefficient, whose state a checkpoint keeps too
+PPO_FLAGS = ["--total_episodes", "160", "--save_strategy", "steps", "--save_steps", "2", "--disable_tqdm", "true",
+             "--kl_control", "adaptive", "--kl_horizon", "32"]
 GRPO_FLAGS = ["--max_steps", "10", "--num_iterations", "2", "--iif_schedule", "epoch", "--save_strategy", "steps",
-              "--save_steps", "4", "--disable_tqdm", "true"]  # fmt: skip
+              "--save_steps", "4", "--disable_tqdm", "true", "--beta", "0.04", "--kl_control", "adaptive",
+              "--kl_horizon", "32"]  # fmt: skip
 
 
 def recipe_main(algorithm: str):
@@ -103,6 +106,8 @@ def test_sigkill_mid_round_then_resume_equals_the_uninterrupted_run(tmp_path, al
         assert_same_weights(whole / "value_model" / "model.safetensors", killed / "value_model" / "model.safetensors")
         aside = list((killed / "attribution" / "set_aside").glob("after_round_000002-*/round_000003"))
         assert len(aside) == 1  # the round the resume redid, kept apart
+    coefs = [AttributionStore(whole / "attribution").read_metrics(r)["objective/kl_coef"] for r in range(1, 6)]
+    assert len(set(coefs)) > 1  # the adaptive coefficient moved, and the resumed run followed it
     report = audit(whole)
     assert len(json.loads(report)["rounds"]) == len(AttributionStore.open(whole).rounds())
     assert report == audit(killed).replace(str(killed), str(whole))

@@ -494,7 +494,8 @@ def test_iif_settings_are_one_dataclass_the_config_takes():
 
     assert issubclass(IIFPPOConfig, IIFSettings)
     iif = {f.name for f in dataclasses.fields(IIFPPOConfig) if f.name.startswith("iif_")}
-    # and what the IIF trainers add to TRL's, whatever the algorithm: saving the trained policy
-    assert iif | {"save_final_model"} == {f.name for f in dataclasses.fields(IIFSettings)} and len(iif) == 18
+    # and what the IIF trainers add to TRL's, whatever the algorithm: saving the trained policy, KL control
+    added = {"save_final_model", "kl_control", "kl_target", "kl_horizon"}
+    assert iif | added == {f.name for f in dataclasses.fields(IIFSettings)} and len(iif) == 18
     assert all(f.metadata.get("help") for f in dataclasses.fields(IIFSettings))
     assert "iif_" not in "".join(inspect.get_annotations(IIFPPOConfig))

@@ -22,7 +22,8 @@ class RoundSummary:
     mean_reward: float
     kept: int
     dropped: int
-    kl: float | None = None  # the policy's KL to the reference (TRL's objective/kl), where logged
+    kl: float | None = None  # the policy's KL to the reference per response (see round_kl), where logged
+    kl_coef: float | None = None  # the KL penalty's coefficient the round used, where logged
 
 
 @dataclass(frozen=True)
@@ -124,14 +125,30 @@ def _records(store: AttributionStore, round_index: int) -> list[RecordView]:
     return [RecordView(**{c: table[c][i] for c in present}) for i in range(len(table["record"]))]
 
 
-def _kl(store: AttributionStore, round_index: int) -> float | None:
-    """The round's logged KL to the reference; None where its metrics lack it or cannot be read
-    (the audit needs only the records)."""
+# The round's KL to the reference per response, in order of preference: PPO's exact KL over the
+# vocabulary (never negative); GRPO's objective/kl (its non-negative estimator exp(r) - r - 1); the
+# sampled log-ratio an older PPO store logged (can be negative).
+KL_METRICS = ("objective/kl_exact", "objective/kl")
+
+
+def round_kl(metrics: dict) -> float | None:
+    """A round's KL to the reference from its metrics (the first of :data:`KL_METRICS` logged)."""
+    for key in KL_METRICS:
+        value = metrics.get(key)
+        if isinstance(value, int | float) and math.isfinite(value):
+            return float(value)
+    return None
+
+
+def _kl(store: AttributionStore, round_index: int) -> tuple[float | None, float | None]:
+    """The round's KL to the reference and KL coefficient; None where its metrics lack them or
+    cannot be read (the audit needs only the records)."""
     try:
-        value = store.read_metrics(round_index).get("objective/kl")
+        metrics = store.read_metrics(round_index)
     except StoreError:
-        return None
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+        return None, None
+    coef = metrics.get("objective/kl_coef")
+    return round_kl(metrics), float(coef) if isinstance(coef, int | float) and math.isfinite(coef) else None
 
 
 def audit_run(path, z: float = 1.5, min_delta: float = 0.0, top: int = 5, responses: int = 0) -> AuditReport:
@@ -151,7 +168,7 @@ def audit_run(path, z: float = 1.5, min_delta: float = 0.0, top: int = 5, respon
         records[k] = rows
         kept = sum(r.kept for r in rows)
         summaries.append(
-            RoundSummary(k, sum(r.reward for r in rows) / len(rows), kept, len(rows) - kept, _kl(store, k))
+            RoundSummary(k, sum(r.reward for r in rows) / len(rows), kept, len(rows) - kept, *_kl(store, k))
         )
     jumps = []
     for pos, delta in find_jumps([s.mean_reward for s in summaries], z=z, min_delta=min_delta):

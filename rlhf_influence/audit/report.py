@@ -37,6 +37,7 @@ class RunCurves:
     rounds: list[int]
     reward: list[float]
     kl: list[float | None]
+    kl_coef: list[float | None]
     kept: list[float]
 
     @classmethod
@@ -45,6 +46,7 @@ class RunCurves:
             rounds=[r.round for r in report.rounds],
             reward=[r.mean_reward for r in report.rounds],
             kl=[r.kl for r in report.rounds],
+            kl_coef=[r.kl_coef for r in report.rounds],
             kept=[r.kept / max(1, r.kept + r.dropped) for r in report.rounds],
         )
 
@@ -127,6 +129,11 @@ def reward_kl_figure(run: RunCurves, jumps: list[Jump], compare: RunCurves | Non
         {"type": "scatter", "mode": "lines", "x": run.rounds, "y": run.kl, "name": "KL to the reference",
          "line": {"color": "#8e44ad"}, "xaxis": "x", "yaxis": "y2", "hovertemplate": "%{y:.3f}"},
     ]  # fmt: skip
+    if any(v is not None for v in run.kl_coef):
+        data.append(
+            {"type": "scatter", "mode": "lines", "x": run.rounds, "y": run.kl_coef, "name": "KL coefficient",
+             "line": {"color": "#e67e22", "dash": "dot"}, "xaxis": "x", "yaxis": "y3", "hovertemplate": "%{y:.4g}"}
+        )  # fmt: skip
     if compare is not None:
         data += [
             {"type": "scatter", "mode": "lines", "x": compare.rounds, "y": compare.reward,
@@ -142,7 +149,9 @@ def reward_kl_figure(run: RunCurves, jumps: list[Jump], compare: RunCurves | Non
         xaxis={"title": {"text": "round"}, "anchor": "y2", "showgrid": True},
         yaxis={"title": {"text": "mean reward"}, "domain": [0.45, 1.0], "showgrid": True},
         yaxis2={"title": {"text": "KL"}, "domain": [0.0, 0.35], "showgrid": True, "rangemode": "tozero"},
-    )
+        yaxis3={"title": {"text": "KL coefficient"}, "overlaying": "y2", "side": "right", "showgrid": False,
+                "rangemode": "tozero"},
+    )  # fmt: skip
     return {"data": data, "layout": layout}
 
 

@@ -33,11 +33,12 @@ from .toy import tiny_causal_lm, toy_lora_config, word_tokenizer
 # What the keyword task changes in the default task's settings: longer responses (room for several
 # colour words) and a KL penalty strong enough that the climb takes tens of rounds (0.02 lets it
 # collapse into colour salad in ~25 rounds; 0.3 stalls it near the start).
-TRAINING = {**sentiment.TRAINING, "response_length": 12, "kl_coef": 0.1}
+# kl_target, with --kl_control adaptive: PPO's KL reaches about 40 here (colour-word salad); hold it at half
+TRAINING = {**sentiment.TRAINING, "response_length": 12, "kl_coef": 0.1, "kl_target": 20.0}
 ROUNDS = 100
 # Under GRPO: the default task's settings with longer completions and GRPO's KL penalty (beta) in
 # place of PPO's KL-penalised reward, so the climb takes tens of steps rather than collapsing.
-GRPO_TRAINING = {**sentiment.GRPO_TRAINING, "max_completion_length": 12, "beta": 0.1}
+GRPO_TRAINING = {**sentiment.GRPO_TRAINING, "max_completion_length": 12, "beta": 0.1, "kl_target": 5.0}
 
 COLOURS = ["red", "blue", "green", "gold", "silver"]
 _ADJECTIVES = ["big", "small", "old", "young", "happy", "tired", "quiet", "little", "tall", "kind"]

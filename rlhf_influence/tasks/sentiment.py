@@ -40,6 +40,10 @@ TRAINING = {
     "lr_scheduler_type": "constant",
     "temperature": 1.0,
     "kl_coef": 0.02,
+    # with --kl_control adaptive: the response KL to hold (PPO's reaches about 0.35 here), and a horizon
+    # of 5 rounds' records so that the controller acts within a run (the paper's 10,000 is ~40 of its rounds)
+    "kl_target": 0.3,
+    "kl_horizon": 160,
     "num_sample_generations": 0,
 }
 HELDOUT_PROMPTS = 16  # held-out prompts sampled per round for the return target
@@ -55,6 +59,8 @@ GRPO_TRAINING = {
     "lr_scheduler_type": "constant",
     "temperature": 1.0,
     "beta": 0.0,
+    "kl_target": 0.3,  # with --kl_control adaptive (and --beta > 0)
+    "kl_horizon": 160,
 }
 GRPO_HELDOUT_PROMPTS = 8
 

@@ -338,21 +338,34 @@ def resume_settings(args, names: tuple[str, ...]) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
 
-def point_adapter_at_base(output_dir: Path, policy: nn.Module) -> None:
+def base_state_to_save(policy: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The base model's weights to save beside an adapter (gathered under ZeRO-3: every process
+    must call it), or None where the base model has a name or path to load it by."""
+    base = policy.get_base_model()
+    if getattr(base.config, "_name_or_path", ""):
+        return None
+    state = gathered_state_dict(base)
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
+
+
+def point_adapter_at_base(output_dir: Path, policy: nn.Module, base_state: dict[str, torch.Tensor] | None) -> None:
     """Make a saved adapter loadable with ``AutoPeftModelForCausalLM.from_pretrained(output_dir)``.
 
     An adapter names its base model by the name or path it was loaded from; a base model built
-    from a config (the embedded tasks) has none, so it is saved beside the adapter, in
-    ``output_dir/base_model``, and the adapter's config points at it."""
-    from ..store.writer import save_base_model
+    from a config (the embedded tasks) has none, so its weights (``base_state``, from
+    :func:`base_state_to_save`) are saved beside the adapter, in ``output_dir/base_model``, and
+    the adapter's config points at it."""
+    from safetensors.torch import save_file
 
-    base = policy.get_base_model()
-    if getattr(base.config, "_name_or_path", ""):
+    if base_state is None:
         return
+    base, path = policy.get_base_model(), output_dir / "base_model"
+    path.mkdir(parents=True, exist_ok=True)
+    base.config.save_pretrained(path)
+    save_file({k: v.contiguous() for k, v in base_state.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
     config_path = output_dir / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    save_base_model(base, output_dir / "base_model")
-    config["base_model_name_or_path"] = str((output_dir / "base_model").resolve())
+    config["base_model_name_or_path"] = str(path.resolve())
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
@@ -405,7 +418,11 @@ def gathered_state_dict(module: nn.Module, select=lambda name, param: True) -> d
         gather = deepspeed.zero.GatheredParameters(sharded, modifier_rank=None)
     with gather:
         state = {name: p.detach().to("cpu", copy=True) for name, p in params}
-    if every:
-        names = set(state)
-        state.update({k: v.detach().cpu() for k, v in module.state_dict().items() if k not in names})
+    if every:  # the buffers, and the second names of tied parameters (a copy of the gathered one)
+        name_of = {id(p): name for name, p in module.named_parameters()}
+        for key, value in module.state_dict(keep_vars=True).items():
+            if key in state:
+                continue
+            tied = name_of.get(id(value))
+            state[key] = state[tied].clone() if tied in state else value.detach().to("cpu", copy=True)
     return state

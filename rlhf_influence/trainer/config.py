@@ -24,3 +24,8 @@ class IIFPPOConfig(PPOConfig, IIFSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_iif_settings()
+        if self.kl_control == "adaptive" and not self.kl_coef > 0:
+            raise ValueError(
+                f"kl_control='adaptive' steers kl_coef from its starting value: give kl_coef > 0 (the paper: 0.04), "
+                f"got {self.kl_coef}"
+            )

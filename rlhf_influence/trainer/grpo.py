@@ -34,6 +34,7 @@ from trl.trainer.utils import (
 )
 
 from ..influence_filter import Collectives, InfluenceFilter, Scoring
+from ..kl import KLController
 from ..lora import find_lora_layout
 from ..losses import record_loss
 from ..records import ScoredRecords
@@ -44,6 +45,7 @@ from .checkpoint import (
     CheckpointError,
     CheckpointInfo,
     base_model_name,
+    base_state_to_save,
     check_resumable,
     check_store,
     lora_digest,
@@ -134,6 +136,8 @@ class IIFGRPOTrainer(GRPOTrainer):
         self._rounds = 0
         self._last_rewards: torch.Tensor | None = None
         self._checkpoint_pending = False  # --save_steps fell inside a round: checkpoint when it ends
+        self.kl_controller = KLController.from_settings(args.beta, args.kl_control, args.kl_target, args.kl_horizon)
+        self._round_kl: float | None = None  # the last round's KL, for the controller's next step
         self.iif: InfluenceFilter | None = None  # plain GRPO (iif_enabled=false): no filter, any loss type
         if not args.iif_enabled:
             return
@@ -156,15 +160,32 @@ class IIFGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ where TRL hands over a generation batch
     def _prepare_inputs(self, generation_batch):
-        if not (self.model.training and self.args.iif_enabled):
+        if not self.model.training:
             return super()._prepare_inputs(generation_batch)
         args = self.args
         generate_every = args.steps_per_generation * self.num_iterations
-        if self._step % generate_every == 0 or self._buffered_inputs is None:
+        new_round = self._step % generate_every == 0 or self._buffered_inputs is None
+        if new_round:
+            self.steer_kl_coefficient()
+        if not args.iif_enabled:  # plain GRPO: TRL's own round, its KL measured for an adaptive beta
+            inputs = super()._prepare_inputs(generation_batch)
+            if new_round and self.kl_controller.adaptive:
+                self._round_kl = self.kl_to_reference(self.scored_records(_joined(self._buffered_inputs)))
+                self._metrics["train"]["objective/kl"].append(self._round_kl)
+            return inputs
+        if new_round:
             self.start_round(generation_batch)
         elif args.iif_schedule == "epoch" and self._step % args.steps_per_generation == 0:
             self.rescore_round()
         return self._buffered_inputs[self._step % args.steps_per_generation]
+
+    def steer_kl_coefficient(self) -> None:
+        """At a round's start: the adaptive controller's step from the last round's KL (``beta``,
+        which TRL's loss reads), and the coefficient this round uses, logged as objective/kl_coef."""
+        if self.kl_controller.adaptive and self._round_kl is not None:
+            self.beta = self.kl_controller.update(self._round_kl, self.args.generation_batch_size)
+        self._round_kl = None
+        self._metrics["train"]["objective/kl_coef"].append(self.beta)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -195,8 +216,9 @@ class IIFGRPOTrainer(GRPOTrainer):
         ``AutoPeftModelForCausalLM.from_pretrained(output_dir)``); every process must call it."""
         out = Path(output_dir or self.args.output_dir)
         self.save_model(str(out))
+        base_state = base_state_to_save(self.lora_policy)
         if self.accelerator.is_main_process:
-            point_adapter_at_base(out, self.lora_policy)
+            point_adapter_at_base(out, self.lora_policy, base_state)
         self.accelerator.wait_for_everyone()
         return out
 
@@ -244,6 +266,9 @@ class IIFGRPOTrainer(GRPOTrainer):
             "rounds": self._rounds,
             "step": self._step,
             "filter_scorings": self.iif._scorings if self.iif else 0,
+            "kl_controller": self.kl_controller.state_dict(),
+            "round_kl": self._round_kl,
+            "beta": self.beta,
         }
         torch.save(state, path / f"iif_process_{acc.process_index}.pt")
         acc.wait_for_everyone()
@@ -262,6 +287,8 @@ class IIFGRPOTrainer(GRPOTrainer):
             raise CheckpointError(f"cannot resume from {path}: it lacks process {acc.process_index}'s state")
         state = torch.load(state_file, weights_only=True)
         self._rounds, self._step = state["rounds"], state["step"]
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self._round_kl, self.beta = state["round_kl"], state["beta"]
         if self.iif is not None:
             self.iif._scorings = state["filter_scorings"]
         if self.store is not None and acc.is_main_process:
@@ -291,10 +318,10 @@ class IIFGRPOTrainer(GRPOTrainer):
                 target_records, target_rewards = self.sample_heldout_target()
         with timer("scoring"):
             scoring = self.score(records, target_records, round_start=True)
-        metrics = {"objective/scores": float(rewards.nanmean())}
-        if self.store is not None:  # the store's curves and the audit's chart show the KL beside the reward
+        metrics = {"objective/scores": float(rewards.nanmean()), "objective/kl_coef": self.beta}
+        if self.store is not None or self.kl_controller.adaptive:  # the store's curves, the controller
             with timer("kl"):
-                metrics["objective/kl"] = self.kl_to_reference(records)
+                metrics["objective/kl"] = self._round_kl = self.kl_to_reference(records)
         batch = split_pixel_values_by_grid(batch)
         batch[ROW_KEY] = torch.arange(len(records), device=self.accelerator.device)
         shuffled = shuffle_sequence_dict(batch)  # TRL's shuffle, from the same random stream
@@ -358,8 +385,10 @@ class IIFGRPOTrainer(GRPOTrainer):
         adapter disabled."""
         policy = self.lora_policy
         logp, ref = [], []
+        step = self.args.per_device_train_batch_size
         with own_random_stream(self.accelerator.device), _no_dropout(policy):
-            for idx in self.iif.chunks(len(records)):
+            for start in range(0, len(records), step):
+                idx = torch.arange(start, min(len(records), start + step))
                 part = records.select(idx)
                 args = (part.input_ids, part.attention_mask, self.args.temperature, False)
                 logp.append(token_logprobs(policy, *args))
@@ -553,3 +582,13 @@ def _no_dropout(model: nn.Module):
     finally:
         for module, p in modules:
             module.p = p
+
+
+def _joined(steps: list[dict]) -> dict:
+    """A round's generation batch from TRL's buffered slices of it (their tensors concatenated;
+    one round's slices share the prompt and completion widths)."""
+    return {
+        key: torch.cat([step[key] for step in steps])
+        for key, value in steps[0].items()
+        if isinstance(value, torch.Tensor) and value.ndim > 0
+    }

@@ -50,6 +50,7 @@ from trl.trainer.utils import selective_log_softmax
 from ..errors import NoLoraError
 from ..filtering import plan_epoch
 from ..influence_filter import Collectives, InfluenceFilter, Scoring
+from ..kl import KLController, exact_kl
 from ..lora import find_lora_layout
 from ..losses import PPORecordLoss
 from ..projection import RandomProjector, SketchedProjector
@@ -61,6 +62,7 @@ from .checkpoint import (
     CheckpointInfo,
     ResumableBatches,
     base_model_name,
+    base_state_to_save,
     check_resumable,
     check_store,
     gathered_state_dict,
@@ -198,6 +200,7 @@ class IIFPPOTrainer(PPOTrainer):
             store_gradients=self.store is not None,
         )
         self.iif_history: list[dict] = []  # per-round summaries, also written to the store
+        self.kl_controller = KLController.from_settings(args.kl_coef, args.kl_control, args.kl_target, args.kl_horizon)
         if not self.is_deepspeed_enabled:  # checkpoints keep the trainable weights only
             self.accelerator.register_save_state_pre_hook(trainable_weights_only)
             self.accelerator.register_load_state_pre_hook(load_trainable_weights)
@@ -297,6 +300,7 @@ class IIFPPOTrainer(PPOTrainer):
 
             metrics = {**self.round_metrics(batch, stats, epochs, start), **timer.metrics()}
             self.store_round(round_index, batch, epochs, metrics, snapshot, target_batch)
+            self.kl_controller.update(metrics["objective/kl_exact"], args.batch_size)  # for the next round
             self._end_round(metrics)
         self._end_training()
         if args.save_final_model:
@@ -371,14 +375,20 @@ class IIFPPOTrainer(PPOTrainer):
             query = queries[start : start + step]
             query_response = query_responses[start : start + step]
             response = query_response[:, context_length:]
-            parts["logprobs"].append(selective_log_softmax(sampling_logits[start : start + step], response))
-            parts["ref_logprobs"].append(self._reference_logprobs(query_response, response, context_length))
+            logits = sampling_logits[start : start + step]
+            parts["logprobs"].append(selective_log_softmax(logits, response))
+            ref_logits = self._reference_logits(query_response, context_length)
+            parts["ref_logprobs"].append(selective_log_softmax(ref_logits, response))
 
             postprocessed = response
             if self.stop_token_id is not None:
                 postprocessed = truncate_response(self.stop_token_id, pad_id, response)
             parts["postprocessed_responses"].append(postprocessed)
-            parts["sequence_lengths"].append(first_true_indices(postprocessed == pad_id) - 1)
+            sequence_lengths = first_true_indices(postprocessed == pad_id) - 1
+            parts["sequence_lengths"].append(sequence_lengths)
+            positions = torch.arange(response.shape[1], device=response.device)
+            parts["exact_kl"].append(exact_kl(logits, ref_logits, positions[None] <= sequence_lengths[:, None]))
+            del ref_logits
 
             value_model = self.unwrapped.value_model
             full_value, _, _ = get_reward(value_model, query_response, pad_id, context_length)
@@ -409,9 +419,11 @@ class IIFPPOTrainer(PPOTrainer):
             sequence_lengths=merged["sequence_lengths"],
             padding_mask=padding_mask,
             padding_mask_p1=padding_mask_p1,
+            exact_kl=merged["exact_kl"],
         )
 
-    def _reference_logprobs(self, query_response, response, context_length) -> torch.Tensor:
+    def _reference_logits(self, query_response, context_length) -> torch.Tensor:
+        """The reference policy's logits at the response positions, temperature applied."""
         pad_id = self.processing_class.pad_token_id
         if self.ref_model is None:
             with self.null_ref_context():
@@ -420,7 +432,7 @@ class IIFPPOTrainer(PPOTrainer):
             ref_output = forward(self.ref_model, query_response, pad_id)
         ref_logits = ref_output.logits[:, context_length - 1 : -1]
         ref_logits /= self.args.temperature + 1e-7
-        return selective_log_softmax(ref_logits, response)
+        return ref_logits
 
     def _reward(self, query: torch.Tensor, postprocessed: torch.Tensor) -> torch.Tensor:
         if isinstance(self._reward_module, RewardFunction):
@@ -445,7 +457,7 @@ class IIFPPOTrainer(PPOTrainer):
         log_ratio = batch.ref_logprobs - batch.logprobs
         kl = -log_ratio if args.kl_estimator == "k1" else (log_ratio.exp() - 1) - log_ratio
         batch.kl = kl
-        batch.non_score_reward = -args.kl_coef * kl
+        batch.non_score_reward = -self.kl_controller.value * kl
         rewards = batch.non_score_reward.clone()
         rows = torch.arange(rewards.size(0), device=rewards.device)
         last = batch.sequence_lengths + 1
@@ -653,7 +665,9 @@ class IIFPPOTrainer(PPOTrainer):
         mean_non_score_reward = batch.non_score_reward.sum(1).mean()
         metrics = {
             "eps": int(self.state.episode / max(time.time() - start, 1e-9)),
-            "objective/kl": gather_mean(mean_kl),
+            "objective/kl": gather_mean(mean_kl),  # TRL's: the sampled estimate (kl_estimator), can be < 0
+            "objective/kl_exact": gather_mean(batch.exact_kl.mean()),  # exact over the vocabulary, >= 0
+            "objective/kl_coef": self.kl_controller.value,  # the coefficient this round's rewards used
             "objective/entropy": gather_mean(mean_entropy),
             "objective/non_score_reward": gather_mean(mean_non_score_reward),
             "objective/rlhf_reward": gather_mean(mean_non_score_reward + batch.scores.mean()),
@@ -813,11 +827,12 @@ class IIFPPOTrainer(PPOTrainer):
         ``output_dir/value_model``; every process must call it. Returns the directory."""
         out = Path(output_dir or self.args.output_dir)
         self.save_model(str(out))
+        base_state = base_state_to_save(self.unwrapped.policy)
         value_model = self.unwrapped.value_model
         state = gathered_state_dict(value_model)
         if self.accelerator.is_main_process:
             value_model.save_pretrained(out / "value_model", state_dict=state)
-            point_adapter_at_base(out, self.unwrapped.policy)
+            point_adapter_at_base(out, self.unwrapped.policy, base_state)
         self.accelerator.wait_for_everyone()
         return out
 
@@ -861,7 +876,8 @@ class IIFPPOTrainer(PPOTrainer):
         if acc.is_main_process:
             torch.save({"lr_scheduler": self.lr_scheduler.state_dict()}, tmp / "scheduler.pt")
             state = {name: getattr(self.state, name) for name in RESUMED_STATE}
-            (tmp / "trainer_state.json").write_text(json.dumps({**state, "iif_history": self.iif_history}))
+            state |= {"iif_history": self.iif_history, "kl_controller": self.kl_controller.state_dict()}
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
             write_info(tmp, self.checkpoint_info())
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -891,6 +907,7 @@ class IIFPPOTrainer(PPOTrainer):
         self.lr_scheduler.load_state_dict(scheduler["lr_scheduler"])
         self.iif._scorings = process["filter_scorings"]
         self.iif_history = state["iif_history"]
+        self.kl_controller.load_state_dict(state["kl_controller"])
         for name in RESUMED_STATE:
             setattr(self.state, name, state[name])
         batches.load_state_dict(process["batches"])
