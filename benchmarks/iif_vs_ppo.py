@@ -56,6 +56,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from rlhf_influence.audit.jumps import round_kl
 from rlhf_influence.tasks import DEFAULT_TASK, TASKS, get_task, noisy_sentiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +139,8 @@ def curves(run_dir: Path, task: str = "sentiment") -> dict[str, list[float]]:
             "time/target_sampling_seconds", "time/scoring_seconds", "time/optimisation_seconds",
             "policy/approxkl_avg")  # fmt: skip
     result = {k: [r.get(k, 0.0) for r in rows] for k in keys}
+    # the KL per response: the exact one where the run logged it (never negative), else TRL's estimate
+    result["objective/kl"] = [round_kl(r) if round_kl(r) is not None else 0.0 for r in rows]
     if task in NOISY_TASKS:
         result.update(label_noise(run_dir, *NOISY_TASKS[task]))
         result["observed_scores"] = result["objective/scores"]

@@ -301,3 +301,30 @@ def test_another_lora_layout_or_base_model_is_refused(tmp_path):
     other_rank.lora = toy_lora_config("gpt2", r=8)
     with pytest.raises(CheckpointError, match=r"its LoRA layout .* differs from this run's"):
         trainer(other_rank).train(resume_from_checkpoint=True)
+
+
+@pytest.mark.parametrize("own_generator", [False, True], ids=["global-stream", "loader-generator"])
+def test_data_position_resumes_across_passes(own_generator):
+    """The batches after a checkpoint are the uninterrupted run's, in this pass and the next ones,
+    whether the shuffle draws from the global torch stream (one process) or from the loader's own
+    generator (accelerate's, on several processes)."""
+    from torch.utils.data import DataLoader
+
+    from rlhf_influence.trainer.checkpoint import ResumableBatches
+
+    def loader():
+        torch.manual_seed(5)
+        generator = torch.Generator().manual_seed(11) if own_generator else None
+        data = DataLoader(list(range(10)), batch_size=3, shuffle=True, drop_last=True, generator=generator)
+        data.synchronized_generator = generator  # where accelerate's loader keeps it
+        return data
+
+    batches = ResumableBatches(loader())
+    [next(batches) for _ in range(4)]  # into the second pass of three batches
+    state, torch_state = batches.state_dict(), torch.get_rng_state()
+    expected = [next(batches).tolist() for _ in range(7)]
+    resumed = ResumableBatches(loader())
+    torch.set_rng_state(torch_state)  # a checkpoint restores the global stream with the others
+    resumed.load_state_dict(state)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert [next(resumed).tolist() for _ in range(7)] == expected

@@ -314,23 +314,25 @@ class ResumableBatches:
             return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"passes": self.passes, "taken": self.taken, "pass_start": self._pass_start}
+        """The position, with the loader's own generator as it is now (the next pass draws from it)."""
+        return {"passes": self.passes, "taken": self.taken, "pass_start": self._pass_start, "now": self._random_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue where ``state`` was taken; the random streams are left as they are now."""
+        """Continue where ``state`` was taken: the pass's shuffle replayed, its taken batches
+        skipped, the loader's generator as it was then; the global torch stream is left as it is
+        now (a checkpoint restores it with the others)."""
         self.passes, self._iterator = state["passes"], None
-        if state["pass_start"] is None:  # no batch had been taken
-            return
-        now = self._random_state()
-        self._set_random_state(state["pass_start"])
-        if hasattr(self.dataloader, "iteration"):
-            self.dataloader.iteration = self.passes
-        self._pass_start = state["pass_start"]
-        self._iterator = iter(self.dataloader)
-        for _ in range(state["taken"]):
-            next(self._iterator)
-        self.taken = state["taken"]
-        self._set_random_state(now)
+        torch_now = torch.get_rng_state()
+        if state["pass_start"] is not None:  # a batch had been taken
+            self._set_random_state(state["pass_start"])
+            if hasattr(self.dataloader, "iteration"):
+                self.dataloader.iteration = self.passes
+            self._pass_start = state["pass_start"]
+            self._iterator = iter(self.dataloader)
+            for _ in range(state["taken"]):
+                next(self._iterator)
+            self.taken = state["taken"]
+        self._set_random_state({"torch": torch_now, "generator": state["now"]["generator"]})
 
 
 def resume_settings(args, names: tuple[str, ...]) -> dict[str, Any]:
