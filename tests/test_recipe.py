@@ -135,6 +135,9 @@ def test_ctrl_c_and_sigterm_stop_cleanly_with_rounds_on_disk(tmp_path, stop, sta
     assert f"{said}: {len(done)} complete round(s) are on disk" in stdout
     assert done == list(range(1, len(done) + 1))
     assert not store.stale_temporaries()  # the round being written was discarded, not left half-written
+    # the policy as the signal found it is saved, loadable as a finished run's
+    assert f"the policy as it was when stopped is saved in {out}" in stdout
+    assert (out / "adapter_model.safetensors").is_file() and (out / "value_model" / "config.json").is_file()
     for r in done:
         assert len(store.read_records(r)) == 32
 
