@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,27 @@ def check_store(store: AttributionStore | None, info: CheckpointInfo, path: Path
             f"cannot resume from {path}: round {info.stored_rounds} in {store.path} is not the one the checkpoint "
             "saw (the store is another run's)"
         )
+
+
+def checked_checkpoint(path: Path, expected: CheckpointInfo, store: AttributionStore | None, process_file: str) -> CheckpointInfo:
+    """The checkpoint at ``path`` once every check passed (CheckpointError at the first that does
+    not): complete and readable, this run's (``expected``), the store with its rounds, and this
+    process's own state file there."""
+    info = read_info(path)
+    check_resumable(info, expected, path)
+    check_store(store, info, path)
+    if not (path / process_file).is_file():
+        raise CheckpointError(f"cannot resume from {path}: it lacks {process_file} (this process's state)")
+    return info
+
+
+def set_aside_redone_rounds(store: AttributionStore | None, info: CheckpointInfo, accelerator) -> None:
+    """The main process moves the store's rounds after the checkpoint aside (and says where); all wait."""
+    if store is not None and accelerator.is_main_process:
+        aside = set_aside_rounds(store, info.stored_rounds or 0)
+        if aside is not None:
+            warnings.warn(f"rounds after round {info.stored_rounds} (redone by this resume) moved to {aside}", stacklevel=3)
+    accelerator.wait_for_everyone()
 
 
 def set_aside_rounds(store: AttributionStore, after: int) -> Path | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,19 +41,16 @@ from ..store import RunManifest, TrainingSettings
 from ..targets import token_logprobs
 from .checkpoint import (
     CHECKPOINT_PREFIX,
-    CheckpointError,
     CheckpointInfo,
     base_model_name,
     base_state_to_save,
-    check_resumable,
-    check_store,
+    checked_checkpoint,
     lora_digest,
     point_adapter_at_base,
-    read_info,
     resolve_checkpoint,
     resume_settings,
     round_digest,
-    set_aside_rounds,
+    set_aside_redone_rounds,
     write_info,
 )
 from .checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
@@ -279,26 +275,15 @@ class IIFGRPOTrainer(GRPOTrainer):
     def load_iif_checkpoint(self, path: Path) -> None:
         """IIF's part of a resume: the checks, the store's later rounds set aside, the counters."""
         acc = self.accelerator
-        info = read_info(path)
-        check_resumable(info, self.checkpoint_info(), path)
-        check_store(self.store, info, path)
-        state_file = path / f"iif_process_{acc.process_index}.pt"
-        if not state_file.is_file():
-            raise CheckpointError(f"cannot resume from {path}: it lacks process {acc.process_index}'s state")
-        state = torch.load(state_file, weights_only=True)
+        state_file = f"iif_process_{acc.process_index}.pt"
+        info = checked_checkpoint(path, self.checkpoint_info(), self.store, state_file)
+        state = torch.load(path / state_file, weights_only=True)
         self._rounds, self._step = state["rounds"], state["step"]
         self.kl_controller.load_state_dict(state["kl_controller"])
         self._round_kl, self.beta = state["round_kl"], state["beta"]
         if self.iif is not None:
             self.iif._scorings = state["filter_scorings"]
-        if self.store is not None and acc.is_main_process:
-            aside = set_aside_rounds(self.store, info.stored_rounds or 0)
-            if aside is not None:
-                warnings.warn(
-                    f"rounds after round {info.stored_rounds} (redone by this resume) moved to {aside}",
-                    stacklevel=2,
-                )
-        acc.wait_for_everyone()
+        set_aside_redone_rounds(self.store, info, acc)
 
     # ------------------------------------------------------------------ a round
     def start_round(self, generation_batch) -> None:

@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -63,18 +62,16 @@ from .checkpoint import (
     ResumableBatches,
     base_model_name,
     base_state_to_save,
-    check_resumable,
-    check_store,
+    checked_checkpoint,
     gathered_state_dict,
     load_trainable_weights,
     lora_digest,
     point_adapter_at_base,
-    read_info,
     resolve_checkpoint,
     resume_settings,
     rotate_checkpoints,
     round_digest,
-    set_aside_rounds,
+    set_aside_redone_rounds,
     trainable_weights_only,
     write_info,
 )
@@ -888,14 +885,11 @@ class IIFPPOTrainer(PPOTrainer):
     def load_checkpoint(self, path: Path, batches: ResumableBatches) -> int:
         """Restore the run as it was at checkpoint ``path``; the rounds it completed."""
         acc = self.accelerator
-        info = read_info(path)
-        check_resumable(info, self.checkpoint_info(), path)
-        check_store(self.store, info, path)
-        if not (path / f"process_{acc.process_index}.pt").is_file():
-            raise CheckpointError(f"cannot resume from {path}: it lacks process {acc.process_index}'s state")
+        process_file = f"process_{acc.process_index}.pt"
+        info = checked_checkpoint(path, self.checkpoint_info(), self.store, process_file)
         try:
             acc.load_state(str(path / "state"), **self._state_kwargs(loading=True))
-            process = torch.load(path / f"process_{acc.process_index}.pt", weights_only=False)
+            process = torch.load(path / process_file, weights_only=False)
             scheduler = torch.load(path / "scheduler.pt", weights_only=False)
             state = json.loads((path / "trainer_state.json").read_text())
         except CheckpointError:
@@ -911,14 +905,7 @@ class IIFPPOTrainer(PPOTrainer):
         for name in RESUMED_STATE:
             setattr(self.state, name, state[name])
         batches.load_state_dict(process["batches"])
-        if self.store is not None and acc.is_main_process:
-            aside = set_aside_rounds(self.store, info.stored_rounds or 0)
-            if aside is not None:
-                warnings.warn(
-                    f"rounds after round {info.stored_rounds} (redone by this resume) moved to {aside}",
-                    stacklevel=2,
-                )
-        acc.wait_for_everyone()
+        set_aside_redone_rounds(self.store, info, acc)
         return info.round
 
     def _state_kwargs(self, loading: bool = False) -> dict:
