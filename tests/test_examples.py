@@ -46,6 +46,19 @@ def test_iif_vs_grpo_benchmark_smoke(tmp_path):
     assert (tmp_path / "reward_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_frontier_benchmark_smoke(tmp_path):
+    out = run("benchmarks/frontier.py", "--task", "sentiment", "--seeds", "0", "--rounds", "2", "--kl", "adaptive",
+              "--parallel", "2", "--out", str(tmp_path))  # fmt: skip
+    assert "sentiment, adaptive KL coefficient: 1 seeds, 2 rounds" in out and "| random filter |" in out
+    assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_checkpoint_cost_benchmark_smoke(tmp_path):
+    out = run("benchmarks/checkpoint_cost.py", "--task", "sentiment", "--rounds", "2", "--algorithms", "ppo",
+              "--out", str(tmp_path))  # fmt: skip
+    assert "ppo on sentiment: checkpoint" in out and (tmp_path / "results.json").is_file()
+
+
 def test_overhead_benchmark_smoke(tmp_path):
     out = run("benchmarks/overhead.py", "--rounds", "2", "--out", str(tmp_path))
     for arm in (
