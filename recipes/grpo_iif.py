@@ -28,7 +28,10 @@ TrainingArguments) field is a flag, plus TRL's ModelConfig LoRA flags (--lora_r,
 
 Each round's attribution (records with their prompt group, influence, kept flags, metrics) is
 written to <output_dir>/attribution; Ctrl-C stops cleanly with the rounds so far on disk.
-`--iif_enabled false` trains plain GRPO from the same command (no scoring, no store).
+`--iif_enabled false` trains plain GRPO from the same command (no scoring, no store). The
+trained policy is saved in <output_dir> at the end (and on Ctrl-C); checkpoints every
+--save_steps optimizer steps, and `--resume_from_checkpoint true` continues a killed run
+exactly. `--kl_control adaptive` steers --beta toward --kl_target.
 """
 
 from __future__ import annotations

@@ -23,7 +23,11 @@ plus the dataset, reward and model flags below and TRL's ModelConfig LoRA flags
 Each round's attribution (records, influence, kept flags, metrics) is written to
 <output_dir>/attribution as it finishes; Ctrl-C stops cleanly with the rounds so far on disk.
 `--iif_enabled false` trains plain PPO from the same command (no scoring, no store): the
-baseline that IIF's cost and gains are measured against.
+baseline that IIF's cost and gains are measured against. The trained policy (LoRA adapter and
+tokenizer, loadable with peft's AutoPeftModelForCausalLM) and the value model are saved in
+<output_dir> at the end (and on Ctrl-C); checkpoints every --save_steps rounds, and
+`--resume_from_checkpoint true` continues a killed run exactly. `--kl_control adaptive` steers
+the KL coefficient toward --kl_target.
 """
 
 from __future__ import annotations

@@ -131,8 +131,28 @@ class JobArguments:
 
 
 # ---------------------------------------------------------------------------------------------- flags
+# What Hugging Face's checkpoint flags mean in the recipes (their own help speaks of a Trainer's steps).
+CHECKPOINT_HELP = {
+    "save_steps": "Write output_dir/checkpoint-K every this many rounds (PPO) or optimizer steps (GRPO; a "
+    "checkpoint falls at the end of the round its step is in).",
+    "save_total_limit": "Keep only the newest this many checkpoints.",
+    "save_strategy": "'steps': checkpoints every --save_steps; 'no': none.",
+    "resume_from_checkpoint": "Continue a stopped run: 'true' for its latest complete checkpoint in --output_dir, or "
+    "a checkpoint-K path; the same command otherwise. The store's rounds after the checkpoint are moved to "
+    "attribution/set_aside/. A checkpoint of another run, algorithm, model, LoRA layout, seed or process count is "
+    "refused.",
+}
+
+
 class Parser(TrlParser):
-    """TRL's parser with argparse's own errors (bad choices, bad types) in one line, no usage block."""
+    """TRL's parser with argparse's own errors (bad choices, bad types) in one line, no usage block,
+    and the checkpoint flags' help as the recipes mean them."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for action in self._actions:
+            if action.dest in CHECKPOINT_HELP:
+                action.help = CHECKPOINT_HELP[action.dest]
 
     def error(self, message: str):
         fail(f"{message} (see --help)")
