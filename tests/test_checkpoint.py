@@ -328,3 +328,8 @@ def test_data_position_resumes_across_passes(own_generator):
     resumed.load_state_dict(state)
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert [next(resumed).tolist() for _ in range(7)] == expected
+
+
+def test_ppo_refuses_the_trainers_other_save_strategies(capsys, tmp_path, no_model_loads):
+    fails_with(capsys, "ppo", ["--output_dir", str(tmp_path / "x"), "--save_strategy", "epoch"],
+               "IIF-PPO checkpoints every save_steps rounds ('steps') or never ('no')")  # fmt: skip

@@ -24,6 +24,11 @@ class IIFPPOConfig(PPOConfig, IIFSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_iif_settings()
+        if str(getattr(self.save_strategy, "value", self.save_strategy)) not in ("steps", "no"):
+            raise ValueError(
+                f"save_strategy={self.save_strategy!r} is the Trainer's; IIF-PPO checkpoints every save_steps rounds "
+                "('steps') or never ('no')"
+            )
         if self.kl_control == "adaptive" and not self.kl_coef > 0:
             raise ValueError(
                 f"kl_control='adaptive' steers kl_coef from its starting value: give kl_coef > 0 (the paper: 0.04), "
