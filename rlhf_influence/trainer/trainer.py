@@ -859,8 +859,9 @@ class IIFPPOTrainer(PPOTrainer):
         acc, args = self.accelerator, self.args
         final = Path(args.output_dir) / self._checkpoint_name()
         tmp = final.with_name(f".{final.name}.tmp")
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if acc.is_main_process:  # this one, and any a killed run left half-written
+            for stale in [tmp, *Path(args.output_dir).glob(f".{CHECKPOINT_PREFIX}*.tmp")]:
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         self.save_model(str(tmp))  # the policy's adapter and tokenizer, as at the end of a run
