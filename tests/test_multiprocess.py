@@ -148,7 +148,8 @@ def test_shipped_config_runs_as_shipped(tmp_path, config):
     flags = ["--total_episodes", str(128 * processes), "--iif_drop_fraction", "0.5", "--save_steps", "2"]
     launch(config, out, *flags, timeout=400)
     tables = check_store(out, rounds=4, per_process=32, drop_fraction=0.5, processes=processes)
-    check_resume(config, out, flags, RECIPE, refuse_other_count=config == "multi_gpu")
+    if processes == 2:  # one process: bit for bit after a SIGKILL in tests/test_checkpoint.py
+        check_resume(config, out, flags, RECIPE, refuse_other_count=config == "multi_gpu")
     manifest = json.loads((out / "attribution" / "manifest.json").read_text())
     assert manifest["mixed_precision"] == "bf16"
     assert manifest["distributed_type"] == distributed
