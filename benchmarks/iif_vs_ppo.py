@@ -12,7 +12,7 @@ metrics come from each run's attribution store.
   ppo          iif_drop_fraction=0: PPO's updates (records are still scored, for the curves)
   ppo_matched  as ppo, with as many more rollout records per round as the held-out target
                samples (the samples IIF spends on its target, given to PPO as training data)
-  iif          IIF, epoch schedule, p=1, held-out return target (the defaults)
+  iif          IIF with the defaults: round schedule, p=1, held-out return target
   iif_round    IIF, round schedule (the paper's)
   iif_half     IIF, p=0.5
   iif_buffer   IIF with the buffer return target
