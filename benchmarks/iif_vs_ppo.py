@@ -119,9 +119,11 @@ def run_one(
             "the label-noise analysis recomputes clean rewards from stored ones: no --missing_eos_penalty"
         )
     batch = records_per_round(task, arm)
+    # the curves need the store alone: no checkpoints, no trained model kept (1.6 GB a run on the real LM)
     cmd = [sys.executable, str(RECIPE), "--embedded_task", task, *ARMS[arm], "--per_device_train_batch_size", str(batch),
            "--seed", str(seed), "--total_episodes", str(batch * rounds),
-           "--output_dir", str(run_dir), "--disable_tqdm", "true", "--iif_store_projection_dim", "0", *extra]  # fmt: skip
+           "--output_dir", str(run_dir), "--disable_tqdm", "true", "--iif_store_projection_dim", "0",
+           "--save_strategy", "no", "--save_final_model", "false", *extra]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     start = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
