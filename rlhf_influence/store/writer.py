@@ -73,15 +73,16 @@ def honour_umask(path: Path) -> None:
         target.chmod((0o777 if target.is_dir() else 0o666) & ~mask)
 
 
+def plain_base_state(peft_base_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base model's weights under a PEFT wrapper, named as in the plain model (no LoRA ones)."""
+    return {k.replace(".base_layer.", "."): v for k, v in peft_base_state.items() if "lora_" not in k}
+
+
 def save_base_model(peft_base, path: Path) -> None:
     """Save the frozen base model under a PEFT wrapper as a plain transformers checkpoint."""
     from transformers import AutoModelForCausalLM
 
-    state = {}
-    for name, tensor in peft_base.state_dict().items():
-        if "lora_" in name:
-            continue
-        state[name.replace(".base_layer.", ".")] = tensor
+    state = plain_base_state(peft_base.state_dict())
     with torch.random.fork_rng(devices=[]):  # building the model must not move training's random stream
         plain = AutoModelForCausalLM.from_config(peft_base.config, dtype=next(iter(state.values())).dtype)
     plain.load_state_dict(state, strict=True)

@@ -20,7 +20,6 @@ after the checkpoint (which the resumed run redoes) are moved aside, not mixed i
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -37,6 +36,8 @@ from torch import nn
 
 from ..lora import LoraLayout
 from ..store import AttributionStore
+from ..store.writer import plain_base_state
+from .shared import gathered_state_dict
 
 CHECKPOINT_PREFIX = "checkpoint-"
 INFO_FILE = "iif_checkpoint.json"  # written last: a checkpoint without it is incomplete
@@ -357,9 +358,31 @@ class ResumableBatches:
         self._set_random_state({"torch": torch_now, "generator": state["now"]["generator"]})
 
 
-def resume_settings(args, names: tuple[str, ...]) -> dict[str, Any]:
-    """The named settings of ``args`` that a resumed run must share with its checkpoint."""
-    return {name: getattr(args, name) for name in names}
+def run_checkpoint_info(
+    algorithm: str, *, round: int, global_step: int, args, accelerator, policy: nn.Module, layout: LoraLayout,
+    store: AttributionStore | None, settings: tuple[str, ...],
+) -> CheckpointInfo:  # fmt: skip
+    """What a checkpoint a trainer takes now is, and what a resume from it must match: ``settings``
+    names the fields of ``args`` that a resumed run must share with it."""
+    stored = None if store is None else max(store.rounds(), default=0)
+    return CheckpointInfo(
+        format_version=FORMAT_VERSION, algorithm=algorithm, round=round, global_step=global_step,
+        output_dir=str(Path(args.output_dir).resolve()), num_processes=accelerator.num_processes, seed=args.seed,
+        base_model=base_model_name(policy), lora=lora_digest(layout),
+        settings={name: getattr(args, name) for name in settings},
+        stored_rounds=stored, last_round_digest=round_digest(store, stored) if stored else None,
+    )  # fmt: skip
+
+
+def save_trained_policy(output_dir: Path, policy: nn.Module, accelerator, save_model) -> None:
+    """The trained policy as TRL's scripts save it: ``save_model(dir)`` writes the adapter and the
+    tokenizer, and a base model without a name is saved beside it (:func:`point_adapter_at_base`);
+    every process must call it."""
+    save_model(str(output_dir))
+    base_state = base_state_to_save(policy)
+    if accelerator.is_main_process:
+        point_adapter_at_base(output_dir, policy, base_state)
+    accelerator.wait_for_everyone()
 
 
 def base_state_to_save(policy: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -368,8 +391,7 @@ def base_state_to_save(policy: nn.Module) -> dict[str, torch.Tensor] | None:
     base = policy.get_base_model()
     if getattr(base.config, "_name_or_path", ""):
         return None
-    state = gathered_state_dict(base)
-    return {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
+    return plain_base_state(gathered_state_dict(base))
 
 
 def point_adapter_at_base(output_dir: Path, policy: nn.Module, base_state: dict[str, torch.Tensor] | None) -> None:
@@ -426,27 +448,3 @@ def load_trainable_weights(models: list[nn.Module], input_dir: str) -> None:
             )
         model.load_state_dict(state, strict=False)
     models.clear()
-
-
-def gathered_state_dict(module: nn.Module, select=lambda name, param: True) -> dict[str, torch.Tensor]:
-    """``module``'s state dict on the CPU with its parameters whole (gathered where ZeRO-3 shards
-    them: every process must call it), restricted to the parameters ``select(name, param)`` keeps
-    (buffers are kept with all parameters only)."""
-    params = [(name, p) for name, p in module.named_parameters() if select(name, p)]
-    every = len(params) == len(list(module.parameters()))
-    sharded = [p for _, p in params if hasattr(p, "ds_id")]
-    gather = contextlib.nullcontext()
-    if sharded:
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(sharded, modifier_rank=None)
-    with gather:
-        state = {name: p.detach().to("cpu", copy=True) for name, p in params}
-    if every:  # the buffers, and the second names of tied parameters (a copy of the gathered one)
-        name_of = {id(p): name for name, p in module.named_parameters()}
-        for key, value in module.state_dict(keep_vars=True).items():
-            if key in state:
-                continue
-            tied = name_of.get(id(value))
-            state[key] = state[tied].clone() if tied in state else value.detach().to("cpu", copy=True)
-    return state

@@ -42,18 +42,13 @@ from ..targets import token_logprobs
 from .checkpoint import (
     CHECKPOINT_PREFIX,
     CheckpointInfo,
-    base_model_name,
-    base_state_to_save,
     checked_checkpoint,
-    lora_digest,
-    point_adapter_at_base,
     resolve_checkpoint,
-    resume_settings,
-    round_digest,
+    run_checkpoint_info,
+    save_trained_policy,
     set_aside_redone_rounds,
     write_info,
 )
-from .checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
 from .grpo_config import IIFGRPOConfig
 from .shared import (
     REPLAY_OPTIMIZER,
@@ -159,8 +154,7 @@ class IIFGRPOTrainer(GRPOTrainer):
         if not self.model.training:
             return super()._prepare_inputs(generation_batch)
         args = self.args
-        generate_every = args.steps_per_generation * self.num_iterations
-        new_round = self._step % generate_every == 0 or self._buffered_inputs is None
+        new_round = self._between_rounds() or self._buffered_inputs is None
         if new_round:
             self.steer_kl_coefficient()
         if not args.iif_enabled:  # plain GRPO: TRL's own round, its KL measured for an adaptive beta
@@ -211,33 +205,26 @@ class IIFGRPOTrainer(GRPOTrainer):
         """Save the trained policy as TRL's scripts do (LoRA adapter and tokenizer, loadable with
         ``AutoPeftModelForCausalLM.from_pretrained(output_dir)``); every process must call it."""
         out = Path(output_dir or self.args.output_dir)
-        self.save_model(str(out))
-        base_state = base_state_to_save(self.lora_policy)
-        if self.accelerator.is_main_process:
-            point_adapter_at_base(out, self.lora_policy, base_state)
-        self.accelerator.wait_for_everyone()
+        save_trained_policy(out, self.lora_policy, self.accelerator, self.save_model)
         return out
 
     def checkpoint_info(self) -> CheckpointInfo:
         """What a checkpoint taken now is, and what a resume from it must match."""
-        args = self.args
-        stored = None if self.store is None else max(self.store.rounds(), default=0)
-        return CheckpointInfo(
-            format_version=CHECKPOINT_FORMAT, algorithm="grpo",
-            round=self._step // (args.steps_per_generation * self.num_iterations),
-            global_step=self.state.global_step, output_dir=str(Path(args.output_dir).resolve()),
-            num_processes=self.accelerator.num_processes, seed=args.seed,
-            base_model=base_model_name(self.lora_policy), lora=lora_digest(self.layout),
-            settings=resume_settings(args, ("generation_batch_size", "num_generations", "num_iterations",
-                                            "steps_per_generation", "learning_rate", "loss_type", "iif_enabled",
-                                            "iif_drop_fraction", "iif_filter", "iif_schedule")),
-            stored_rounds=stored,
-            last_round_digest=round_digest(self.store, stored) if stored else None,
+        return run_checkpoint_info(
+            "grpo", round=self._step // self._steps_per_round, global_step=self.state.global_step, args=self.args,
+            accelerator=self.accelerator, policy=self.lora_policy, layout=self.layout, store=self.store,
+            settings=("generation_batch_size", "num_generations", "num_iterations", "steps_per_generation",
+                      "learning_rate", "loss_type", "iif_enabled", "iif_drop_fraction", "iif_filter", "iif_schedule"),
         )  # fmt: skip
+
+    @property
+    def _steps_per_round(self) -> int:
+        """TRL's training steps (micro-steps) per round: a generation batch's slices, each pass over them."""
+        return self.args.steps_per_generation * self.num_iterations
 
     def _between_rounds(self) -> bool:
         """Whether the steps so far end a round (a generation batch's slices, each pass over them)."""
-        return self._step % (self.args.steps_per_generation * self.num_iterations) == 0
+        return self._step % self._steps_per_round == 0
 
     def _maybe_log_save_evaluate(self, *args, **kwargs):
         # A checkpoint falls between rounds, where a resume can start: one that --save_steps asks for

@@ -69,16 +69,34 @@ def open_store(args: IIFSettings, accelerator) -> AttributionStore | None:
     return store
 
 
-def adapter_snapshot(policy: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The policy's trainable LoRA weights now (gathered under ZeRO-3), on the CPU, in ``dtype``."""
-    named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad and "lora_" in n]
+def gathered_state_dict(module: nn.Module, select=lambda name, param: True) -> dict[str, torch.Tensor]:
+    """``module``'s state dict on the CPU with its parameters whole (gathered where ZeRO-3 shards
+    them: every process must call it), restricted to the parameters ``select(name, param)`` keeps
+    (buffers are kept with all parameters only)."""
+    params = [(name, p) for name, p in module.named_parameters() if select(name, p)]
+    every = len(params) == len(list(module.parameters()))
+    sharded = [p for _, p in params if hasattr(p, "ds_id")]
     gather = nullcontext()
-    if any(hasattr(p, "ds_id") for _, p in named):
+    if sharded:
         import deepspeed
 
-        gather = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
+        gather = deepspeed.zero.GatheredParameters(sharded, modifier_rank=None)
     with gather:
-        return {canonical_name(n): p.detach().to("cpu", dtype, copy=True).contiguous() for n, p in named}
+        state = {name: p.detach().to("cpu", copy=True) for name, p in params}
+    if every:  # the buffers, and the second names of tied parameters (a copy of the gathered one)
+        name_of = {id(p): name for name, p in module.named_parameters()}
+        for key, value in module.state_dict(keep_vars=True).items():
+            if key in state:
+                continue
+            tied = name_of.get(id(value))
+            state[key] = state[tied].clone() if tied in state else value.detach().to("cpu", copy=True)
+    return state
+
+
+def adapter_snapshot(policy: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The policy's trainable LoRA weights now (gathered under ZeRO-3), on the CPU, in ``dtype``."""
+    lora = gathered_state_dict(policy, lambda name, p: p.requires_grad and "lora_" in name)
+    return {canonical_name(name): t.to(dtype).contiguous() for name, t in lora.items()}
 
 
 def model_files(policy: nn.Module, tokenizer, adapter_name: str | None) -> dict:

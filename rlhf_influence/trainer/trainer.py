@@ -60,28 +60,23 @@ from .checkpoint import (
     CheckpointError,
     CheckpointInfo,
     ResumableBatches,
-    base_model_name,
-    base_state_to_save,
     checked_checkpoint,
-    gathered_state_dict,
     load_trainable_weights,
-    lora_digest,
-    point_adapter_at_base,
     resolve_checkpoint,
-    resume_settings,
     rotate_checkpoints,
-    round_digest,
+    run_checkpoint_info,
+    save_trained_policy,
     set_aside_redone_rounds,
     trainable_weights_only,
     write_info,
 )
-from .checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
 from .config import IIFPPOConfig
 from .rewards import RewardFunction, as_reward_module
 from .shared import (
     REPLAY_OPTIMIZER,
     StoredRound,
     adapter_snapshot,
+    gathered_state_dict,
     heldout_rows,
     heldout_seed,
     model_files,
@@ -823,13 +818,11 @@ class IIFPPOTrainer(PPOTrainer):
         ``AutoPeftModelForCausalLM.from_pretrained(output_dir)``) and the value model in
         ``output_dir/value_model``; every process must call it. Returns the directory."""
         out = Path(output_dir or self.args.output_dir)
-        self.save_model(str(out))
-        base_state = base_state_to_save(self.unwrapped.policy)
+        save_trained_policy(out, self.unwrapped.policy, self.accelerator, self.save_model)
         value_model = self.unwrapped.value_model
         state = gathered_state_dict(value_model)
         if self.accelerator.is_main_process:
             value_model.save_pretrained(out / "value_model", state_dict=state)
-            point_adapter_at_base(out, self.unwrapped.policy, base_state)
         self.accelerator.wait_for_everyone()
         return out
 
@@ -838,17 +831,11 @@ class IIFPPOTrainer(PPOTrainer):
 
     def checkpoint_info(self) -> CheckpointInfo:
         """What a checkpoint taken now is, and what a resume from it must match."""
-        args = self.args
-        stored = None if self.store is None else max(self.store.rounds(), default=0)
-        return CheckpointInfo(
-            format_version=CHECKPOINT_FORMAT, algorithm="ppo", round=self.state.global_step,
-            global_step=self.state.global_step, output_dir=str(Path(args.output_dir).resolve()),
-            num_processes=self.accelerator.num_processes, seed=args.seed,
-            base_model=base_model_name(self.unwrapped.policy), lora=lora_digest(self.layout),
-            settings=resume_settings(args, ("batch_size", "num_ppo_epochs", "num_mini_batches", "learning_rate",
-                                            "iif_enabled", "iif_drop_fraction", "iif_filter", "iif_schedule")),
-            stored_rounds=stored,
-            last_round_digest=round_digest(self.store, stored) if stored else None,
+        return run_checkpoint_info(
+            "ppo", round=self.state.global_step, global_step=self.state.global_step, args=self.args,
+            accelerator=self.accelerator, policy=self.unwrapped.policy, layout=self.layout, store=self.store,
+            settings=("batch_size", "num_ppo_epochs", "num_mini_batches", "learning_rate", "iif_enabled",
+                      "iif_drop_fraction", "iif_filter", "iif_schedule"),
         )  # fmt: skip
 
     def save_checkpoint(self) -> Path:
