@@ -194,8 +194,7 @@ class InfluenceFilter:
 
     def chunks(self, n: int):
         """Micro-batches of record positions, one forward and backward each."""
-        for start in range(0, n, self.micro_batch_size):
-            yield np.arange(start, min(n, start + self.micro_batch_size))
+        return micro_batches(n, self.micro_batch_size)
 
     def return_target(self, target_records: ScoredRecords, weight: float = 1.0) -> ReturnTarget:
         """The return surrogate on ``target_records``, times ``weight``: per-token advantages in the
@@ -314,3 +313,9 @@ class InfluenceFilter:
             "iif/scoring_seconds": float(sum(s.seconds for s in scorings)),
             "iif/scorings": float(len(scorings)),
         }
+
+
+def micro_batches(n: int, size: int):
+    """Positions 0..n-1 in consecutive micro-batches of ``size`` (the last one shorter)."""
+    for start in range(0, n, size):
+        yield np.arange(start, min(n, start + size))

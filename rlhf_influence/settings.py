@@ -7,10 +7,10 @@ command-line flag through ``HfArgumentParser`` / ``TrlParser``.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 
+from .checks import finite_number_problem, whole_number_problem
 from .kl import KL_CONTROLS
 
 SCHEDULES = ("epoch", "round")
@@ -198,14 +198,20 @@ class IIFSettings:
         """Raise ValueError on any IIF setting out of range (a config's ``__post_init__`` calls it)."""
         if self.kl_control not in KL_CONTROLS:
             raise ValueError(f"kl_control must be one of {KL_CONTROLS}, got {self.kl_control!r}")
-        if self.kl_control == "adaptive":
-            target = self.kl_target
-            if target is None or not math.isfinite(target) or target <= 0:
-                raise ValueError(
-                    f"kl_control='adaptive' needs kl_target, a KL per response > 0 (the paper: 0.1), got {target}"
-                )
-        if isinstance(self.kl_horizon, bool) or not isinstance(self.kl_horizon, int) or self.kl_horizon < 1:
-            raise ValueError(f"kl_horizon must be a whole number >= 1, got {self.kl_horizon}")
+        target = self.kl_target
+        if self.kl_control == "adaptive" and (target is None or finite_number_problem(target, 0.0, low_included=False)):
+            raise ValueError(f"kl_control='adaptive' needs kl_target, a KL per response > 0 (the paper: 0.1), got {target}")
+        if problem := whole_number_problem(self.kl_horizon, 1):
+            raise ValueError(f"kl_horizon {problem}")
+
+    def check_kl_coefficient(self, name: str, value: float) -> None:
+        """The adaptive controller scales the coefficient ``name`` (PPO's kl_coef, GRPO's beta) from
+        its starting ``value``, which must be > 0."""
+        if self.kl_control == "adaptive" and not value > 0:
+            raise ValueError(
+                f"kl_control='adaptive' steers {name} from its starting value: give {name} > 0 (the paper: 0.04), "
+                f"got {value}"
+            )
         if not 0.0 <= self.iif_drop_fraction <= 1.0:
             raise ValueError(f"iif_drop_fraction must be in [0, 1], got {self.iif_drop_fraction}")
         if self.iif_schedule not in SCHEDULES:

@@ -9,13 +9,11 @@ Nothing is cleaned up: the process dies as a preempted job does.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from recipe_loading import load_recipe
 
 
 def kill() -> None:
@@ -49,12 +47,7 @@ def main() -> None:
             return output
 
         IIFGRPOTrainer.training_step = training_step
-    recipe = ROOT / "recipes" / f"{algorithm}_iif.py"
-    spec = importlib.util.spec_from_file_location(f"{algorithm}_iif_recipe", recipe)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    sys.exit(module.main(argv))
+    sys.exit(load_recipe(algorithm).main(argv))
 
 
 if __name__ == "__main__":

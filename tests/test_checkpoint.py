@@ -7,7 +7,6 @@ PEFT's own loader (the saved policy must generate what the trainer's policy gene
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from recipe_loading import load_recipe
 from safetensors.torch import load_file
 
 from rlhf_influence import IIFGRPOTrainer, IIFPPOTrainer
@@ -36,11 +36,7 @@ GRPO_FLAGS = ["--max_steps", "10", "--num_iterations", "2", "--iif_schedule", "e
 
 
 def recipe_main(algorithm: str):
-    spec = importlib.util.spec_from_file_location(f"{algorithm}_iif_recipe", ROOT / "recipes" / f"{algorithm}_iif.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.main
+    return load_recipe(algorithm).main
 
 
 def killed_run(algorithm: str, kill_round: int, argv: list[str]) -> None:
@@ -213,8 +209,9 @@ def test_resume_refuses_what_it_cannot_continue_in_one_line_and_changes_nothing(
     assert snapshot(run) == before
 
 
-def damaged_copy(run: Path, tmp_path: Path) -> Path:
-    """A copy of ``run`` in the same place (a run's checkpoints name their directory): moved aside first."""
+def backup_of(run: Path, tmp_path: Path) -> Path:
+    """A copy of ``run`` to restore it from after a test damaged it in place (a run's checkpoints
+    name their directory, so the damage is done to the run itself)."""
     backup = tmp_path / "backup"
     shutil.copytree(run, backup)
     return backup
@@ -236,7 +233,7 @@ def damaged_copy(run: Path, tmp_path: Path) -> Path:
 )  # fmt: skip
 def test_damaged_checkpoint_or_store_is_refused_in_one_line(tmp_path, capsys, checkpointed_runs, damage, message):
     run = checkpointed_runs["ppo"]
-    backup = damaged_copy(run, tmp_path)
+    backup = backup_of(run, tmp_path)
     try:
         checkpoint = run / "checkpoint-2"
         damage(checkpoint, AttributionStore(run / "attribution"))
@@ -278,9 +275,6 @@ def test_grpo_checkpoints_fall_between_rounds(tmp_path):
 def test_another_lora_layout_or_base_model_is_refused(tmp_path):
     """Through the trainer (an embedded task's LoRA layout and model are fixed): a checkpoint of a
     rank-4 policy cannot continue a rank-8 one, nor one of another width."""
-    import sys as _sys
-
-    _sys.path.insert(0, str(Path(__file__).parent))
     from trainer_setup import Setup, ppo_kwargs
 
     from rlhf_influence import IIFPPOConfig

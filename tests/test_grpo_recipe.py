@@ -3,7 +3,6 @@ stores nothing, bad flags fail in one line before any model loads, Ctrl-C keeps 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from recipe_loading import load_recipe
 from test_filtering import reference_keep
 
 from rlhf_influence.store import AttributionStore
@@ -25,11 +25,7 @@ QUIET = ["--disable_tqdm", "true"]
 
 
 def recipe():
-    spec = importlib.util.spec_from_file_location("grpo_iif_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("grpo")
 
 
 def recipe_main():

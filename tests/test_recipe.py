@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from recipe_loading import load_recipe
 from test_manifest import toy_manifest
 
 from rlhf_influence.store import AttributionStore
@@ -23,11 +23,7 @@ RECIPE = ROOT / "recipes" / "ppo_iif.py"
 
 
 def recipe_main():
-    spec = importlib.util.spec_from_file_location("ppo_iif_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module.main
+    return load_recipe("ppo").main
 
 
 @pytest.fixture(scope="module")

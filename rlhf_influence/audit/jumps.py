@@ -131,13 +131,14 @@ def _records(store: AttributionStore, round_index: int) -> list[RecordView]:
 KL_METRICS = ("objective/kl_exact", "objective/kl")
 
 
+def _finite(value) -> float | None:
+    """A logged metric as a float; None where it is missing or not a finite number."""
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
 def round_kl(metrics: dict) -> float | None:
     """A round's KL to the reference from its metrics (the first of :data:`KL_METRICS` logged)."""
-    for key in KL_METRICS:
-        value = metrics.get(key)
-        if isinstance(value, int | float) and math.isfinite(value):
-            return float(value)
-    return None
+    return next((v for key in KL_METRICS if (v := _finite(metrics.get(key))) is not None), None)
 
 
 def _kl(store: AttributionStore, round_index: int) -> tuple[float | None, float | None]:
@@ -147,8 +148,7 @@ def _kl(store: AttributionStore, round_index: int) -> tuple[float | None, float 
         metrics = store.read_metrics(round_index)
     except StoreError:
         return None, None
-    coef = metrics.get("objective/kl_coef")
-    return round_kl(metrics), float(coef) if isinstance(coef, int | float) and math.isfinite(coef) else None
+    return round_kl(metrics), _finite(metrics.get("objective/kl_coef"))
 
 
 def audit_run(path, z: float = 1.5, min_delta: float = 0.0, top: int = 5, responses: int = 0) -> AuditReport:

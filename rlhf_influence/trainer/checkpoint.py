@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..lora import LoraLayout
-from ..store import AttributionStore
+from ..store import AttributionStore, StoreError
 from ..store.writer import plain_base_state
 from .shared import gathered_state_dict
 
@@ -215,14 +215,12 @@ def check_store(store: AttributionStore | None, info: CheckpointInfo, path: Path
     """The store must hold the checkpoint's rounds, its last one the checkpoint's own."""
     if store is None or info.stored_rounds is None:
         return
-    rounds = store.rounds()
-    have = max(rounds, default=0)
-    missing = sorted(set(range(1, min(have, info.stored_rounds) + 1)) - set(rounds))
-    if missing:
-        raise CheckpointError(
-            f"cannot resume from {path}: round(s) {', '.join(map(str, missing[:5]))} missing from {store.path} "
-            "(rounds are written in sequence, so one was removed or lost)"
-        )
+    if info.stored_rounds:  # the store's own checks: a manifest, no round missing among those on disk
+        try:
+            AttributionStore.open(store.path)
+        except StoreError as exc:
+            raise CheckpointError(f"cannot resume from {path}: {exc}") from None
+    have = max(store.rounds(), default=0)
     if have < info.stored_rounds:
         raise CheckpointError(
             f"cannot resume from {path}: it was written after round {info.stored_rounds}, but {store.path} holds "
@@ -290,7 +288,7 @@ class ResumableBatches:
     """The training batches, pass after pass over a shuffled data loader, with a position that a
     checkpoint keeps: the pass, the batches taken in it, and the random state the pass's shuffle
     was drawn from (the global torch stream and the loader's own generator, as the pass began).
-    :meth:`restore` replays that shuffle and skips the taken batches, leaving every other random
+    :meth:`load_state_dict` replays that shuffle and skips the taken batches, leaving every other random
     stream as it found it, so the batches that follow are the ones the uninterrupted run took."""
 
     def __init__(self, dataloader) -> None:

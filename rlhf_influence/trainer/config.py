@@ -29,8 +29,4 @@ class IIFPPOConfig(PPOConfig, IIFSettings):
                 f"save_strategy={self.save_strategy!r} is the Trainer's; IIF-PPO checkpoints every save_steps rounds "
                 "('steps') or never ('no')"
             )
-        if self.kl_control == "adaptive" and not self.kl_coef > 0:
-            raise ValueError(
-                f"kl_control='adaptive' steers kl_coef from its starting value: give kl_coef > 0 (the paper: 0.04), "
-                f"got {self.kl_coef}"
-            )
+        self.check_kl_coefficient("kl_coef", self.kl_coef)

@@ -32,7 +32,7 @@ from trl.trainer.utils import (
     use_adapter,
 )
 
-from ..influence_filter import Collectives, InfluenceFilter, Scoring
+from ..influence_filter import Collectives, InfluenceFilter, Scoring, micro_batches
 from ..kl import KLController
 from ..lora import find_lora_layout
 from ..losses import record_loss
@@ -357,10 +357,8 @@ class IIFGRPOTrainer(GRPOTrainer):
         adapter disabled."""
         policy = self.lora_policy
         logp, ref = [], []
-        step = self.args.per_device_train_batch_size
         with own_random_stream(self.accelerator.device), _no_dropout(policy):
-            for start in range(0, len(records), step):
-                idx = torch.arange(start, min(len(records), start + step))
+            for idx in micro_batches(len(records), self.args.per_device_train_batch_size):
                 part = records.select(idx)
                 args = (part.input_ids, part.attention_mask, self.args.temperature, False)
                 logp.append(token_logprobs(policy, *args))

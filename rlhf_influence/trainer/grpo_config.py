@@ -41,11 +41,7 @@ class IIFGRPOConfig(GRPOConfig, IIFSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_iif_settings()
-        if self.kl_control == "adaptive" and not self.beta > 0:
-            raise ValueError(
-                f"kl_control='adaptive' steers beta from its starting value: give beta > 0 (the paper: 0.04), "
-                f"got {self.beta}"
-            )
+        self.check_kl_coefficient("beta", self.beta)
         if not self.iif_enabled:
             return
         if not self.iif_keep_steps:
