@@ -52,7 +52,9 @@ class IIFSettings:
     )
     kl_horizon: int = field(
         default=10_000,
-        metadata={"help": "With --kl_control adaptive: the controller's horizon in records (the paper: 10,000)."},
+        metadata={
+            "help": "With --kl_control adaptive: the controller's horizon in records (the paper: 10,000)."
+        },
     )
     iif_enabled: bool = field(
         default=True,
@@ -172,6 +174,15 @@ class IIFSettings:
             "choices": list(SNAPSHOT_DTYPES),
         },
     )
+    iif_store_optimizer_state: bool = field(
+        default=False,
+        metadata={
+            "help": "Also store Adam's moments of the LoRA weights at each round start (opt-in: twice the "
+            "snapshot's size), so that `intervene` and counterfactual re-runs start from the optimizer state the "
+            "run had, and Adam-aware scores can be computed after training. Not under DeepSpeed (its moments are "
+            "partitioned)."
+        },
+    )
     iif_store_dtype: str = field(
         default="float16",
         metadata={"help": "Precision of the stored gradients.", "choices": ["float16", "float32"]},
@@ -199,19 +210,14 @@ class IIFSettings:
         if self.kl_control not in KL_CONTROLS:
             raise ValueError(f"kl_control must be one of {KL_CONTROLS}, got {self.kl_control!r}")
         target = self.kl_target
-        if self.kl_control == "adaptive" and (target is None or finite_number_problem(target, 0.0, low_included=False)):
-            raise ValueError(f"kl_control='adaptive' needs kl_target, a KL per response > 0 (the paper: 0.1), got {target}")
+        if self.kl_control == "adaptive" and (
+            target is None or finite_number_problem(target, 0.0, low_included=False)
+        ):
+            raise ValueError(
+                f"kl_control='adaptive' needs kl_target, a KL per response > 0 (the paper: 0.1), got {target}"
+            )
         if problem := whole_number_problem(self.kl_horizon, 1):
             raise ValueError(f"kl_horizon {problem}")
-
-    def check_kl_coefficient(self, name: str, value: float) -> None:
-        """The adaptive controller scales the coefficient ``name`` (PPO's kl_coef, GRPO's beta) from
-        its starting ``value``, which must be > 0."""
-        if self.kl_control == "adaptive" and not value > 0:
-            raise ValueError(
-                f"kl_control='adaptive' steers {name} from its starting value: give {name} > 0 (the paper: 0.04), "
-                f"got {value}"
-            )
         if not 0.0 <= self.iif_drop_fraction <= 1.0:
             raise ValueError(f"iif_drop_fraction must be in [0, 1], got {self.iif_drop_fraction}")
         if self.iif_schedule not in SCHEDULES:
@@ -242,3 +248,12 @@ class IIFSettings:
             raise ValueError(f"iif_store_dtype must be float16 or float32, got {self.iif_store_dtype!r}")
         if not 0.0 < self.iif_min_keep_fraction <= 1.0:
             raise ValueError(f"iif_min_keep_fraction must be in (0, 1], got {self.iif_min_keep_fraction}")
+
+    def check_kl_coefficient(self, name: str, value: float) -> None:
+        """The adaptive controller scales the coefficient ``name`` (PPO's kl_coef, GRPO's beta) from
+        its starting ``value``, which must be > 0."""
+        if self.kl_control == "adaptive" and not value > 0:
+            raise ValueError(
+                f"kl_control='adaptive' steers {name} from its starting value: give {name} > 0 (the paper: 0.04), "
+                f"got {value}"
+            )

@@ -10,9 +10,10 @@ iterations; AdamW at the run's learning rate) is re-run three ways: on all recor
 records. If attribution is right, removing the top records moves the target least (or down) of
 the three.
 
-The value model takes no part (it is a separate network; advantages are fixed for the round),
-and the optimizer starts from fresh moments in all three re-runs, so they are compared on equal
-terms rather than against the original run.
+The value model takes no part (it is a separate network; advantages are fixed for the round).
+The optimizer starts from the moments the run had at the round start where the store keeps them
+(``iif_store_optimizer_state``), else from fresh moments; either way the same in every re-run, so
+they are compared on equal terms.
 """
 
 from __future__ import annotations
@@ -116,13 +117,54 @@ class RoundReplay:
                 part.append(scores_from_factors(factors, v, projector)[:, 0])
         return [torch.cat(part) for part in parts]
 
-    def rerun(self, keep: np.ndarray, seed: int) -> None:
+    @property
+    def has_optimizer_state(self) -> bool:
+        """Whether the store kept Adam's moments at this round's start (``iif_store_optimizer_state``)."""
+        return self.scorer.store.manifest.optimizer_state
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """Adam's stored round-start state: ``exp_avg/<name>``, ``exp_avg_sq/<name>``, ``step``,
+        ``hyperparameters`` (lr, beta1, beta2, eps, weight_decay)."""
+        if not self.has_optimizer_state:
+            raise StoreError(
+                "the run stored no optimizer state (train with --iif_store_optimizer_state true)"
+            )
+        return self.scorer.store.read_tensors(self.round, "optimizer")
+
+    def optimizer(self, moments: str = "stored") -> torch.optim.AdamW:
+        """AdamW over the policy's trainable weights: with ``moments='stored'`` in the state and at the
+        hyperparameters the run had at the round start, with ``'fresh'`` new at the run's learning rate."""
+        params = {name: p for name, p in self.scorer.policy.named_parameters() if p.requires_grad}
+        if moments == "fresh":
+            return torch.optim.AdamW(params.values(), lr=self.settings.learning_rate, weight_decay=0.0)
+        if moments != "stored":
+            raise ValueError(f"moments must be 'stored' or 'fresh', got {moments!r}")
+        state = self.optimizer_state()
+        lr, beta1, beta2, eps, weight_decay = state["hyperparameters"].tolist()
+        optimizer = torch.optim.AdamW(
+            params.values(), lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay
+        )
+        step = float(state["step"][0])
+        for name, param in params.items():
+            if f"exp_avg/{name}" not in state:
+                raise StoreError(f"round {self.round}: the stored optimizer state lacks {name}")
+            optimizer.state[param] = {
+                "step": torch.tensor(step),
+                "exp_avg": state[f"exp_avg/{name}"].to(param),
+                "exp_avg_sq": state[f"exp_avg_sq/{name}"].to(param),
+            }
+        return optimizer
+
+    def rerun(self, keep: np.ndarray, seed: int, moments: str | None = None) -> None:
         """Reset to the round start, then run the round's optimisation on the ``keep`` records:
-        PPO's epochs of mini-batches, or GRPO's iterations of ``steps_per_generation`` slices."""
+        PPO's epochs of mini-batches, or GRPO's iterations of ``steps_per_generation`` slices.
+        ``moments``: Adam's ``'stored'`` round-start state or ``'fresh'`` moments (default: the
+        stored ones where the store keeps them)."""
         self.scorer.load_round(self.round)
         policy = self.scorer.policy
-        params = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.settings.learning_rate, weight_decay=0.0)
+        if moments is None:
+            moments = "stored" if self.has_optimizer_state else "fresh"
+        optimizer = self.optimizer(moments)
         rng = np.random.default_rng(seed)
         for steps in self._plan(keep, rng):
             for chunk in steps:

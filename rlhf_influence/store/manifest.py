@@ -174,6 +174,9 @@ class RunManifest:
     stored_gradients: StoredGradients | None = None  # None: the run stored no gradients
     snapshot_dtype: str = "float32"  # precision of the stored round-start adapter weights
     group_size: int | None = None  # completions per prompt for GRPO; None for PPO
+    optimizer_state: bool = (
+        False  # whether each round keeps Adam's round-start moments (optimizer.safetensors)
+    )
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as ``manifest.json`` holds it."""

@@ -58,6 +58,7 @@ from .shared import (
     heldout_seed,
     model_files,
     open_store,
+    optimizer_moments,
     own_random_stream,
     run_manifest,
     write_round,
@@ -84,6 +85,7 @@ class GenerationRound:
     metrics: dict[str, float]
     started: float  # perf_counter at the round's start: its steps end when the next round starts
     scorings: list[Scoring] = field(default_factory=list)
+    optimizer: dict[str, torch.Tensor] | None = None  # the round-start Adam state, when stored
 
 
 class IIFGRPOTrainer(GRPOTrainer):
@@ -127,7 +129,9 @@ class IIFGRPOTrainer(GRPOTrainer):
         self._rounds = 0
         self._last_rewards: torch.Tensor | None = None
         self._checkpoint_pending = False  # --save_steps fell inside a round: checkpoint when it ends
-        self.kl_controller = KLController.from_settings(args.beta, args.kl_control, args.kl_target, args.kl_horizon)
+        self.kl_controller = KLController.from_settings(
+            args.beta, args.kl_control, args.kl_target, args.kl_horizon
+        )
         self._round_kl: float | None = None  # the last round's KL, for the controller's next step
         self.iif: InfluenceFilter | None = None  # plain GRPO (iif_enabled=false): no filter, any loss type
         if not args.iif_enabled:
@@ -280,6 +284,11 @@ class IIFGRPOTrainer(GRPOTrainer):
         started = time.perf_counter()
         timer = PhaseTimer(self.accelerator.device)
         snapshot = self.adapter_snapshot() if self.store is not None else None
+        moments = (
+            optimizer_moments(self.lora_policy, self.optimizer)
+            if self.store is not None and self.args.iif_store_optimizer_state
+            else None
+        )
         with timer("rollout"):
             batch = self._generate_and_score_completions(generation_batch)
             rewards = self._last_rewards
@@ -301,7 +310,7 @@ class IIFGRPOTrainer(GRPOTrainer):
             index=self._rounds, batch=batch, shuffled=shuffled, records=records, target_records=target_records,
             rewards=rewards, target_rewards=target_rewards, snapshot=snapshot,
             metrics={**metrics, **timer.metrics()}, started=started,
-            scorings=[scoring],
+            scorings=[scoring], optimizer=moments,
         )  # fmt: skip
         self._buffered_inputs = self.kept_steps(shuffled, scoring.keep_local)
         self._log_scoring(scoring)
@@ -506,6 +515,7 @@ class IIFGRPOTrainer(GRPOTrainer):
             snapshot=round_.snapshot,
             target=round_.target_records if round_.target_rewards is not None else None,
             target_rewards=round_.target_rewards,
+            optimizer=round_.optimizer,
         )
         write_round(self.store, self.accelerator, self.processing_class.pad_token_id, stored, self._manifest,
                     lambda: model_files(self.lora_policy, self.processing_class, None))  # fmt: skip

@@ -57,6 +57,11 @@ def open_store(args: IIFSettings, accelerator) -> AttributionStore | None:
     the half-written rounds a killed run left, and says so."""
     if not (args.iif_store and args.iif_enabled):
         return None
+    if args.iif_store_optimizer_state and getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        raise ValueError(
+            "iif_store_optimizer_state needs the optimizer's whole moments; under DeepSpeed they are partitioned: "
+            "run it with DDP or one process"
+        )
     store = AttributionStore(args.attribution_dir)
     if accelerator.is_main_process:
         removed = store.remove_stale_temporaries()
@@ -97,6 +102,49 @@ def adapter_snapshot(policy: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
     """The policy's trainable LoRA weights now (gathered under ZeRO-3), on the CPU, in ``dtype``."""
     lora = gathered_state_dict(policy, lambda name, p: p.requires_grad and "lora_" in name)
     return {canonical_name(name): t.to(dtype).contiguous() for name, t in lora.items()}
+
+
+OPTIMIZER_HYPERPARAMETERS = ("lr", "beta1", "beta2", "eps", "weight_decay")
+
+
+def optimizer_moments(policy: nn.Module, optimizer) -> dict[str, torch.Tensor]:
+    """Adam's state for the policy's trainable LoRA weights now, on the CPU in float32: each
+    weight's ``exp_avg/<name>`` and ``exp_avg_sq/<name>`` (zeros before the first step), the
+    ``step`` count and the ``hyperparameters`` (:data:`OPTIMIZER_HYPERPARAMETERS`, the learning
+    rate as scheduled now). What a replay of the round starts its optimizer from, and what an
+    Adam-aware score preconditions with (``iif_store_optimizer_state``)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    group_of = {id(p): group for group in inner.param_groups for p in group["params"]}
+    moments: dict[str, torch.Tensor] = {}
+    step, group = 0.0, None
+    for name, param in policy.named_parameters():
+        if not (param.requires_grad and "lora_" in name):
+            continue
+        if id(param) not in group_of:
+            raise ValueError(f"the optimizer does not train the LoRA weight {name}")
+        group = group_of[id(param)]
+        state = inner.state.get(param, {})
+        key = canonical_name(name)
+        for moment in ("exp_avg", "exp_avg_sq"):
+            value = state.get(moment)
+            if value is not None and value.shape != param.shape:
+                raise ValueError(f"the optimizer's {moment} of {name} is sharded ({tuple(value.shape)}): "
+                                 "iif_store_optimizer_state needs whole moments (no DeepSpeed)")  # fmt: skip
+            moments[f"{moment}/{key}"] = (
+                torch.zeros(param.shape)
+                if value is None
+                else value.detach().to("cpu", torch.float32, copy=True)
+            )
+        if "step" in state:
+            step = float(state["step"])
+    if group is None:
+        raise ValueError("the policy has no trainable LoRA weights")
+    beta1, beta2 = group["betas"]
+    moments["step"] = torch.tensor([step], dtype=torch.float64)
+    moments["hyperparameters"] = torch.tensor(
+        [group["lr"], beta1, beta2, group["eps"], group["weight_decay"]], dtype=torch.float64
+    )
+    return moments
 
 
 def model_files(policy: nn.Module, tokenizer, adapter_name: str | None) -> dict:
@@ -183,6 +231,7 @@ def run_manifest(
         training=training,
         stored_gradients=stored,
         snapshot_dtype=args.iif_store_snapshot_dtype,
+        optimizer_state=args.iif_store_optimizer_state,
         group_size=group_size,
     )
 
@@ -223,6 +272,7 @@ class StoredRound:
     snapshot: dict[str, torch.Tensor] | None  # the round-start LoRA weights
     target: ScoredRecords | None = None  # the held-out target's records (None: the buffer target)
     target_rewards: torch.Tensor | None = None  # [M] the held-out completions' rewards, all processes
+    optimizer: dict[str, torch.Tensor] | None = None  # the round-start Adam state (optimizer_moments)
 
 
 def write_round(
@@ -261,6 +311,8 @@ def write_round(
         tensors["gradients"] = {"projected": projected}
     if round_.snapshot is not None:
         tensors["adapter"] = round_.snapshot
+    if round_.optimizer is not None:
+        tensors["optimizer"] = round_.optimizer
     if not (store.path / "manifest.json").exists():
         store.write_manifest(manifest())
         store.write_model_files(files())

@@ -81,6 +81,7 @@ from .shared import (
     heldout_seed,
     model_files,
     open_store,
+    optimizer_moments,
     own_random_stream,
     run_manifest,
     write_round,
@@ -192,7 +193,9 @@ class IIFPPOTrainer(PPOTrainer):
             store_gradients=self.store is not None,
         )
         self.iif_history: list[dict] = []  # per-round summaries, also written to the store
-        self.kl_controller = KLController.from_settings(args.kl_coef, args.kl_control, args.kl_target, args.kl_horizon)
+        self.kl_controller = KLController.from_settings(
+            args.kl_coef, args.kl_control, args.kl_target, args.kl_horizon
+        )
         if not self.is_deepspeed_enabled:  # checkpoints keep the trainable weights only
             self.accelerator.register_save_state_pre_hook(trainable_weights_only)
             self.accelerator.register_load_state_pre_hook(load_trainable_weights)
@@ -279,6 +282,7 @@ class IIFPPOTrainer(PPOTrainer):
             stats: dict[str, list[float]] = defaultdict(list)
             epochs: list[Scoring] = []
             snapshot = self.adapter_snapshot() if self.store is not None else None
+            moments = self.optimizer_snapshot() if self.store is not None else None
             for epoch in range(args.num_ppo_epochs):
                 if args.iif_enabled and (epoch == 0 or args.iif_schedule == "epoch"):
                     keep_gradients = epoch == 0 and self.store_projector is not None
@@ -291,7 +295,7 @@ class IIFPPOTrainer(PPOTrainer):
                     self.ppo_epoch(batch, keep_local, stats)
 
             metrics = {**self.round_metrics(batch, stats, epochs, start), **timer.metrics()}
-            self.store_round(round_index, batch, epochs, metrics, snapshot, target_batch)
+            self.store_round(round_index, batch, epochs, metrics, snapshot, target_batch, moments)
             self.kl_controller.update(metrics["objective/kl_exact"], args.batch_size)  # for the next round
             self._end_round(metrics)
         self._end_training()
@@ -379,7 +383,9 @@ class IIFPPOTrainer(PPOTrainer):
             sequence_lengths = first_true_indices(postprocessed == pad_id) - 1
             parts["sequence_lengths"].append(sequence_lengths)
             positions = torch.arange(response.shape[1], device=response.device)
-            parts["exact_kl"].append(exact_kl(logits, ref_logits, positions[None] <= sequence_lengths[:, None]))
+            parts["exact_kl"].append(
+                exact_kl(logits, ref_logits, positions[None] <= sequence_lengths[:, None])
+            )
             del ref_logits
 
             value_model = self.unwrapped.value_model
@@ -697,6 +703,12 @@ class IIFPPOTrainer(PPOTrainer):
         """The policy's trainable LoRA weights now, on the CPU, in ``iif_store_snapshot_dtype``."""
         return adapter_snapshot(self.unwrapped.policy, getattr(torch, self.args.iif_store_snapshot_dtype))
 
+    def optimizer_snapshot(self) -> dict[str, torch.Tensor] | None:
+        """Adam's round-start state of the LoRA weights, when ``iif_store_optimizer_state`` asks for it."""
+        if not self.args.iif_store_optimizer_state:
+            return None
+        return optimizer_moments(self.unwrapped.policy, self.optimizer)
+
     def store_round(
         self,
         round_index: int,
@@ -705,6 +717,7 @@ class IIFPPOTrainer(PPOTrainer):
         metrics: dict,
         snapshot: dict[str, torch.Tensor] | None,
         target_batch: RolloutBatch | None = None,
+        optimizer_state: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Hand the round's records, scores, kept flags, projected gradients, round-start adapter
         and held-out target samples to the attribution store (the main process writes)."""
@@ -731,6 +744,7 @@ class IIFPPOTrainer(PPOTrainer):
             snapshot=snapshot,
             target=target_batch.scored_records(pad_id) if heldout else None,
             target_rewards=self._global(target_batch.scores) if heldout else None,
+            optimizer=optimizer_state,
         )
         write_round(self.store, self.accelerator, pad_id, stored, self._manifest, self._model_files)
 
