@@ -1,0 +1,419 @@
+"""Counterfactual validity of influence on a stored run: does a record's score predict what the
+round's update does to the expected reward, judged on a large, independent sample?
+
+For each chosen round of a run stored with ``--iif_store_optimizer_state true`` (and p=0, so every
+record was trained on), at the round's snapshot:
+
+1. **Samples.** A *reference*: ``--reference`` training-split prompts not in the round, one fresh
+   response each, and *score targets* from the held-out split (``--heldout-prompts`` prompts x
+   ``--samples`` responses each): ``fresh16`` (the first response to 16 prompts), ``fresh64`` (the
+   first to 64), ``fresh128`` (all). Each set's surrogate is f(theta) = mean_i A_i log pi(y_i | x_i)
+   with A the set's rewards standardised (a REINFORCE-with-baseline estimate of the expected
+   reward's gradient at the snapshot); ``stored16`` is the round's own target as the trainer built it
+   (16 held-out samples, last-token GAE advantages), and ``oracle`` scores against the reference
+   itself (the upper bound a target could reach).
+2. **Scores** of the round's records on every target, four ways: ``raw`` (today's <grad f, -grad
+   loss_i>), ``adam`` (the record's gradient divided by sqrt(v_hat) + eps, Adam's second moment at
+   the round start, as LESS and Bergson precondition), ``cosine`` (raw over the record's gradient
+   norm, LESS), ``adam_cosine``.
+3. **Re-runs** of the round's update from the snapshot and Adam's stored moments (the audit's
+   ``RoundReplay``): on all records; without the top ``--remove`` records by each variant's score and
+   without its bottom ``--remove``; without ``--remove`` random records (``--draws`` draws); and, on the
+   LDS rounds, on ``--subsets`` random half-subsets. Each re-run's effect on every target is
+   measured to first order, grad f(theta_0) . (theta_after - theta_0) (the reference's exact change
+   is checked on ``--exact-rounds``).
+
+Outputs one JSON per round under ``--out`` as it goes (a re-started job skips finished rounds);
+``summarise`` turns them into the tables in benchmarks/README.md.
+
+    python benchmarks/counterfactual.py analyse --run RUN --task reviews --rounds 2 4 6 --out DIR
+    python benchmarks/counterfactual.py summarise --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlhf_influence.audit.intervention import RoundReplay
+from rlhf_influence.audit.rescore import SnapshotScorer
+from rlhf_influence.capture import capture_factors
+from rlhf_influence.gradients import target_gradients
+from rlhf_influence.targets import ReturnTarget, TokenWeightedLogProb
+from rlhf_influence.tasks import get_task
+
+SCORES = ("raw", "adam", "cosine", "adam_cosine")
+TARGETS = ("stored16", "fresh16", "fresh64", "fresh128", "oracle")
+SIGN_TEST_VARIANTS = [(s, t) for s in SCORES for t in TARGETS]
+
+
+# ---------------------------------------------------------------------------------------------- samples
+@torch.no_grad()
+def sample(policy, tokenizer, prompts: list[list[int]], temperature: float, length: int, seed: int, chunk: int = 64):
+    """One sampled response per prompt (token ids) from the policy as it is, in chunks."""
+    torch.manual_seed(seed)
+    pad = tokenizer.pad_token_id
+    rows = []
+    for start in range(0, len(prompts), chunk):
+        part = prompts[start : start + chunk]
+        width = max(len(p) for p in part)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in part])
+        mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in part])[:, None]).long()
+        out = policy.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
+                              top_p=1.0, max_new_tokens=length, min_new_tokens=length, pad_token_id=pad)  # fmt: skip
+        rows += [(p, out[i, width:].tolist()) for i, p in enumerate(part)]
+    return rows
+
+
+def layout_pairs(rows, pad: int):
+    """Left-padded prompt + response ``input_ids, attention_mask, response_mask``."""
+    width = max(len(p) + len(r) for p, r in rows)
+    m = len(rows)
+    input_ids = torch.full((m, width), pad, dtype=torch.long)
+    attention = torch.zeros(m, width, dtype=torch.long)
+    response = torch.zeros(m, width, dtype=torch.bool)
+    for i, (p, r) in enumerate(rows):
+        seq = p + r
+        input_ids[i, width - len(seq) :] = torch.tensor(seq)
+        attention[i, width - len(seq) :] = 1
+        response[i, width - len(r) :] = True
+    return input_ids, attention, response
+
+
+def standardised(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean()) / (x.std() + 1e-8)
+
+
+def surrogate_gradient(policy, layout, rows, weights: np.ndarray, pad: int, temperature: float, chunk: int = 16):
+    """grad of sum_i weights_i log pi(y_i | x_i) over the trainable LoRA weights, ``[D]``."""
+    total = None
+    for start in range(0, len(rows), chunk):
+        ids, att, resp = layout_pairs(rows[start : start + chunk], pad)
+        w = torch.as_tensor(weights[start : start + chunk] * len(ids), dtype=torch.float32)
+        target = ReturnTarget(ids, att, resp, w, temperature=temperature)  # mean over its rows of w_i log pi
+        g = capture_factors(policy, target, layout=layout, per_record=False).total_gradient()
+        total = g if total is None else total + g
+    return total
+
+
+def weighted_gradients(policy, layout, rows, weights: np.ndarray, pad: int, temperature: float, chunk: int = 16):
+    """``[k, D]``: row j is grad of sum_i weights[i, j] log pi(y_i | x_i), from one forward and
+    backward per chunk (the rows' own gradients, combined)."""
+    total = torch.zeros(weights.shape[1], layout.num_params)
+    for start in range(0, len(rows), chunk):
+        ids, att, resp = layout_pairs(rows[start : start + chunk], pad)
+        logprob = TokenWeightedLogProb(ids, att, resp.float(), temperature)  # [m]: each row's log pi(y | x)
+        per_row = capture_factors(policy, logprob, layout=layout).gradients(None)  # [m, D]
+        total += torch.as_tensor(weights[start : start + chunk].T, dtype=per_row.dtype) @ per_row
+    return total
+
+
+@torch.no_grad()
+def surrogate_value(policy, rows, weights: np.ndarray, pad: int, temperature: float, chunk: int = 32) -> float:
+    value = 0.0
+    for start in range(0, len(rows), chunk):
+        ids, att, resp = layout_pairs(rows[start : start + chunk], pad)
+        w = torch.as_tensor(weights[start : start + chunk] * len(ids), dtype=torch.float32)
+        value += float(ReturnTarget(ids, att, resp, w, temperature=temperature)(policy).sum())
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- one round
+def flat_trainable(policy) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in policy.parameters() if p.requires_grad])
+
+
+def analyse_round(replay: RoundReplay, task, args, round_index: int) -> dict:
+    scorer = replay.scorer
+    policy, tokenizer, layout = scorer.policy, scorer.tokenizer, scorer.layout
+    pad, temperature = tokenizer.pad_token_id, scorer.temperature
+    spec = get_task(args.task)
+    length = spec.settings["response_length"]
+    t0 = time.time()
+    scorer.load_round(round_index)
+    theta0 = flat_trainable(policy)
+
+    # 1. samples at the snapshot: the reference (training-split prompts not in the round) and the score targets
+    rng = np.random.default_rng(10_000 + round_index)
+    in_round = set(scorer.store.read_records(round_index).to_pydict()["prompt"])
+    train_rows = [r for r in task.train_dataset if r["prompt"].strip() not in {p.strip() for p in in_round}]
+    ref_prompts = [train_rows[i] for i in rng.choice(len(train_rows), size=args.reference, replace=args.reference > len(train_rows))]
+    heldout = [task.heldout_dataset[int(i)] for i in rng.choice(len(task.heldout_dataset), size=args.heldout_prompts,
+                                                                replace=args.heldout_prompts > len(task.heldout_dataset))]  # fmt: skip
+    with torch.no_grad():
+        ref_rows = sample(policy, tokenizer, [r["input_ids"] for r in ref_prompts], temperature, length,
+                          seed=20_000 + round_index)  # fmt: skip
+        fresh_rows = []
+        for s in range(args.samples):  # response s to every held-out prompt
+            fresh_rows += sample(policy, tokenizer, [r["input_ids"] for r in heldout], temperature, length,
+                                 seed=30_000 + 100 * round_index + s)  # fmt: skip
+
+    def rewards(prompt_rows, rows):
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for _, r in rows]
+        return np.asarray(task.reward([p["prompt"] for p in prompt_rows], texts), dtype=np.float64)
+
+    ref_reward = rewards(ref_prompts, ref_rows)
+    fresh_reward = rewards(heldout * args.samples, fresh_rows)
+    k = args.heldout_prompts
+    sets = {"fresh16": list(range(16)), "fresh64": list(range(k)), "fresh128": list(range(len(fresh_rows)))}
+    t_sampled = time.time()
+
+    # 2. target gradients at the snapshot
+    ref_weights = standardised(ref_reward) / len(ref_rows)
+    grads = {"oracle": surrogate_gradient(policy, layout, ref_rows, ref_weights, pad, temperature)}
+    weights = np.zeros((len(fresh_rows), len(sets)))
+    for j, idx in enumerate(sets.values()):
+        weights[idx, j] = standardised(fresh_reward[idx]) / len(idx)
+    for name, g in zip(sets, weighted_gradients(policy, layout, fresh_rows, weights, pad, temperature), strict=True):
+        grads[name] = g
+    grads["stored16"] = target_gradients(policy, replay.return_target(), layout=layout)
+    target_matrix = torch.stack([grads[t] for t in TARGETS])  # [targets, D]
+
+    # the records' exact gradients and Adam's preconditioner at the round start
+    record_grads = torch.cat([f.gradients(None) for f in replay.filter.record_factors(policy, replay.records)])
+    state = replay.optimizer_state()
+    _, _, beta2, eps, _ = state["hyperparameters"].tolist()
+    step = float(state["step"][0])
+    names = [n for n, p in policy.named_parameters() if p.requires_grad]
+    v = torch.cat([state[f"exp_avg_sq/{n}"].flatten() for n in names])
+    precondition = 1.0 / ((v / (1 - beta2**step)).sqrt() + eps) if step > 0 else None
+    scores = {}
+    raw = -(record_grads @ target_matrix.T)  # [N, targets]
+    norms = record_grads.norm(dim=1, keepdim=True)
+    scores["raw"], scores["cosine"] = raw, raw / norms
+    if precondition is not None:
+        adam_grads = record_grads * precondition
+        scores["adam"] = -(adam_grads @ target_matrix.T)
+        scores["adam_cosine"] = scores["adam"] / adam_grads.norm(dim=1, keepdim=True)
+    t_scored = time.time()
+
+    # target quality: how well each score target's (preconditioned) gradient aligns with the reference's
+    alignment = {}
+    for t in TARGETS[:-1]:
+        alignment[f"raw/{t}"] = float(torch.nn.functional.cosine_similarity(grads[t], grads["oracle"], dim=0))
+        if precondition is not None:
+            a = torch.nn.functional.cosine_similarity(grads[t] * precondition.sqrt(), grads["oracle"] * precondition.sqrt(), dim=0)
+            alignment[f"adam/{t}"] = float(a)
+
+    # 3. re-runs: each's first-order change of every target, cached by the set of removed records
+    n = len(replay)
+    everyone = np.arange(n)
+    cache: dict[tuple, list[float]] = {}
+
+    before = surrogate_value(policy, ref_rows, ref_weights, pad, temperature) if args.exact_reference else 0.0
+
+    def rerun(removed, moments: str = "stored") -> list[float]:
+        """The re-run's first-order change of every target (TARGETS order), then, with
+        --exact-reference, the reference surrogate's exact change."""
+        key = (tuple(sorted(int(i) for i in removed)), moments)
+        if key not in cache:
+            replay.rerun(np.setdiff1d(everyone, np.asarray(key[0], dtype=int)), seed=args.seed, moments=moments)
+            delta = flat_trainable(policy) - theta0
+            cache[key] = (target_matrix @ delta).tolist()
+            if args.exact_reference:
+                cache[key].append(surrogate_value(policy, ref_rows, ref_weights, pad, temperature) - before)
+        return cache[key]
+
+    m = args.remove
+    result: dict = {
+        "round": round_index, "records": n, "remove": m, "adam_step": step, "targets": list(TARGETS),
+        "reference_reward_mean": float(ref_reward.mean()), "fresh_reward_mean": float(fresh_reward.mean()),
+        "alignment": alignment,
+        "scores": {s: v.tolist() for s, v in scores.items()},
+        "all": rerun([]),
+    }  # fmt: skip
+    draws = np.random.default_rng(round_index)
+    result["random"] = [rerun(draws.choice(n, size=m, replace=False)) for _ in range(args.draws)]
+    variants = {}
+    for s, values in scores.items():
+        for j, t in enumerate(TARGETS):
+            order = torch.argsort(values[:, j], descending=True).numpy()
+            variants[f"{s}/{t}"] = {"top": rerun(order[:m]), "bottom": rerun(order[-m:]),
+                                    "top_set": order[:m].tolist(), "bottom_set": order[-m:].tolist()}  # fmt: skip
+    result["variants"] = variants
+    if round_index in args.moments_rounds:  # how much fresh moments change the comparison
+        order = torch.argsort(scores["raw"][:, 0], descending=True).numpy()
+        result["fresh_moments"] = {
+            "all": rerun([], "fresh"),
+            "top": rerun(order[:m], "fresh"),
+            "bottom": rerun(order[-m:], "fresh"),
+            "random": [rerun(draws.choice(n, size=m, replace=False), "fresh") for _ in range(args.draws)],
+        }
+    t_signs = time.time()
+    if round_index in args.lds_rounds:
+        subsets = np.random.default_rng(50_000 + round_index)
+        lds = []
+        for _ in range(args.subsets):
+            kept = np.sort(subsets.choice(n, size=n // 2, replace=False))
+            lds.append({"kept": kept.tolist(), "change": rerun(np.setdiff1d(everyone, kept))})
+        result["lds"] = lds
+    if round_index in args.exact_rounds:  # first order against the reference's exact change
+        scorer.load_round(round_index)
+        before = surrogate_value(policy, ref_rows, ref_weights, pad, temperature)
+        checks = []
+        for key, change in list(cache.items())[: args.exact_checks]:
+            replay.rerun(np.setdiff1d(everyone, np.asarray(key[0], dtype=int)), seed=args.seed, moments=key[1])
+            exact = surrogate_value(policy, ref_rows, ref_weights, pad, temperature) - before
+            checks.append({"removed": list(key[0]), "moments": key[1], "first_order": change[TARGETS.index("oracle")],
+                           "exact": exact})  # fmt: skip
+        result["exact_check"] = checks
+    result["reruns"] = len(cache)
+    result["seconds"] = {"sampling": t_sampled - t0, "scoring": t_scored - t_sampled, "sign_reruns": t_signs - t_scored,
+                         "total": time.time() - t0}  # fmt: skip
+    return result
+
+
+def analyse(args) -> None:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scorer = SnapshotScorer(args.run)
+    if not scorer.store.manifest.optimizer_state:
+        sys.exit("the run stored no optimizer state: train it with --iif_store_optimizer_state true")
+    task = get_task(args.task).build(seed=0)
+    del task.policy, task.value_model
+    for round_index in args.rounds:
+        path = out / f"round_{round_index:03d}.json"
+        if path.is_file():
+            continue
+        replay = RoundReplay(scorer, round_index)
+        result = analyse_round(replay, task, args, round_index)
+        result["run"] = str(args.run)
+        path.write_text(json.dumps(result))
+        print(f"round {round_index}: {result['reruns']} re-runs, {result['seconds']['total']:.0f} s", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def sign_test_p(wins: int, n: int) -> float:
+    """One-sided sign test: P(X >= wins) for X ~ Binomial(n, 1/2)."""
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n if n else 1.0
+
+
+def spearman(x, y) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic)
+
+
+def summarise(args) -> None:
+    out = Path(args.out)
+    rounds = [json.loads(p.read_text()) for p in sorted(out.glob("round_*.json"))]
+    if not rounds:
+        sys.exit(f"no round results under {out}")
+    judges = {"reference": TARGETS.index("oracle"), "own target": TARGETS.index("stored16")}
+    if len(rounds[0]["all"]) > len(TARGETS):  # --exact-reference: judge by the exact change
+        judges["reference (exact)"] = len(TARGETS)
+    rows = []
+    for variant in rounds[0]["variants"]:
+        row = {"variant": variant}
+        for judge, j in judges.items():
+            top_wins = bottom_wins = counted = 0
+            for r in rounds:
+                if variant not in r["variants"]:
+                    continue
+                random_mean = float(np.mean([d[j] for d in r["random"]]))
+                v = r["variants"][variant]
+                top_wins += v["top"][j] < random_mean  # removing the helpful lowers the target more
+                bottom_wins += v["bottom"][j] > random_mean  # removing the harmful raises it more
+                counted += 1
+            row[judge] = {"rounds": counted, "top_wins": top_wins, "top_p": sign_test_p(top_wins, counted),
+                          "bottom_wins": bottom_wins, "bottom_p": sign_test_p(bottom_wins, counted)}  # fmt: skip
+        score, target = variant.split("/")
+        lds = {judge: [] for judge in judges}
+        for r in rounds:
+            if "lds" not in r or score not in r["scores"]:
+                continue
+            values = np.asarray(r["scores"][score])[:, TARGETS.index(target)]
+            predicted = [values[s["kept"]].sum() for s in r["lds"]]
+            for judge, j in judges.items():
+                lds[judge].append(spearman(predicted, [s["change"][j] for s in r["lds"]]))
+        row["lds"] = {judge: values for judge, values in lds.items()}
+        rows.append(row)
+    alignment = {}
+    for key in rounds[-1]["alignment"]:
+        values = [r["alignment"][key] for r in rounds if key in r["alignment"]]
+        alignment[key] = {"median": float(np.median(values)), "rounds": len(values)}
+    moments = [r["fresh_moments"] for r in rounds if "fresh_moments" in r]
+    checks = [c for r in rounds for c in r.get("exact_check", [])]
+    summary = {
+        "rounds": [r["round"] for r in rounds], "lds_rounds": [r["round"] for r in rounds if "lds" in r],
+        "variants": rows, "alignment": alignment, "run": rounds[0].get("run"),
+        "first_order_vs_exact": {
+            "checks": len(checks),
+            "spearman": spearman([c["first_order"] for c in checks], [c["exact"] for c in checks]) if len(checks) > 2 else None,
+            "pairs": [(c["first_order"], c["exact"]) for c in checks],
+        },
+        "fresh_moments_rounds": len(moments),
+    }  # fmt: skip
+    if moments:
+        j = judges["reference"]
+        stored_top = [r["variants"]["raw/stored16"]["top"][j] < np.mean([d[j] for d in r["random"]])
+                      for r in rounds if "fresh_moments" in r]  # fmt: skip
+        fresh_top = [f["top"][j] < np.mean([d[j] for d in f["random"]]) for f in moments]
+        all_ratio = [f["all"][j] / r["all"][j] for f, r in zip(moments, [r for r in rounds if "fresh_moments" in r],
+                                                                strict=True) if r["all"][j]]  # fmt: skip
+        summary["fresh_moments"] = {"top_wins_stored": int(sum(stored_top)), "top_wins_fresh": int(sum(fresh_top)),
+                                    "reference_change_fresh_over_stored": all_ratio}  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "table.md").write_text(table(summary))
+    print(table(summary))
+
+
+def table(summary: dict) -> str:
+    def cell(t):
+        return f"{t['top_wins']}/{t['rounds']} (p={t['top_p']:.3g}) · {t['bottom_wins']}/{t['rounds']} (p={t['bottom_p']:.3g})"
+
+    def lds(values):
+        if not values:
+            return "-"
+        return f"{np.median(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
+
+    judges = [k for k in summary["variants"][0] if k not in ("variant", "lds")]
+    header = " | ".join(f"sign test vs {j}: top · bottom | LDS vs {j}, median [min, max]" for j in judges)
+    lines = [f"| score / target | {header} |", "|---" * (1 + 2 * len(judges)) + "|"]
+    for row in summary["variants"]:
+        cells = " | ".join(f"{cell(row[j])} | {lds(row['lds'][j])}" for j in judges)
+        lines.append(f"| {row['variant']} | {cells} |")
+    lines += ["", "| target gradient | cosine with the reference's, median over rounds |", "|---|---|"]
+    for key, value in summary["alignment"].items():
+        lines.append(f"| {key} | {value['median']:.3f} ({value['rounds']} rounds) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("analyse", help="re-run rounds of a stored run and write one JSON per round")
+    a.add_argument("--run", required=True, help="the run's store (output_dir/attribution or output_dir)")
+    a.add_argument("--task", default="reviews", help="the embedded task the run trained (prompts, reward)")
+    a.add_argument("--rounds", type=int, nargs="+", required=True)
+    a.add_argument("--lds-rounds", type=int, nargs="*", default=[])
+    a.add_argument("--moments-rounds", type=int, nargs="*", default=[])
+    a.add_argument("--exact-rounds", type=int, nargs="*", default=[])
+    a.add_argument("--exact-checks", type=int, default=8)
+    a.add_argument("--exact-reference", action="store_true",
+                   help="also evaluate the reference surrogate's exact change after every re-run (a forward over it each)")
+    a.add_argument("--reference", type=int, default=256, help="reference samples (training-split prompts)")
+    a.add_argument("--heldout-prompts", type=int, default=64)
+    a.add_argument("--samples", type=int, default=2, help="responses per held-out prompt")
+    a.add_argument("--remove", type=int, default=4)
+    a.add_argument("--draws", type=int, default=5)
+    a.add_argument("--subsets", type=int, default=32)
+    a.add_argument("--seed", type=int, default=0, help="the re-runs' mini-batch order")
+    a.add_argument("--threads", type=int, default=1)
+    a.add_argument("--out", required=True)
+    s = sub.add_parser("summarise", help="sign tests, LDS and target alignment over the rounds in --out")
+    s.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    analyse(args) if args.command == "analyse" else summarise(args)
+
+
+if __name__ == "__main__":
+    main()
