@@ -330,7 +330,7 @@ def summarise(args) -> None:
         for r in rounds:
             if "lds" not in r or score not in r["scores"]:
                 continue
-            values = np.asarray(r["scores"][score])[:, TARGETS.index(target)]
+            values = np.nan_to_num(np.asarray(r["scores"][score])[:, TARGETS.index(target)])  # a zero gradient's cosine
             predicted = [values[s["kept"]].sum() for s in r["lds"]]
             for judge, j in judges.items():
                 lds[judge].append(spearman(predicted, [s["change"][j] for s in r["lds"]]))
@@ -341,6 +341,16 @@ def summarise(args) -> None:
         values = [r["alignment"][key] for r in rounds if key in r["alignment"]]
         alignment[key] = {"median": float(np.median(values)), "rounds": len(values)}
     moments = [r["fresh_moments"] for r in rounds if "fresh_moments" in r]
+    if "reference (exact)" in judges:  # per round: the first-order change against the exact one, over its re-runs
+        first, exact = TARGETS.index("oracle"), len(TARGETS)
+        agreement = []
+        for r in rounds:
+            changes = [r["all"], *r["random"], *[v[k] for v in r["variants"].values() for k in ("top", "bottom")],
+                       *[s["change"] for s in r.get("lds", [])]]  # fmt: skip
+            agreement.append(spearman([c[first] for c in changes], [c[exact] for c in changes]))
+        summary_exact = {"median_spearman": float(np.median(agreement)), "min": float(min(agreement))}
+    else:
+        summary_exact = None
     checks = [c for r in rounds for c in r.get("exact_check", [])]
     summary = {
         "rounds": [r["round"] for r in rounds], "lds_rounds": [r["round"] for r in rounds if "lds" in r],
@@ -351,6 +361,7 @@ def summarise(args) -> None:
             "pairs": [(c["first_order"], c["exact"]) for c in checks],
         },
         "fresh_moments_rounds": len(moments),
+        "first_order_vs_exact_reference": summary_exact,
     }  # fmt: skip
     if moments:
         j = judges["reference"]

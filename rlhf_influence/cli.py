@@ -422,7 +422,8 @@ def run_audit(args) -> int:
     total = kept + sum(r.dropped for r in report.rounds)
     console.print(
         f"[bold]{len(report.rounds)} rounds[/], mean reward {rewards[0]:+.3f} -> {rewards[-1]:+.3f} "
-        f"(best {max(rewards):+.3f}); {kept}/{total} records kept ({kept / max(total, 1):.0%})"
+        f"(best {max(rewards):+.3f}); {kept}/{total} records kept ({kept / max(total, 1):.0%}); "
+        f"influence scores: {report.score}{' (Adam-aware)' if report.score == 'adam' else ''}"
     )
     if not report.jumps:
         console.print(f"no reward jump above {args.z} standard deviations of the round-to-round changes")

@@ -30,6 +30,16 @@ def scores_from_factors(
     return -(factors.gradients(projector) @ projected_targets.to(factors.losses.device).T)
 
 
+def adam_preconditioner(exp_avg_sq: torch.Tensor, step: float, beta2: float, eps: float) -> torch.Tensor:
+    """``1 / (sqrt(v_hat) + eps)``: what Adam divides a gradient by at its next step, with
+    ``v_hat = exp_avg_sq / (1 - beta2**step)`` its bias-corrected second moment (``step`` >= 1 steps
+    taken). A record's Adam-aware influence is ``<grad f, -P * grad loss_i>`` = ``<P * grad f, -grad
+    loss_i>``: under Adam a record moves the weights along its preconditioned gradient (LESS, Bergson)."""
+    if step < 1:
+        raise ValueError("Adam's preconditioner needs at least one step taken (its second moment is still 0)")
+    return 1.0 / ((exp_avg_sq / (1.0 - beta2**step)).sqrt() + eps)
+
+
 def influence_scores(
     model: nn.Module,
     loss_fn: LossFn,

@@ -141,20 +141,25 @@ class InfluenceFilter:
         *,
         round_start: bool = True,
         keep_gradients: bool = False,
+        preconditioner: torch.Tensor | None = None,
     ) -> Scoring:
         """Influence of this process's ``records`` on the target at the current weights, and the
         decision over all processes' records.
 
         ``round_start``: the weights are those the records were sampled with, where the buffer
         target's gradient is the records' own (one pass, not two). ``keep_gradients``: also keep
-        the records' projected gradients for the store.
+        the records' projected gradients for the store. ``preconditioner`` ``[D]``: Adam-aware scores,
+        ``<P * grad f, -grad loss_i>`` (:func:`~rlhf_influence.influence.adam_preconditioner`).
         """
         start = time.perf_counter()
         store_projector = self.store_projector if keep_gradients else None
-        if self.target == "buffer_return" and round_start and scales_like_token_advantages(self.loss):
+        shortcut = self.target == "buffer_return" and round_start and scales_like_token_advantages(self.loss)
+        if shortcut and preconditioner is None:
             local, projected = self.buffer_scores_at_round_start(policy, records, store_projector)
         else:
             target_grad = self.target_gradient(policy, target_records)
+            if preconditioner is not None:
+                target_grad = target_grad * preconditioner.to(target_grad)
             local, projected = self.record_scores(policy, records, target_grad, store_projector)
         scores = self.collectives.gather(local).cpu().double()
         scoring = self.decide(scores, len(records))

@@ -17,6 +17,7 @@ SCHEDULES = ("epoch", "round")
 TARGETS = ("heldout_return", "buffer_return")
 HELDOUT_SAMPLING = ("with_rollout", "separate")
 SNAPSHOT_DTYPES = ("float32", "bfloat16")
+SCORES = ("raw", "adam")
 
 
 @dataclass
@@ -88,6 +89,16 @@ class IIFSettings:
             "help": "What influence is measured on. 'heldout_return': a return surrogate on held-out prompts "
             "with freshly sampled responses (default when a target_dataset is given); 'buffer_return': "
             "the same surrogate on the round's own records (default otherwise).",
+        },
+    )
+    iif_score: str = field(
+        default="raw",
+        metadata={
+            "help": "'raw': influence is <grad f, -grad loss_i> (the paper's). 'adam': the record's gradient divided "
+            "by sqrt(v_hat) + eps, Adam's bias-corrected second moment now, as Adam moves the weights (LESS, "
+            "Bergson); the first round, before any step, scores raw. Not under DeepSpeed (its moments are "
+            "partitioned). benchmarks/README.md (counterfactual validity) measures both.",
+            "choices": list(SCORES),
         },
     )
     iif_num_heldout_prompts: int = field(
@@ -228,6 +239,8 @@ class IIFSettings:
             raise ValueError(
                 f"iif_heldout_sampling must be one of {HELDOUT_SAMPLING}, got {self.iif_heldout_sampling!r}"
             )
+        if self.iif_score not in SCORES:
+            raise ValueError(f"iif_score must be one of {SCORES}, got {self.iif_score!r}")
         if self.iif_filter not in ("influence", "random"):
             raise ValueError(f"iif_filter must be 'influence' or 'random', got {self.iif_filter!r}")
         if self.iif_num_heldout_prompts < 1:

@@ -97,3 +97,84 @@ def test_optimizer_state_is_refused_where_it_cannot_be_had(stored_run, tmp_path)
     assert not replay.has_optimizer_state
     with pytest.raises(StoreError, match="--iif_store_optimizer_state true"):
         replay.optimizer("stored")
+
+
+def brute_force_adam_scores(run_dir, round_index: int) -> tuple[torch.Tensor, bool]:
+    """Reference for a stored round's scores: per-record gradients of the trainer's record loss by
+    one autograd call each, at the stored snapshot, divided by sqrt(v_hat) + eps computed here
+    from the stored Adam state, dotted with the autograd gradient of the round's return target."""
+    from conftest import brute_force_per_record
+
+    from rlhf_influence.audit.intervention import RoundReplay
+    from rlhf_influence.audit.rescore import SnapshotScorer
+
+    scorer = SnapshotScorer(run_dir)
+    replay = RoundReplay(scorer, round_index)
+    scorer.load_round(round_index)
+    policy, records = scorer.policy, replay.records
+    normaliser = replay.filter.normaliser(records)
+    per_record = brute_force_per_record(policy, lambda model: replay.filter.loss(model, records, normaliser))
+    params = [p for p in policy.parameters() if p.requires_grad]
+    target = torch.cat([g.flatten() for g in torch.autograd.grad(replay.return_target()(policy).sum(), params)])
+    state = replay.optimizer_state()
+    step = float(state["step"][0])
+    if step == 0:  # before the first step: raw scores
+        return -(per_record @ target), False
+    _, _, beta2, eps, _ = state["hyperparameters"].tolist()
+    names = [n for n, p in policy.named_parameters() if p.requires_grad]
+    v = torch.cat([state[f"exp_avg_sq/{n}"].flatten() for n in names])
+    adam_step = per_record / ((v / (1 - beta2**step)).sqrt() + eps)
+    return -(adam_step @ target), True
+
+
+def check_adam_scores(run_dir, rounds) -> None:
+    from rlhf_influence.store import AttributionStore
+
+    store = AttributionStore.open(run_dir)
+    assert store.manifest.score == "adam"
+    preconditioned = []
+    for round_index in rounds:
+        expected, adam = brute_force_adam_scores(run_dir, round_index)
+        stored = torch.tensor(store.read_records(round_index).to_pydict()["influence"], dtype=expected.dtype)
+        assert torch.allclose(stored, expected, rtol=1e-3, atol=1e-5 * float(expected.abs().max())), round_index
+        preconditioned.append(adam)
+    assert preconditioned == [False] + [True] * (len(rounds) - 1)
+
+
+def test_adam_aware_scores_equal_brute_force_ppo(tmp_path):
+    """iif_score='adam' under PPO: round 1 scores raw (no step yet), later rounds preconditioned."""
+    train(tmp_path, rounds=3, iif_score="adam", num_mini_batches=2, num_ppo_epochs=2)
+    check_adam_scores(tmp_path, [1, 2, 3])
+
+
+def test_adam_aware_scores_equal_brute_force_grpo(tmp_path):
+    from test_grpo import build
+
+    build(tmp_path, iif_score="adam", iif_store_optimizer_state=True, iif_drop_fraction=0.5, max_steps=3).train()
+    check_adam_scores(tmp_path, [1, 2, 3])
+
+
+def test_adam_aware_scores_differ_from_raw(tmp_path):
+    """The preconditioner changes the ranking (else the option would be a no-op on this set-up)."""
+    from rlhf_influence.store import AttributionStore
+
+    train(tmp_path / "raw", rounds=2, num_mini_batches=2)
+    train(tmp_path / "adam", rounds=2, num_mini_batches=2, iif_score="adam")
+    raw, adam = (AttributionStore.open(tmp_path / kind).read_records(2).to_pydict()["influence"] for kind in ("raw", "adam"))
+    assert raw != pytest.approx(adam, rel=1e-2)
+
+
+def test_settings_that_read_adams_moments_are_refused_under_deepspeed():
+    from types import SimpleNamespace
+
+    from rlhf_influence.settings import IIFSettings
+    from rlhf_influence.trainer.shared import check_optimizer_state_access
+
+    deepspeed = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=object()))
+    plain = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None))
+    check_optimizer_state_access(IIFSettings(iif_score="adam", iif_store_optimizer_state=True), plain)
+    check_optimizer_state_access(IIFSettings(), deepspeed)
+    with pytest.raises(ValueError, match=r"iif_score='adam' and iif_store_optimizer_state need .* partitioned"):
+        check_optimizer_state_access(IIFSettings(iif_score="adam", iif_store_optimizer_state=True), deepspeed)
+    with pytest.raises(ValueError, match="iif_score must be one of"):
+        IIFSettings(iif_score="cosine").check_iif_settings()

@@ -77,6 +77,7 @@ class AuditReport:
     rounds: list[RoundSummary]
     jumps: list[Jump]
     rule: dict
+    score: str = "raw"  # the run's influence score (the manifest's: "raw" or "adam")
 
     def to_json(self) -> dict:
         """Plain JSON values: NaN and infinities (a missing advantage column, a non-finite score) as None."""
@@ -85,6 +86,7 @@ class AuditReport:
                 "rounds": [asdict(r) for r in self.rounds],
                 "jumps": [asdict(j) for j in self.jumps],
                 "rule": self.rule,
+                "score": self.score,
             }
         )
 
@@ -186,7 +188,7 @@ def audit_run(path, z: float = 1.5, min_delta: float = 0.0, top: int = 5, respon
     if responses > 0 and jumps:
         _trace_best_responses(path, jumps, records, responses, top)
     rule = {"z": z, "min_delta": min_delta, "top": top, "responses": responses}
-    return AuditReport(summaries, jumps, rule)
+    return AuditReport(summaries, jumps, rule, score=store.manifest.score)
 
 
 def _trace_best_responses(path, jumps: list[Jump], records: dict, responses: int, top: int) -> None:

@@ -302,7 +302,7 @@ def render_report(
     manifest = store.manifest
     meta = ", ".join(
         f"{key}: {html.escape(str(getattr(manifest, key)))}"
-        for key in ("target", "schedule", "drop_fraction", "num_processes", "records_per_round")
+        for key in ("target", "score", "schedule", "drop_fraction", "num_processes", "records_per_round")
     )
     kls = [v for v in run.kl if v is not None]
     summary = (

@@ -174,6 +174,7 @@ class RunManifest:
     stored_gradients: StoredGradients | None = None  # None: the run stored no gradients
     snapshot_dtype: str = "float32"  # precision of the stored round-start adapter weights
     group_size: int | None = None  # completions per prompt for GRPO; None for PPO
+    score: str = "raw"  # "raw" <grad f, -grad loss_i> or "adam" (preconditioned by Adam's second moment)
     optimizer_state: bool = (
         False  # whether each round keeps Adam's round-start moments (optimizer.safetensors)
     )

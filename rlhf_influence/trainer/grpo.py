@@ -54,6 +54,7 @@ from .shared import (
     REPLAY_OPTIMIZER,
     StoredRound,
     adapter_snapshot,
+    check_optimizer_state_access,
     heldout_rows,
     heldout_seed,
     model_files,
@@ -61,6 +62,7 @@ from .shared import (
     optimizer_moments,
     own_random_stream,
     run_manifest,
+    score_preconditioner,
     write_round,
 )
 from .trainer import PhaseTimer, check_policy_has_lora
@@ -118,6 +120,7 @@ class IIFGRPOTrainer(GRPOTrainer):
         )
         self.target_dataset = target_dataset
         self.layout = find_lora_layout(self.lora_policy)
+        check_optimizer_state_access(args, self.accelerator)
         self.store = open_store(args, self.accelerator)
         if args.iif_enabled and self.aux_loss_enabled:
             raise ValueError(
@@ -398,9 +401,9 @@ class IIFGRPOTrainer(GRPOTrainer):
         policy = self.lora_policy
         keep_gradients = round_start and self.iif.store_projector is not None
         with own_random_stream(self.accelerator.device), _no_dropout(policy):
-            return self.iif.score(
-                policy, records, target_records, round_start=round_start, keep_gradients=keep_gradients
-            )
+            preconditioner = score_preconditioner(self.args, policy, self.optimizer, self.iif.layout)
+            return self.iif.score(policy, records, target_records, round_start=round_start,
+                                  keep_gradients=keep_gradients, preconditioner=preconditioner)  # fmt: skip
 
     def kept_steps(self, shuffled: dict, keep_local: np.ndarray) -> list[dict]:
         """The kept completions in TRL's shuffled order, cut into ``steps_per_generation`` slices.

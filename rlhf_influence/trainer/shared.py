@@ -14,8 +14,9 @@ import torch
 from accelerate.utils import gather_object
 from torch import nn
 
+from ..influence import adam_preconditioner
 from ..influence_filter import InfluenceFilter, Scoring
-from ..lora import canonical_name
+from ..lora import LoraLayout, canonical_name
 from ..records import STORED_PADDING, ScoredRecords
 from ..settings import IIFSettings
 from ..store import AttributionStore, RunManifest, StoredGradients, TrainingSettings
@@ -52,16 +53,43 @@ def heldout_seed(seed: int, round_index: int, process_index: int) -> int:
     return (seed * 1_000_003 + round_index * 7919 + process_index) % (2**63)
 
 
+def check_optimizer_state_access(args: IIFSettings, accelerator) -> None:
+    """The settings that read Adam's moments (``iif_score='adam'``, ``iif_store_optimizer_state``)
+    need them whole, which DeepSpeed's partitioned optimizer does not give."""
+    wanted = [name for name, on in (("iif_score='adam'", args.iif_score == "adam"),
+                                    ("iif_store_optimizer_state", args.iif_store_optimizer_state)) if on]  # fmt: skip
+    if wanted and getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        raise ValueError(
+            f"{' and '.join(wanted)} need the optimizer's whole moments; under DeepSpeed they are partitioned: "
+            "run with DDP or one process"
+        )
+
+
+def score_preconditioner(args: IIFSettings, policy: nn.Module, optimizer, layout: LoraLayout) -> torch.Tensor | None:
+    """Adam's preconditioner of the policy's LoRA weights now, in the layout's order, for
+    ``iif_score='adam'``; None for raw scores and before the optimizer's first step."""
+    if args.iif_score != "adam" or optimizer is None:
+        return None
+    inner = getattr(optimizer, "optimizer", optimizer)
+    group_of = {id(p): group for group in inner.param_groups for p in group["params"]}
+    params = {canonical_name(name): p for name, p in policy.named_parameters()}
+    parts, step, group = [], 0.0, None
+    for name in layout.param_names:
+        param = params[name]
+        state = inner.state.get(param) or {}
+        if "exp_avg_sq" not in state:
+            return None  # no step taken yet
+        parts.append(state["exp_avg_sq"].flatten())
+        step, group = float(state["step"]), group_of[id(param)]
+    _, beta2 = group["betas"]
+    return adam_preconditioner(torch.cat(parts).float(), step, beta2, group["eps"])
+
+
 def open_store(args: IIFSettings, accelerator) -> AttributionStore | None:
     """The run's attribution store (None when IIF or storing is off); the main process removes
     the half-written rounds a killed run left, and says so."""
     if not (args.iif_store and args.iif_enabled):
         return None
-    if args.iif_store_optimizer_state and getattr(accelerator.state, "deepspeed_plugin", None) is not None:
-        raise ValueError(
-            "iif_store_optimizer_state needs the optimizer's whole moments; under DeepSpeed they are partitioned: "
-            "run it with DDP or one process"
-        )
     store = AttributionStore(args.attribution_dir)
     if accelerator.is_main_process:
         removed = store.remove_stale_temporaries()
@@ -232,6 +260,7 @@ def run_manifest(
         stored_gradients=stored,
         snapshot_dtype=args.iif_store_snapshot_dtype,
         optimizer_state=args.iif_store_optimizer_state,
+        score=args.iif_score,
         group_size=group_size,
     )
 

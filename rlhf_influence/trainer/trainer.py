@@ -76,6 +76,7 @@ from .shared import (
     REPLAY_OPTIMIZER,
     StoredRound,
     adapter_snapshot,
+    check_optimizer_state_access,
     gathered_state_dict,
     heldout_rows,
     heldout_seed,
@@ -84,6 +85,7 @@ from .shared import (
     optimizer_moments,
     own_random_stream,
     run_manifest,
+    score_preconditioner,
     write_round,
 )
 
@@ -180,6 +182,7 @@ class IIFPPOTrainer(PPOTrainer):
             )
         self.target_dataset = target_dataset
         self.layout = find_lora_layout(self.policy_model)
+        check_optimizer_state_access(args, self.accelerator)
         self.store = open_store(args, self.accelerator)
         self.iif = InfluenceFilter(
             args,
@@ -541,6 +544,7 @@ class IIFPPOTrainer(PPOTrainer):
             target_batch.scored_records(pad_id),
             round_start=round_start,
             keep_gradients=keep_gradients,
+            preconditioner=score_preconditioner(self.args, self.unwrapped.policy, self.optimizer, self.layout),
         )
 
     # ------------------------------------------------------------------ step 5: one PPO epoch
