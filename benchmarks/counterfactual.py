@@ -7,11 +7,13 @@ record was trained on), at the round's snapshot:
 1. **Samples.** A *reference*: ``--reference`` training-split prompts not in the round, one fresh
    response each, and *score targets* from the held-out split (``--heldout-prompts`` prompts x
    ``--samples`` responses each): ``fresh16`` (the first response to 16 prompts), ``fresh64`` (the
-   first to 64), ``fresh128`` (all). Each set's surrogate is f(theta) = mean_i A_i log pi(y_i | x_i)
-   with A the set's rewards standardised (a REINFORCE-with-baseline estimate of the expected
-   reward's gradient at the snapshot); ``stored16`` is the round's own target as the trainer built it
-   (16 held-out samples, last-token GAE advantages), and ``oracle`` scores against the reference
-   itself (the upper bound a target could reach).
+   first to 64), ``fresh128`` (the first two), ``fresh256`` (four). ``buffer`` is the round's own
+   records with their per-token advantages (the buffer target). Each fresh set's surrogate is
+   f(theta) = mean_i A_i log pi(y_i | x_i) with A the set's rewards standardised (a REINFORCE-with-baseline estimate of the expected
+   reward's gradient at the snapshot); ``stored`` is the round's own target as the trainer built it
+   (its held-out samples, 16 on the reviews task, with last-token GAE advantages), and ``oracle``
+   scores against the reference itself (not independent of the judge: the ceiling of what the
+   re-runs can show).
 2. **Scores** of the round's records on every target, four ways: ``raw`` (today's <grad f, -grad
    loss_i>), ``adam`` (the record's gradient divided by sqrt(v_hat) + eps, Adam's second moment at
    the round start, as LESS and Bergson precondition), ``cosine`` (raw over the record's gradient
@@ -50,7 +52,7 @@ from rlhf_influence.targets import ReturnTarget, TokenWeightedLogProb
 from rlhf_influence.tasks import get_task
 
 SCORES = ("raw", "adam", "cosine", "adam_cosine")
-TARGETS = ("stored16", "fresh16", "fresh64", "fresh128", "oracle")
+TARGETS = ("stored", "buffer", "fresh16", "fresh64", "fresh128", "fresh256", "oracle")
 SIGN_TEST_VARIANTS = [(s, t) for s in SCORES for t in TARGETS]
 
 
@@ -162,7 +164,8 @@ def analyse_round(replay: RoundReplay, task, args, round_index: int) -> dict:
     ref_reward = rewards(ref_prompts, ref_rows)
     fresh_reward = rewards(heldout * args.samples, fresh_rows)
     k = args.heldout_prompts
-    sets = {"fresh16": list(range(16)), "fresh64": list(range(k)), "fresh128": list(range(len(fresh_rows)))}
+    sets = {"fresh16": list(range(16)), "fresh64": list(range(k)), "fresh128": list(range(2 * k)),
+            "fresh256": list(range(4 * k))}  # fmt: skip
     t_sampled = time.time()
 
     # 2. target gradients at the snapshot
@@ -173,7 +176,12 @@ def analyse_round(replay: RoundReplay, task, args, round_index: int) -> dict:
         weights[idx, j] = standardised(fresh_reward[idx]) / len(idx)
     for name, g in zip(sets, weighted_gradients(policy, layout, fresh_rows, weights, pad, temperature), strict=True):
         grads[name] = g
-    grads["stored16"] = target_gradients(policy, replay.return_target(), layout=layout)
+    grads["stored"] = target_gradients(policy, replay.return_target(), layout=layout)
+    records = replay.records  # the buffer target: the round's own records, per-token advantages
+    buffer = ReturnTarget.from_buffer(records.input_ids, records.attention_mask, records.response_mask,
+                                      records.advantages, temperature)  # fmt: skip
+    buffer.positions_from_mask = records.positions_from_mask
+    grads["buffer"] = target_gradients(policy, buffer, layout=layout)
     target_matrix = torch.stack([grads[t] for t in TARGETS])  # [targets, D]
 
     # the records' exact gradients and Adam's preconditioner at the round start
@@ -307,7 +315,7 @@ def summarise(args) -> None:
     rounds = [json.loads(p.read_text()) for p in sorted(out.glob("round_*.json"))]
     if not rounds:
         sys.exit(f"no round results under {out}")
-    judges = {"reference": TARGETS.index("oracle"), "own target": TARGETS.index("stored16")}
+    judges = {"reference": TARGETS.index("oracle"), "own target": TARGETS.index("stored")}
     if len(rounds[0]["all"]) > len(TARGETS):  # --exact-reference: judge by the exact change
         judges["reference (exact)"] = len(TARGETS)
     rows = []
@@ -365,7 +373,7 @@ def summarise(args) -> None:
     }  # fmt: skip
     if moments:
         j = judges["reference"]
-        stored_top = [r["variants"]["raw/stored16"]["top"][j] < np.mean([d[j] for d in r["random"]])
+        stored_top = [r["variants"]["raw/stored"]["top"][j] < np.mean([d[j] for d in r["random"]])
                       for r in rounds if "fresh_moments" in r]  # fmt: skip
         fresh_top = [f["top"][j] < np.mean([d[j] for d in f["random"]]) for f in moments]
         all_ratio = [f["all"][j] / r["all"][j] for f, r in zip(moments, [r for r in rounds if "fresh_moments" in r],
@@ -413,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="also evaluate the reference surrogate's exact change after every re-run (a forward over it each)")
     a.add_argument("--reference", type=int, default=256, help="reference samples (training-split prompts)")
     a.add_argument("--heldout-prompts", type=int, default=64)
-    a.add_argument("--samples", type=int, default=2, help="responses per held-out prompt")
+    a.add_argument("--samples", type=int, default=4, help="responses per held-out prompt (fresh256 needs 4)")
     a.add_argument("--remove", type=int, default=4)
     a.add_argument("--draws", type=int, default=5)
     a.add_argument("--subsets", type=int, default=32)

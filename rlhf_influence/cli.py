@@ -272,6 +272,9 @@ def run_intervene(args) -> int:
     ]
     for label, value in rows:
         print(f"  {label:<46}{value:+.4f}")
+    if result.moments == "fresh":
+        print("  (the re-runs start from fresh Adam moments: the run stored none; --iif_store_optimizer_state true "
+              "keeps them)")
     return 0
 
 

@@ -178,3 +178,16 @@ def test_settings_that_read_adams_moments_are_refused_under_deepspeed():
         check_optimizer_state_access(IIFSettings(iif_score="adam", iif_store_optimizer_state=True), deepspeed)
     with pytest.raises(ValueError, match="iif_score must be one of"):
         IIFSettings(iif_score="cosine").check_iif_settings()
+
+
+def test_intervene_says_which_moments_its_reruns_start_from(stored_run, tmp_path, capsys):
+    from rlhf_influence.audit.intervention import intervene_return
+    from rlhf_influence.cli import main
+
+    assert intervene_return(stored_run, 2, remove=2, random_draws=1).moments == "stored"
+    assert main(["intervene", str(stored_run), "--round", "2", "--return-target"]) == 0
+    assert "fresh Adam moments" not in capsys.readouterr().out
+    plain = tmp_path / "plain"
+    train(plain, rounds=1, iif_store_optimizer_state=False)
+    assert main(["intervene", str(plain), "--round", "1", "--return-target"]) == 0
+    assert "start from fresh Adam moments: the run stored none" in capsys.readouterr().out

@@ -49,6 +49,7 @@ class InterventionResult:
     target_without_top: float  # ... without the `removed` records most raising the target
     target_without_random: float  # ... without `removed` random records (mean over draws)
     removed_records: list[int] = field(default_factory=list)
+    moments: str = "fresh"  # Adam's state the re-runs started from: "stored" (the run's) or "fresh"
 
 
 class RoundReplay:
@@ -259,6 +260,7 @@ def counterfactual(
         target_without_top=after_top,
         target_without_random=float(np.mean(random_values)),
         removed_records=sorted(int(i) for i in top),
+        moments="stored" if replay.has_optimizer_state else "fresh",
     )
 
 

@@ -51,7 +51,6 @@ from .checkpoint import (
 )
 from .grpo_config import IIFGRPOConfig
 from .shared import (
-    REPLAY_OPTIMIZER,
     StoredRound,
     adapter_snapshot,
     check_optimizer_state_access,
@@ -61,6 +60,7 @@ from .shared import (
     open_store,
     optimizer_moments,
     own_random_stream,
+    replay_optimizer,
     run_manifest,
     score_preconditioner,
     write_round,
@@ -531,7 +531,7 @@ class IIFGRPOTrainer(GRPOTrainer):
             learning_rate=args.learning_rate,
             per_device_train_batch_size=args.per_device_train_batch_size,
             pad_token_id=self.processing_class.pad_token_id,
-            optimizer=REPLAY_OPTIMIZER,
+            optimizer=replay_optimizer(args),
             loss_type=args.loss_type,
             epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high,

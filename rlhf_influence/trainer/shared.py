@@ -24,8 +24,13 @@ from ..store import AttributionStore, RunManifest, StoredGradients, TrainingSett
 # Base models up to this size are copied into the store (tiny and test models); larger ones are
 # referenced by name, as loaded.
 BASE_MODEL_STORE_LIMIT = 64 * 2**20
-# How the audit's replay of a round optimises (the manifest records it for the reader).
-REPLAY_OPTIMIZER = "AdamW (re-runs start from fresh moments)"
+
+
+def replay_optimizer(args: IIFSettings) -> str:
+    """How the audit's replay of a round optimises, in words (the manifest records it for the reader)."""
+    if args.iif_store_optimizer_state:
+        return "AdamW (re-runs start from the run's stored round-start moments)"
+    return "AdamW (re-runs start from fresh moments)"
 
 
 @contextmanager

@@ -73,7 +73,6 @@ from .checkpoint import (
 from .config import IIFPPOConfig
 from .rewards import RewardFunction, as_reward_module
 from .shared import (
-    REPLAY_OPTIMIZER,
     StoredRound,
     adapter_snapshot,
     check_optimizer_state_access,
@@ -84,6 +83,7 @@ from .shared import (
     open_store,
     optimizer_moments,
     own_random_stream,
+    replay_optimizer,
     run_manifest,
     score_preconditioner,
     write_round,
@@ -759,7 +759,7 @@ class IIFPPOTrainer(PPOTrainer):
             learning_rate=args.learning_rate,
             per_device_train_batch_size=args.per_device_train_batch_size,
             pad_token_id=self.processing_class.pad_token_id,
-            optimizer=REPLAY_OPTIMIZER,
+            optimizer=replay_optimizer(args),
             num_ppo_epochs=args.num_ppo_epochs,
             mini_batch_size=args.mini_batch_size,
             cliprange=args.cliprange,
