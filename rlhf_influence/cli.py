@@ -426,15 +426,21 @@ def run_audit(args) -> int:
     console.print(
         f"[bold]{len(report.rounds)} rounds[/], mean reward {rewards[0]:+.3f} -> {rewards[-1]:+.3f} "
         f"(best {max(rewards):+.3f}); {kept}/{total} records kept ({kept / max(total, 1):.0%}); "
-        f"influence scores: {report.score}{' (Adam-aware)' if report.score == 'adam' else ''}"
+        + (f"influence scores: {report.score}{' (Adam-aware)' if report.score == 'adam' else ''}"
+           if report.score != "none" else "recorded only (iif_target none): no scores")
     )
     if not report.jumps:
         console.print(f"no reward jump above {args.z} standard deviations of the round-to-round changes")
     for jump in report.jumps:
-        print_records(
-            f"round {jump.round}: reward {jump.reward_delta:+.3f}, driven by round {jump.attributed_round}'s records",
-            [("top", jump.top_records, "green"), ("bottom", jump.bottom_records, "red")],
-        )
+        if report.score == "none":  # a record-only run: only the traced responses attribute the jump
+            console.print(f"round {jump.round}: reward {jump.reward_delta:+.3f}; the run recorded gradients "
+                          "only (iif_target none): traced through its best responses (--responses)", markup=False)  # fmt: skip
+        else:
+            print_records(
+                f"round {jump.round}: reward {jump.reward_delta:+.3f}, driven by round {jump.attributed_round}'s "
+                "records",
+                [("top", jump.top_records, "green"), ("bottom", jump.bottom_records, "red")],
+            )
         best = jump.best_responses
         if best is None:
             continue

@@ -300,6 +300,26 @@ class InfluenceFilter:
         scores = -(record_grads @ target_grad)
         return scores, (torch.cat(projected) if projected else None)
 
+    def record(self, policy: nn.Module, records: ScoredRecords) -> Scoring:
+        """Record-only (``target='none'``): this process's records' projected gradients for the
+        store, from one forward and backward per micro-batch; no score (NaN), nothing dropped."""
+        if self.store_projector is None:
+            raise ValueError("recording without a store projection (iif_store_projection_dim=0) records nothing")
+        start = time.perf_counter()
+        projected: list[torch.Tensor] = []
+        for _ in self.record_factors(policy, records, self.store_projector, projected):
+            pass
+        total = len(records) * self.collectives.num_processes
+        keep = torch.ones(total, dtype=torch.bool)
+        return Scoring(
+            scores=torch.full((total,), math.nan, dtype=torch.float64),
+            decision=FilterDecision(keep=keep, num_negative=0, num_nonfinite=0),
+            keep_local=np.ones(len(records), dtype=bool),
+            keep_by_process=keep[None].repeat(self.collectives.num_processes, 1),
+            seconds=time.perf_counter() - start,
+            projected=torch.cat(projected),
+        )
+
     # ------------------------------------------------------------------ metrics
     @staticmethod
     def metrics(scorings: list[Scoring]) -> dict[str, float]:
@@ -308,7 +328,7 @@ class InfluenceFilter:
             return {}
         scores = torch.cat([s.scores for s in scorings])
         finite = scores[torch.isfinite(scores)]
-        return {
+        metrics = {
             "iif/kept_fraction": float(np.mean([s.decision.kept_fraction for s in scorings])),
             "iif/dropped": float(np.mean([s.decision.num_dropped for s in scorings])),
             "iif/score_mean": float(finite.mean()) if len(finite) else math.nan,
@@ -318,6 +338,10 @@ class InfluenceFilter:
             "iif/scoring_seconds": float(sum(s.seconds for s in scorings)),
             "iif/scorings": float(len(scorings)),
         }
+        if scores.isnan().all() and not metrics["iif/nonfinite_scores"]:  # record only: nothing was scored
+            for name in ("iif/score_mean", "iif/score_std", "iif/fraction_negative"):
+                del metrics[name]
+        return metrics
 
 
 def micro_batches(n: int, size: int):

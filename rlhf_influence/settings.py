@@ -14,7 +14,7 @@ from .checks import finite_number_problem, whole_number_problem
 from .kl import KL_CONTROLS
 
 SCHEDULES = ("epoch", "round")
-TARGETS = ("heldout_return", "buffer_return")
+TARGETS = ("heldout_return", "buffer_return", "none")
 HELDOUT_SAMPLING = ("with_rollout", "separate")
 SNAPSHOT_DTYPES = ("float32", "bfloat16")
 SCORES = ("raw", "adam")
@@ -88,7 +88,11 @@ class IIFSettings:
         metadata={
             "help": "What influence is measured on. 'heldout_return': a return surrogate on held-out prompts "
             "with freshly sampled responses (default when a target_dataset is given); 'buffer_return': "
-            "the same surrogate on the round's own records (default otherwise).",
+            "the same surrogate on the round's own records (default otherwise). 'none': record only: no "
+            "held-out sampling, no target, no scoring, nothing dropped (whatever iif_drop_fraction says); the store "
+            "keeps every round's records, their projected gradients and the round-start snapshot, and `audit`, "
+            "`score`, `formation`, `intervene` and `report` score the behaviours you pick after training.",
+            "choices": list(TARGETS),
         },
     )
     iif_score: str = field(
@@ -239,6 +243,14 @@ class IIFSettings:
             raise ValueError(
                 f"iif_heldout_sampling must be one of {HELDOUT_SAMPLING}, got {self.iif_heldout_sampling!r}"
             )
+        if self.iif_target == "none":
+            if self.iif_filter == "random":
+                raise ValueError("iif_target='none' drops nothing, so there is no random control: iif_filter='influence'")
+            if not self.iif_store or self.iif_store_projection_dim == 0:
+                raise ValueError(
+                    "iif_target='none' only records the store's gradients: it needs iif_store=true and "
+                    "iif_store_projection_dim > 0 (for no attribution at all: iif_enabled=false)"
+                )
         if self.iif_score not in SCORES:
             raise ValueError(f"iif_score must be one of {SCORES}, got {self.iif_score!r}")
         if self.iif_filter not in ("influence", "random"):

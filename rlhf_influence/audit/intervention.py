@@ -89,6 +89,10 @@ class RoundReplay:
         """The return target this round was filtered against, as the trainer built it: the held-out
         samples drawn that round with their own advantages (``heldout_return``), or the round's
         own records with their per-token advantages (``buffer_return``)."""
+        if self.filter.target == "none":
+            raise StoreError(
+                "the run recorded no return target (iif_target none): trace a behaviour with --prompt and --response"
+            )
         if self.filter.target == "buffer_return":
             return self.filter.return_target(self.records)
         try:

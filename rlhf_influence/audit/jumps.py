@@ -77,7 +77,7 @@ class AuditReport:
     rounds: list[RoundSummary]
     jumps: list[Jump]
     rule: dict
-    score: str = "raw"  # the run's influence score (the manifest's: "raw" or "adam")
+    score: str = "raw"  # the run's influence score: "raw", "adam", or "none" (a record-only run)
 
     def to_json(self) -> dict:
         """Plain JSON values: NaN and infinities (a missing advantage column, a non-finite score) as None."""
@@ -188,7 +188,8 @@ def audit_run(path, z: float = 1.5, min_delta: float = 0.0, top: int = 5, respon
     if responses > 0 and jumps:
         _trace_best_responses(path, jumps, records, responses, top)
     rule = {"z": z, "min_delta": min_delta, "top": top, "responses": responses}
-    return AuditReport(summaries, jumps, rule, score=store.manifest.score)
+    score = "none" if store.manifest.target == "none" else store.manifest.score
+    return AuditReport(summaries, jumps, rule, score=score)
 
 
 def _trace_best_responses(path, jumps: list[Jump], records: dict, responses: int, top: int) -> None:

@@ -172,7 +172,7 @@ class IIFGRPOTrainer(GRPOTrainer):
             return inputs
         if new_round:
             self.start_round(generation_batch)
-        elif args.iif_schedule == "epoch" and self._step % args.steps_per_generation == 0:
+        elif args.iif_schedule == "epoch" and self.iif_target != "none" and self._step % args.steps_per_generation == 0:
             self.rescore_round()
         return self._buffered_inputs[self._step % args.steps_per_generation]
 
@@ -400,6 +400,9 @@ class IIFGRPOTrainer(GRPOTrainer):
         """The filter's scores and decision, with dropout off and training's random stream untouched."""
         policy = self.lora_policy
         keep_gradients = round_start and self.iif.store_projector is not None
+        if self.iif_target == "none":  # record only: the store's gradients, nothing scored or dropped
+            with own_random_stream(self.accelerator.device), _no_dropout(policy):
+                return self.iif.record(policy, records)
         with own_random_stream(self.accelerator.device), _no_dropout(policy):
             preconditioner = score_preconditioner(self.args, policy, self.optimizer, self.iif.layout)
             return self.iif.score(policy, records, target_records, round_start=round_start,

@@ -246,7 +246,7 @@ def run_manifest(
         algorithm=training.algorithm,
         target=iif.target,
         schedule=args.iif_schedule,
-        drop_fraction=args.iif_drop_fraction,
+        drop_fraction=0.0 if iif.target == "none" else args.iif_drop_fraction,
         filter=args.iif_filter,
         min_keep_fraction=args.iif_min_keep_fraction,
         keep_steps=keep_steps,

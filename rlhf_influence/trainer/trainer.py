@@ -287,7 +287,8 @@ class IIFPPOTrainer(PPOTrainer):
             snapshot = self.adapter_snapshot() if self.store is not None else None
             moments = self.optimizer_snapshot() if self.store is not None else None
             for epoch in range(args.num_ppo_epochs):
-                if args.iif_enabled and (epoch == 0 or args.iif_schedule == "epoch"):
+                rescore = args.iif_schedule == "epoch" and self.iif_target != "none"
+                if args.iif_enabled and (epoch == 0 or rescore):
                     keep_gradients = epoch == 0 and self.store_projector is not None
                     with timer("scoring"):
                         epochs.append(
@@ -501,7 +502,7 @@ class IIFPPOTrainer(PPOTrainer):
         rollout, else generated here under their own seed so that training's random stream is
         untouched (``iif_heldout_sampling='separate'``).
         """
-        if self.iif_target == "buffer_return":
+        if self.iif_target in ("buffer_return", "none"):  # none: nothing is scored against it
             return batch
         if heldout_samples is not None:
             heldout = self.evaluate_samples(heldout_samples)
@@ -538,6 +539,8 @@ class IIFPPOTrainer(PPOTrainer):
         of a round).
         """
         pad_id = self.processing_class.pad_token_id
+        if self.iif_target == "none":  # record only: the store's gradients, nothing scored or dropped
+            return self.iif.record(self.unwrapped.policy, batch.scored_records(pad_id))
         return self.iif.score(
             self.unwrapped.policy,  # dropout is disabled in it, as PPOTrainer does
             batch.scored_records(pad_id),

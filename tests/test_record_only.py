@@ -1,0 +1,127 @@
+"""Record-only runs (``iif_target='none'``): the store's gradients and snapshots, nothing scored or
+dropped, training exactly as plain PPO/GRPO; every audit command reads them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import brute_force_per_record
+from test_grpo import build as build_grpo
+from test_grpo import lora_state
+from trainer_setup import Setup, ppo_kwargs, seed_everything
+
+from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
+from rlhf_influence.cli import main
+from rlhf_influence.settings import IIFSettings
+from rlhf_influence.store import AttributionStore
+
+PROMPT, RESPONSE = "the movie was", "great fun lovely"
+
+
+def train_ppo(out, **overrides):
+    setup = Setup()
+    kwargs = ppo_kwargs(out, total_episodes=24, **overrides)
+    trainer = IIFPPOTrainer(
+        args=IIFPPOConfig(**kwargs), processing_class=setup.tokenizer, model=setup.peft_policy(), ref_model=None,
+        reward_model=setup.reward, train_dataset=setup.train, value_model=setup.value,
+    )  # fmt: skip
+    seed_everything(0)
+    trainer.train()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("record-only")
+    plain = train_ppo(root / "plain", iif_enabled=False)
+    recorded = train_ppo(root / "recorded", iif_target="none")
+    return root / "recorded", plain, recorded
+
+
+def policy_lora(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.unwrapped.policy.named_parameters() if "lora_" in n}
+
+
+def test_ppo_record_only_trains_exactly_as_plain_ppo(ppo_runs):
+    run, plain, recorded = ppo_runs
+    expected, got = policy_lora(plain), policy_lora(recorded)
+    assert any(bool(v.abs().sum() > 0) for k, v in got.items() if "lora_B" in k)  # it trained
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    store = AttributionStore.open(run)
+    assert store.manifest.target == "none" and store.manifest.drop_fraction == 0.0
+    assert store.rounds() == [1, 2, 3]
+    for k in store.rounds():
+        table = store.read_records(k).to_pydict()
+        assert all(table["kept"]) and all(math.isnan(v) for v in table["influence"])
+        assert store.read_tensors(k, "gradients")["projected"].shape[0] == len(table["record"]) == 8
+        metrics = store.read_metrics(k)
+        assert metrics["iif/kept_fraction"] == 1.0 and "iif/score_mean" not in metrics
+        assert "time/target_sampling_seconds" in metrics  # the round's own records: no sampling
+
+
+def test_recorded_gradients_are_the_records_own(ppo_runs):
+    """Each stored vector is the projection of the record's exact loss gradient at the round start
+    (one autograd call per record at the rebuilt snapshot)."""
+    from rlhf_influence.audit.intervention import RoundReplay
+    from rlhf_influence.audit.rescore import SnapshotScorer
+
+    run, _, _ = ppo_runs
+    scorer = SnapshotScorer(run)
+    for k in scorer.rounds:
+        replay = RoundReplay(scorer, k)
+        scorer.load_round(k)
+        records = replay.records
+        normaliser = replay.filter.normaliser(records)
+        loss = replay.filter.loss
+        exact = brute_force_per_record(scorer.policy, lambda model, r=records, c=normaliser, f=loss: f(model, r, c))
+        expected = scorer.projector.project(scorer.layout, exact)
+        stored = scorer.store.read_tensors(k, "gradients")["projected"].float()
+        assert torch.allclose(stored, expected, rtol=2e-3, atol=2e-3 * float(expected.abs().max())), k
+
+
+def test_every_audit_command_reads_a_record_only_run(ppo_runs, tmp_path, capsys):
+    run, _, _ = ppo_runs
+    behaviour = ["--prompt", PROMPT, "--response", RESPONSE]
+    assert main(["audit", str(run)]) == 0
+    assert "recorded only (iif_target none): no scores" in capsys.readouterr().out
+    assert main(["audit", str(run), "--json", "--z", "0.1"]) == 0
+    assert json.loads(capsys.readouterr().out)["score"] == "none"
+    assert main(["score", str(run), "--round", "2", *behaviour, "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert len(scored["records"]) == 8 and all(math.isfinite(r["influence"]) for r in scored["records"])
+    for command in (["formation", str(run), *behaviour], ["intervene", str(run), "--round", "2", *behaviour],
+                    ["report", str(run), "-o", str(tmp_path / "r.html")]):  # fmt: skip
+        assert main(command) == 0, command
+    capsys.readouterr()
+    assert main(["intervene", str(run), "--round", "2", "--return-target"]) == 2
+    assert "recorded no return target (iif_target none)" in capsys.readouterr().err
+
+
+def test_grpo_record_only_trains_exactly_as_plain_grpo(tmp_path):
+    plain = build_grpo(tmp_path / "plain", heldout=False, iif_enabled=False)
+    plain.train()
+    recorded = build_grpo(tmp_path / "recorded", heldout=False, iif_target="none")
+    recorded.train()
+    expected, got = lora_state(plain), lora_state(recorded)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    store = AttributionStore.open(tmp_path / "recorded")
+    assert store.manifest.target == "none" and len(store.rounds()) == 4
+    table = store.read_records(1).to_pydict()
+    assert all(table["kept"]) and all(math.isnan(v) for v in table["influence"])
+    assert store.read_tensors(1, "gradients")["projected"].shape[0] == 8
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"iif_filter": "random"}, "drops nothing, so there is no random control"),
+        ({"iif_store": False}, "needs iif_store=true and iif_store_projection_dim > 0"),
+        ({"iif_store_projection_dim": 0}, "needs iif_store=true and iif_store_projection_dim > 0"),
+    ],
+)
+def test_record_only_settings_that_record_nothing_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        IIFSettings(iif_target="none", **settings).check_iif_settings()
