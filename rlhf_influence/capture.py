@@ -315,3 +315,73 @@ def capture_factors(
         num_records=n,
         dtype=dtype,
     )
+
+
+class TrainingCapture:
+    """Per-record factors from a training step's own forward and backward: no extra pass.
+
+    Around one micro-batch's forward and backward (``with capture.recording(n): loss = ...;
+    loss.backward()``), forward hooks keep each LoRA linear's input and hook its output, whose
+    gradient autograd then computes anyway for the weights'. ``factors()`` gives the micro-batch's
+    :class:`RecordFactors`: record i's gradient of the backward's loss, provided the loss adds up
+    terms each of which depends on one record (a masked mean with one denominator does). Nothing
+    is computed that the training does not compute, except the hooks' copies.
+    """
+
+    def __init__(self, layout: LoraLayout) -> None:
+        self.layout = layout
+        self._calls: list[tuple[int, torch.Tensor]] = []  # (adapter idx, input)
+        self._grads: dict[int, torch.Tensor] = {}  # call position -> output gradient
+        self._num_records = 0
+        self._backward_started = False
+
+    @contextmanager
+    def recording(self, num_records: int):
+        """Hook the LoRA linears while one micro-batch of ``num_records`` records runs forward and
+        backward (inside the ``with``)."""
+        self._calls, self._grads, self._num_records = [], {}, num_records
+        self._backward_started = False
+        handles = [linear.module.register_forward_hook(self._hook(idx)) for idx, linear in enumerate(self.layout.linears)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, idx: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if self._backward_started or not (torch.is_grad_enabled() and output.requires_grad):
+                return  # a recomputation inside the backward (activation checkpointing), or no grad
+            position = len(self._calls)
+            self._calls.append((idx, args[0].detach()))
+
+            def keep(grad: torch.Tensor, position: int = position) -> None:
+                self._backward_started = True
+                self._grads[position] = grad.detach()
+
+            output.register_hook(keep)
+
+        return hook
+
+    def factors(self, scale: float = 1.0) -> RecordFactors:
+        """The recorded micro-batch's factors, each output gradient times ``scale`` (e.g. to undo
+        the gradient-accumulation division or to put the loss on another normaliser)."""
+        if not self._calls:
+            raise UnsupportedLoraError(
+                "no LoRA adapter ran with grad during the recorded forward (reentrant activation "
+                "checkpointing hides them: use gradient_checkpointing_kwargs={'use_reentrant': False})"
+            )
+        n = self._num_records
+        adapters = [AdapterFactors(linear) for linear in self.layout.linears]
+        dtype = torch.float32
+        device = self._calls[0][1].device
+        for position, (idx, x) in enumerate(self._calls):
+            g = self._grads.get(position)
+            if g is None:  # this call does not reach the loss
+                continue
+            name = self.layout.linears[idx].name
+            adapters[idx].inputs.append(_as_record_major(x, n, name, "input"))
+            adapters[idx].output_grads.append(_as_record_major(g, n, name, "output") * scale)
+            if x.dtype == torch.float64:
+                dtype = torch.float64
+        return RecordFactors(self.layout, adapters, torch.zeros(n, device=device), n, dtype)

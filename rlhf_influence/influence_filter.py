@@ -309,15 +309,20 @@ class InfluenceFilter:
         projected: list[torch.Tensor] = []
         for _ in self.record_factors(policy, records, self.store_projector, projected):
             pass
-        total = len(records) * self.collectives.num_processes
+        return self.recorded(torch.cat(projected), time.perf_counter() - start)
+
+    def recorded(self, projected: torch.Tensor, seconds: float = 0.0) -> Scoring:
+        """The round of a record-only run: this process's records' stored gradients ``[n, D']``, no
+        score (NaN), every record kept."""
+        total = len(projected) * self.collectives.num_processes
         keep = torch.ones(total, dtype=torch.bool)
         return Scoring(
             scores=torch.full((total,), math.nan, dtype=torch.float64),
             decision=FilterDecision(keep=keep, num_negative=0, num_nonfinite=0),
-            keep_local=np.ones(len(records), dtype=bool),
+            keep_local=np.ones(len(projected), dtype=bool),
             keep_by_process=keep[None].repeat(self.collectives.num_processes, 1),
-            seconds=time.perf_counter() - start,
-            projected=torch.cat(projected),
+            seconds=seconds,
+            projected=projected,
         )
 
     # ------------------------------------------------------------------ metrics

@@ -18,6 +18,7 @@ TARGETS = ("heldout_return", "buffer_return", "none")
 HELDOUT_SAMPLING = ("with_rollout", "separate")
 SNAPSHOT_DTYPES = ("float32", "bfloat16")
 SCORES = ("raw", "adam")
+STORED_GRADIENTS = ("snapshot", "training")
 
 
 @dataclass
@@ -181,6 +182,17 @@ class IIFSettings:
             "per-side projection as it is (r * iif_store_projection_dim per adapter side)."
         },
     )
+    iif_store_gradients: str = field(
+        default="snapshot",
+        metadata={
+            "help": "With --iif_target none, where the stored per-record gradients come from. 'snapshot': one "
+            "forward and backward over the round's records at the round start (exactly the round-start gradient). "
+            "'training': hooks in the optimisation's own backward, no extra pass: each record's gradient of its "
+            "loss in the first epoch, at the weights it was trained at (the round start for the first mini-batch, "
+            "later ones after the steps before them). With a target the scoring pass yields them anyway.",
+            "choices": list(STORED_GRADIENTS),
+        },
+    )
     iif_store_snapshot_dtype: str = field(
         default="float32",
         metadata={
@@ -251,6 +263,13 @@ class IIFSettings:
                     "iif_target='none' only records the store's gradients: it needs iif_store=true and "
                     "iif_store_projection_dim > 0 (for no attribution at all: iif_enabled=false)"
                 )
+        if self.iif_store_gradients not in STORED_GRADIENTS:
+            raise ValueError(f"iif_store_gradients must be one of {STORED_GRADIENTS}, got {self.iif_store_gradients!r}")
+        if self.iif_store_gradients == "training" and self.iif_target != "none":
+            raise ValueError(
+                "iif_store_gradients='training' is for record-only runs (iif_target='none'): with a target, the "
+                "scoring pass at the round start yields the stored gradients at no extra cost"
+            )
         if self.iif_score not in SCORES:
             raise ValueError(f"iif_score must be one of {SCORES}, got {self.iif_score!r}")
         if self.iif_filter not in ("influence", "random"):

@@ -332,3 +332,26 @@ def test_reentrant_checkpointing_is_refused():
     loss_fn = ppo_loss_fn(batch, torch.randn(batch[0].shape, dtype=torch.float64))
     with pytest.raises(UnsupportedLoraError, match="use_reentrant': False"):
         per_record_gradients(model, loss_fn)
+
+
+def test_training_capture_equals_brute_force_and_leaves_the_step_alone(arch):
+    """Factors kept from an ordinary loss.backward() (the training's own) give every record's exact
+    gradient; the weights' .grad is what the backward alone gives."""
+    from rlhf_influence.capture import TrainingCapture
+
+    model = tiny_lora_model(arch)
+    batch = record_batch(5, padding_side="left", seed=2)
+    advantages = torch.randn(batch[0].shape, dtype=torch.float64)
+    loss_fn = ppo_loss_fn(batch, advantages)
+    reference = brute_force_per_record(model, loss_fn)
+    plain = torch.autograd.grad(loss_fn(model).sum(), trainable(model))
+
+    capture = TrainingCapture(find_lora_layout(model))
+    with capture.recording(5):
+        (loss_fn(model).sum() / 2).backward()  # e.g. accelerate's division by 2 accumulation steps
+    captured = capture.factors(scale=2.0).gradients()
+    assert rel_err(captured, reference) < 1e-6
+    for p, g in zip(trainable(model), plain, strict=True):
+        assert torch.allclose(p.grad * 2, g)
+    projector = RandomProjector(8, seed=3)
+    assert rel_err(capture.factors(scale=2.0).gradients(projector), projector.project(find_lora_layout(model), reference)) < 1e-6

@@ -125,3 +125,77 @@ def test_grpo_record_only_trains_exactly_as_plain_grpo(tmp_path):
 def test_record_only_settings_that_record_nothing_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         IIFSettings(iif_target="none", **settings).check_iif_settings()
+
+
+class KeepsTrainingWeights(IIFPPOTrainer):
+    """Keeps, for every micro-batch of each round's first epoch, its records and the LoRA weights it ran at."""
+
+    def train(self, *args, **kwargs):
+        self.first_epoch_calls, self._round_calls, self._in_first_epoch = [], [], False
+        return super().train(*args, **kwargs)
+
+    def ppo_epoch(self, batch, keep_local, stats, collected=None):
+        self._in_first_epoch = collected is not None
+        if self._in_first_epoch:
+            self._round_calls = []
+            self.first_epoch_calls.append(self._round_calls)
+        super().ppo_epoch(batch, keep_local, stats, collected)
+
+    def _ppo_loss(self, batch, idx):
+        if self._in_first_epoch:
+            self._round_calls.append((idx.copy(), policy_lora(self)))
+        return super()._ppo_loss(batch, idx)
+
+
+def test_gradients_from_the_training_backward(tmp_path):
+    """iif_store_gradients='training', with gradient accumulation: training is plain PPO bit for bit,
+    no pass at the round start, and each stored vector is the projection of the record's exact loss
+    gradient (one autograd call, on the round's normaliser) at the weights its first-epoch
+    micro-batch ran at."""
+    from rlhf_influence.audit.intervention import RoundReplay
+    from rlhf_influence.audit.rescore import SnapshotScorer
+
+    settings = dict(iif_target="none", iif_store_gradients="training", gradient_accumulation_steps=2,
+                    num_mini_batches=1)  # fmt: skip
+    plain = train_ppo(tmp_path / "plain", iif_enabled=False, gradient_accumulation_steps=2, num_mini_batches=1)
+    setup = Setup()
+    trainer = KeepsTrainingWeights(
+        args=IIFPPOConfig(**ppo_kwargs(tmp_path / "run", total_episodes=24, **settings)),
+        processing_class=setup.tokenizer, model=setup.peft_policy(), ref_model=None, reward_model=setup.reward,
+        train_dataset=setup.train, value_model=setup.value,
+    )  # fmt: skip
+    seed_everything(0)
+    trainer.train()
+    assert all(torch.equal(policy_lora(plain)[k], v) for k, v in policy_lora(trainer).items())
+
+    scorer = SnapshotScorer(tmp_path / "run")
+    assert scorer.rounds == [1, 2, 3] and len(trainer.first_epoch_calls) == 3
+    params = dict(scorer.policy.named_parameters())
+    moved = 0
+    for k, calls in zip(scorer.rounds, trainer.first_epoch_calls, strict=True):
+        replay = RoundReplay(scorer, k)
+        records = replay.records
+        normaliser = replay.filter.normaliser(records)
+        stored = scorer.store.read_tensors(k, "gradients")["projected"].float()
+        metrics = scorer.store.read_metrics(k)
+        assert "time/scoring_seconds" not in metrics  # no pass of its own
+        seen = set()
+        for idx, weights in calls:
+            with torch.no_grad():
+                for name, value in weights.items():
+                    params[name].copy_(value)
+            part = records.select(torch.as_tensor(idx))
+            loss = replay.filter.loss
+            exact = brute_force_per_record(scorer.policy, lambda model, r=part, c=normaliser, f=loss: f(model, r, c))
+            expected = scorer.projector.project(scorer.layout, exact)
+            got = stored[torch.as_tensor(idx)]
+            assert torch.allclose(got, expected, rtol=2e-3, atol=2e-3 * float(expected.abs().max())), (k, idx)
+            seen.update(int(i) for i in idx)
+            moved += any(not torch.equal(weights[n], v.to(weights[n])) for n, v in scorer.store.read_tensors(k, "adapter").items())
+        assert seen == set(range(8))
+    assert moved > 0  # some records were trained on after a step: at weights other than the snapshot's
+
+
+def test_training_gradients_are_for_record_only_runs():
+    with pytest.raises(ValueError, match="is for record-only runs"):
+        IIFSettings(iif_target="heldout_return", iif_store_gradients="training").check_iif_settings()

@@ -5,15 +5,18 @@ processes, and the records table's attribution columns."""
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from accelerate.utils import gather_object
 from torch import nn
 
+from ..capture import TrainingCapture
 from ..influence import adam_preconditioner
 from ..influence_filter import InfluenceFilter, Scoring
 from ..lora import LoraLayout, canonical_name
@@ -56,6 +59,43 @@ def heldout_rows(dataset, round_index: int, num_prompts: int, accelerator) -> li
 def heldout_seed(seed: int, round_index: int, process_index: int) -> int:
     """The seed a round's held-out target samples under on one process, apart from training's."""
     return (seed * 1_000_003 + round_index * 7919 + process_index) % (2**63)
+
+
+class TrainingGradients:
+    """A round's per-record stored gradients collected from the optimisation's own backward
+    (``iif_store_gradients='training'``): each record's, the first time it is trained on, on the
+    scoring's normaliser (so they compare with the round-start pass's)."""
+
+    def __init__(self, filter_: InfluenceFilter, num_records: int, normaliser: float) -> None:
+        self.capture = TrainingCapture(filter_.layout)
+        self.projector = filter_.store_projector
+        self.dtype = filter_.store_dtype
+        self.normaliser = normaliser
+        self.rows: list[torch.Tensor | None] = [None] * num_records
+        self.seconds = 0.0
+
+    def recording(self, records: np.ndarray):
+        """Around one micro-batch's forward and backward over the local ``records``."""
+        return self.capture.recording(len(records))
+
+    def collect(self, records: np.ndarray, loss_divisor: float, accumulation_divisor: float = 1.0) -> None:
+        """After the micro-batch's backward: keep the gradients of the records not yet kept. Its loss
+        was divided by ``loss_divisor`` (e.g. PPO's masked mean: the micro-batch's tokens) and by
+        ``accumulation_divisor`` (accelerate's gradient accumulation)."""
+        start = time.perf_counter()
+        scale = loss_divisor * accumulation_divisor / self.normaliser
+        projected = self.capture.factors(scale).gradients(self.projector).to(self.dtype).cpu()
+        for row, record in zip(projected, records, strict=True):
+            if self.rows[int(record)] is None:
+                self.rows[int(record)] = row
+        self.seconds += time.perf_counter() - start
+
+    def projected(self) -> torch.Tensor:
+        """``[n, D']`` in the records' order; every record must have been trained on."""
+        missing = [i for i, row in enumerate(self.rows) if row is None]
+        if missing:
+            raise RuntimeError(f"records {missing[:5]} were not trained on in the round's first epoch")
+        return torch.stack(self.rows)
 
 
 def check_optimizer_state_access(args: IIFSettings, accelerator) -> None:

@@ -74,6 +74,7 @@ from .config import IIFPPOConfig
 from .rewards import RewardFunction, as_reward_module
 from .shared import (
     StoredRound,
+    TrainingGradients,
     adapter_snapshot,
     check_optimizer_state_access,
     gathered_state_dict,
@@ -286,9 +287,10 @@ class IIFPPOTrainer(PPOTrainer):
             epochs: list[Scoring] = []
             snapshot = self.adapter_snapshot() if self.store is not None else None
             moments = self.optimizer_snapshot() if self.store is not None else None
+            collected = self.gradients_from_training(batch)
             for epoch in range(args.num_ppo_epochs):
                 rescore = args.iif_schedule == "epoch" and self.iif_target != "none"
-                if args.iif_enabled and (epoch == 0 or rescore):
+                if args.iif_enabled and collected is None and (epoch == 0 or rescore):
                     keep_gradients = epoch == 0 and self.store_projector is not None
                     with timer("scoring"):
                         epochs.append(
@@ -296,7 +298,9 @@ class IIFPPOTrainer(PPOTrainer):
                         )
                 keep_local = epochs[-1].keep_local if epochs else None  # None: plain PPO keeps all
                 with timer("optimisation"):
-                    self.ppo_epoch(batch, keep_local, stats)
+                    self.ppo_epoch(batch, keep_local, stats, collected if epoch == 0 else None)
+            if collected is not None:  # record only, from the training's own backward
+                epochs.append(self.iif.recorded(collected.projected(), collected.seconds))
 
             metrics = {**self.round_metrics(batch, stats, epochs, start), **timer.metrics()}
             self.store_round(round_index, batch, epochs, metrics, snapshot, target_batch, moments)
@@ -550,17 +554,30 @@ class IIFPPOTrainer(PPOTrainer):
             preconditioner=score_preconditioner(self.args, self.unwrapped.policy, self.optimizer, self.layout),
         )
 
+    def gradients_from_training(self, batch: RolloutBatch) -> TrainingGradients | None:
+        """The round's collector of per-record gradients from the optimisation's backward, for a
+        record-only run that stores them so (``iif_store_gradients='training'``); else None."""
+        args = self.args
+        if not (args.iif_enabled and self.store is not None and args.iif_store_gradients == "training"):
+            return None
+        records = batch.scored_records(self.processing_class.pad_token_id)
+        return TrainingGradients(self.iif, len(records), self.iif.normaliser(records))
+
     # ------------------------------------------------------------------ step 5: one PPO epoch
     def ppo_epoch(
-        self, batch: RolloutBatch, keep_local: np.ndarray | None, stats: dict[str, list[float]]
+        self,
+        batch: RolloutBatch,
+        keep_local: np.ndarray | None,
+        stats: dict[str, list[float]],
+        collected: TrainingGradients | None = None,
     ) -> None:
         """Mini-batch PPO over the kept records (all when ``keep_local`` is None), the same number
-        of micro-batches on every process."""
+        of micro-batches on every process; ``collected`` keeps each record's gradient from the backward."""
         args = self.args
         if keep_local is None:
             keep_local = np.ones(args.local_batch_size, dtype=bool)
         with self._advantages_whitened_over(batch, keep_local if args.iif_whiten_after_filter else None):
-            self._run_epoch_plan(batch, keep_local, stats)
+            self._run_epoch_plan(batch, keep_local, stats, collected)
 
     @contextmanager
     def _advantages_whitened_over(self, batch: RolloutBatch, keep_local: np.ndarray | None):
@@ -581,7 +598,11 @@ class IIFPPOTrainer(PPOTrainer):
             batch.advantages = original
 
     def _run_epoch_plan(
-        self, batch: RolloutBatch, keep_local: np.ndarray, stats: dict[str, list[float]]
+        self,
+        batch: RolloutBatch,
+        keep_local: np.ndarray,
+        stats: dict[str, list[float]],
+        collected: TrainingGradients | None = None,
     ) -> None:
         args = self.args
         order = np.random.permutation(args.local_batch_size)
@@ -601,10 +622,15 @@ class IIFPPOTrainer(PPOTrainer):
             for micro in mini_batch:
                 with self.accelerator.accumulate(self.model):
                     real = len(micro) > 0
-                    loss, micro_stats = self._ppo_loss(batch, micro if real else np.array([0]))
-                    if not real:  # keeps collectives in step on a process with no record left
-                        loss = loss * 0.0
-                    self.accelerator.backward(loss)
+                    recording = collected is not None and real
+                    with collected.recording(micro) if recording else nullcontext():
+                        loss, micro_stats = self._ppo_loss(batch, micro if real else np.array([0]))
+                        if not real:  # keeps collectives in step on a process with no record left
+                            loss = loss * 0.0
+                        self.accelerator.backward(loss)
+                    if recording:  # the policy loss is a masked mean over the micro-batch's response tokens
+                        tokens = float((~batch.padding_mask[micro]).sum())
+                        collected.collect(micro, tokens, self.accelerator.gradient_accumulation_steps)
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                 if real:
