@@ -381,8 +381,43 @@ def summarise(args) -> None:
         summary["fresh_moments"] = {"top_wins_stored": int(sum(stored_top)), "top_wins_fresh": int(sum(fresh_top)),
                                     "reference_change_fresh_over_stored": all_ratio}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot(summary, out / "validity.png", args.title)
     (out / "table.md").write_text(table(summary))
     print(table(summary))
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    """Left: each score's LDS against the reference by target (median over the LDS rounds, bars the
+    spread). Right: how well each target's gradient points where the reference's does."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    targets = [t for t in TARGETS]
+    width = 0.8 / len(SCORES)
+    for i, score in enumerate(SCORES):
+        rows = {r["variant"].split("/")[1]: r["lds"]["reference"] for r in summary["variants"]
+                if r["variant"].startswith(score + "/")}  # fmt: skip
+        xs = [j + (i - (len(SCORES) - 1) / 2) * width for j in range(len(targets))]
+        med = [float(np.median(rows[t])) if rows.get(t) else np.nan for t in targets]
+        low = [m - min(rows[t]) if rows.get(t) else 0 for m, t in zip(med, targets, strict=True)]
+        high = [max(rows[t]) - m if rows.get(t) else 0 for m, t in zip(med, targets, strict=True)]
+        left.bar(xs, med, width, yerr=[low, high], capsize=2, label=score, alpha=0.85)
+    left.axhline(0, color="black", linewidth=0.6)
+    left.set_xticks(range(len(targets)), targets)
+    left.set(ylabel="LDS vs the reference (Spearman)", title=f"{title}: which score and target predict the re-runs")
+    left.legend(fontsize=8)
+    for kind in ("raw", "adam"):
+        keys = [t for t in TARGETS[:-1] if f"{kind}/{t}" in summary["alignment"]]
+        right.plot(keys, [summary["alignment"][f"{kind}/{t}"]["median"] for t in keys], marker="o", label=kind)
+    right.axhline(0, color="black", linewidth=0.6)
+    right.set(ylabel="cosine with the reference's gradient (median)", title="the target's gradient against the reference's")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def table(summary: dict) -> str:
@@ -430,6 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--out", required=True)
     s = sub.add_parser("summarise", help="sign tests, LDS and target alignment over the rounds in --out")
     s.add_argument("--out", required=True)
+    s.add_argument("--title", default="", help="the plot's title (e.g. the task)")
     args = parser.parse_args(argv)
     analyse(args) if args.command == "analyse" else summarise(args)
 
