@@ -278,6 +278,65 @@ def analyse_round(replay: RoundReplay, task, args, round_index: int) -> dict:
     return result
 
 
+BEHAVIOURS = {  # a fixed (prompt, response) per task: the behaviour target's log pi(response | prompt)
+    "reviews": ("This movie was", " a wonderful surprise, and I loved every minute of it."),
+    "sentiment": ("the movie was", "great fun lovely"),
+}
+
+
+def record_scores(replay: RoundReplay, target_grad: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Raw and Adam-aware scores ``[N]`` of the round's records on one target, at the snapshot."""
+    policy = replay.scorer.policy
+    record_grads = torch.cat([f.gradients(None) for f in replay.filter.record_factors(policy, replay.records)])
+    state = replay.optimizer_state()
+    _, _, beta2, eps, _ = state["hyperparameters"].tolist()
+    step = float(state["step"][0])
+    names = [n for n, p in policy.named_parameters() if p.requires_grad]
+    v = torch.cat([state[f"exp_avg_sq/{n}"].flatten() for n in names])
+    scores = {"raw": -(record_grads @ target_grad)}
+    if step > 0:
+        scores["adam"] = -((record_grads / ((v / (1 - beta2**step)).sqrt() + eps)) @ target_grad)
+    return scores
+
+
+def analyse_behaviour_round(replay: RoundReplay, args, round_index: int) -> dict:
+    """The behaviour sign test: re-runs without the top/bottom ``--remove`` records by each score on
+    log pi(response | prompt), against random removal; exact and first-order changes."""
+    from rlhf_influence.targets import LogProbTarget
+
+    scorer = replay.scorer
+    policy = scorer.policy
+    scorer.load_round(round_index)
+    theta0 = flat_trainable(policy)
+    prompt, response = BEHAVIOURS[args.task]
+    target = LogProbTarget.from_text(scorer.tokenizer, [prompt], [response])
+    target.temperature, target.positions_from_mask = scorer.temperature, scorer.positions_from_mask
+    grad = target_gradients(policy, target, layout=scorer.layout)
+    scores = record_scores(replay, grad)
+    with torch.no_grad():
+        before = float(target(policy).sum())
+    n, m = len(replay), args.remove
+    everyone = np.arange(n)
+    cache: dict[tuple, tuple[float, float]] = {}
+
+    def rerun(removed) -> tuple[float, float]:
+        key = tuple(sorted(int(i) for i in removed))
+        if key not in cache:
+            replay.rerun(np.setdiff1d(everyone, np.asarray(key, dtype=int)), seed=args.seed)
+            with torch.no_grad():
+                exact = float(target(policy).sum()) - before
+            cache[key] = (exact, float(grad @ (flat_trainable(policy) - theta0)))
+        return cache[key]
+
+    draws = np.random.default_rng(round_index)
+    result = {"round": round_index, "prompt": prompt, "response": response, "all": rerun([]),
+              "random": [rerun(draws.choice(n, size=m, replace=False)) for _ in range(args.draws)], "variants": {}}  # fmt: skip
+    for name, values in scores.items():
+        order = torch.argsort(values, descending=True).numpy()
+        result["variants"][name] = {"top": rerun(order[:m]), "bottom": rerun(order[-m:])}
+    return result
+
+
 def analyse(args) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -288,14 +347,17 @@ def analyse(args) -> None:
     task = get_task(args.task).build(seed=0)
     del task.policy, task.value_model
     for round_index in args.rounds:
-        path = out / f"round_{round_index:03d}.json"
+        path = out / f"round_{round_index:03d}{'_behaviour' if args.behaviour else ''}.json"
         if path.is_file():
             continue
         replay = RoundReplay(scorer, round_index)
-        result = analyse_round(replay, task, args, round_index)
+        if args.behaviour:
+            result = analyse_behaviour_round(replay, args, round_index)
+        else:
+            result = analyse_round(replay, task, args, round_index)
         result["run"] = str(args.run)
         path.write_text(json.dumps(result))
-        print(f"round {round_index}: {result['reruns']} re-runs, {result['seconds']['total']:.0f} s", flush=True)
+        print(f"round {round_index} done", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -312,7 +374,7 @@ def spearman(x, y) -> float:
 
 def summarise(args) -> None:
     out = Path(args.out)
-    rounds = [json.loads(p.read_text()) for p in sorted(out.glob("round_*.json"))]
+    rounds = [json.loads(p.read_text()) for p in sorted(out.glob("round_???.json"))]
     if not rounds:
         sys.exit(f"no round results under {out}")
     judges = {"reference": TARGETS.index("oracle"), "own target": TARGETS.index("stored")}
@@ -380,6 +442,17 @@ def summarise(args) -> None:
                                                                 strict=True) if r["all"][j]]  # fmt: skip
         summary["fresh_moments"] = {"top_wins_stored": int(sum(stored_top)), "top_wins_fresh": int(sum(fresh_top)),
                                     "reference_change_fresh_over_stored": all_ratio}  # fmt: skip
+    behaviour = [json.loads(p.read_text()) for p in sorted(out.glob("round_*_behaviour.json"))]
+    if behaviour:
+        summary["behaviour"] = {"prompt": behaviour[0]["prompt"], "response": behaviour[0]["response"]}
+        for name in behaviour[-1]["variants"]:
+            counted = [b for b in behaviour if name in b["variants"]]
+            top = sum(b["variants"][name]["top"][0] < np.mean([d[0] for d in b["random"]]) for b in counted)
+            bottom = sum(b["variants"][name]["bottom"][0] > np.mean([d[0] for d in b["random"]]) for b in counted)
+            summary["behaviour"][name] = {"rounds": len(counted), "top_wins": int(top), "top_p": sign_test_p(int(top), len(counted)),
+                                          "bottom_wins": int(bottom), "bottom_p": sign_test_p(int(bottom), len(counted))}  # fmt: skip
+        pairs = [c for b in behaviour for c in [b["all"], *b["random"], *[v[k] for v in b["variants"].values() for k in ("top", "bottom")]]]
+        summary["behaviour"]["first_order_vs_exact_spearman"] = spearman([c[1] for c in pairs], [c[0] for c in pairs])
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(summary, out / "validity.png", args.title)
     (out / "table.md").write_text(table(summary))
@@ -435,6 +508,15 @@ def table(summary: dict) -> str:
     for row in summary["variants"]:
         cells = " | ".join(f"{cell(row[j])} | {lds(row['lds'][j])}" for j in judges)
         lines.append(f"| {row['variant']} | {cells} |")
+    if "behaviour" in summary:
+        b = summary["behaviour"]
+        lines += ["", f"Behaviour: log p({b['response']!r} | {b['prompt']!r}), exact change after each re-run.", "",
+                  "| score | top removed lowers it more than random | bottom removed raises it more than random |",
+                  "|---|---|---|"]  # fmt: skip
+        for name in ("raw", "adam"):
+            if name in b:
+                lines.append(f"| {name} | {b[name]['top_wins']}/{b[name]['rounds']} (p={b[name]['top_p']:.3g}) | "
+                             f"{b[name]['bottom_wins']}/{b[name]['rounds']} (p={b[name]['bottom_p']:.3g}) |")  # fmt: skip
     lines += ["", "| target gradient | cosine with the reference's, median over rounds |", "|---|---|"]
     for key, value in summary["alignment"].items():
         lines.append(f"| {key} | {value['median']:.3f} ({value['rounds']} rounds) |")
@@ -462,6 +544,8 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--subsets", type=int, default=32)
     a.add_argument("--seed", type=int, default=0, help="the re-runs' mini-batch order")
     a.add_argument("--threads", type=int, default=1)
+    a.add_argument("--behaviour", action="store_true",
+                   help="the behaviour sign test instead: a fixed response's log-prob (BEHAVIOURS) as the target")
     a.add_argument("--out", required=True)
     s = sub.add_parser("summarise", help="sign tests, LDS and target alignment over the rounds in --out")
     s.add_argument("--out", required=True)
