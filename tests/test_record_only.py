@@ -199,3 +199,8 @@ def test_gradients_from_the_training_backward(tmp_path):
 def test_training_gradients_are_for_record_only_runs():
     with pytest.raises(ValueError, match="is for record-only runs"):
         IIFSettings(iif_target="heldout_return", iif_store_gradients="training").check_iif_settings()
+
+
+def test_training_gradients_are_refused_under_grpo(tmp_path):
+    with pytest.raises(ValueError, match="not available under GRPO yet"):
+        build_grpo(tmp_path, heldout=False, iif_target="none", iif_store_gradients="training")

@@ -106,6 +106,11 @@ class IIFGRPOTrainer(GRPOTrainer):
         if not isinstance(args, IIFGRPOConfig):
             raise TypeError(f"args must be an IIFGRPOConfig, got {type(args).__name__}")
         self.iif_target = args.resolved_target(target_dataset is not None)
+        if args.iif_enabled and args.iif_store_gradients == "training":
+            raise ValueError(
+                "iif_store_gradients='training' (gradients from the optimisation's backward) is not available "
+                "under GRPO yet: record-only GRPO runs record at the round start (iif_store_gradients='snapshot')"
+            )
         if target_dataset is not None and "prompt" not in target_dataset.column_names:
             raise ValueError("target_dataset must have a 'prompt' column, as train_dataset")
         check_policy_has_lora(model, peft_config)
