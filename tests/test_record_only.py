@@ -13,7 +13,7 @@ from test_grpo import build as build_grpo
 from test_grpo import lora_state
 from trainer_setup import Setup, ppo_kwargs, seed_everything
 
-from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
+from rlhf_influence import IIFGRPOTrainer, IIFPPOConfig, IIFPPOTrainer
 from rlhf_influence.cli import main
 from rlhf_influence.settings import IIFSettings
 from rlhf_influence.store import AttributionStore
@@ -201,6 +201,54 @@ def test_training_gradients_are_for_record_only_runs():
         IIFSettings(iif_target="heldout_return", iif_store_gradients="training").check_iif_settings()
 
 
-def test_training_gradients_are_refused_under_grpo(tmp_path):
-    with pytest.raises(ValueError, match="not available under GRPO yet"):
-        build_grpo(tmp_path, heldout=False, iif_target="none", iif_store_gradients="training")
+class KeepsGRPOTrainingWeights(IIFGRPOTrainer):
+    """Keeps, for every slice of each round's first pass, its records and the LoRA weights it ran at."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.first_pass_calls = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._collecting() is not None:
+            rows = self._round.step_rows[self._step % self.args.steps_per_generation]
+            self.first_pass_calls.append((self._round.index, rows.copy(), lora_state(self)))
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo"])
+def test_grpo_gradients_from_trls_backward(tmp_path, loss_type):
+    """Under GRPO the hooks sit in TRL's own backward: training equals plain GRPO bit for bit, and each
+    stored vector is the projection of the completion's exact loss gradient (on the round's
+    normaliser) at the weights its slice ran at, with accumulation and several steps a round."""
+    from rlhf_influence.audit.intervention import RoundReplay
+    from rlhf_influence.audit.rescore import SnapshotScorer
+
+    settings = dict(loss_type=loss_type, gradient_accumulation_steps=2, steps_per_generation=4, max_steps=4)
+    plain = build_grpo(tmp_path / "plain", heldout=False, iif_enabled=False, **settings)
+    plain.train()
+    recorded = build_grpo(tmp_path / "run", KeepsGRPOTrainingWeights, heldout=False, iif_target="none",
+                          iif_store_gradients="training", **settings)  # fmt: skip
+    recorded.train()
+    assert all(torch.equal(lora_state(plain)[k], v) for k, v in lora_state(recorded).items())
+
+    scorer = SnapshotScorer(tmp_path / "run")
+    params = dict(scorer.policy.named_parameters())
+    checked, moved = set(), 0
+    for round_index, rows, weights in recorded.first_pass_calls:
+        replay = RoundReplay(scorer, round_index)
+        records = replay.records
+        normaliser = replay.filter.normaliser(records)
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        real = rows[rows >= 0]
+        part = records.select(torch.as_tensor(real))
+        loss = replay.filter.loss
+        exact = brute_force_per_record(scorer.policy, lambda model, r=part, c=normaliser, f=loss: f(model, r, c))
+        expected = scorer.projector.project(scorer.layout, exact)
+        got = scorer.store.read_tensors(round_index, "gradients")["projected"].float()[torch.as_tensor(real)]
+        assert torch.allclose(got, expected, rtol=2e-3, atol=2e-3 * float(expected.abs().max())), (round_index, rows)
+        checked.update((round_index, int(i)) for i in real)
+        snapshot = scorer.store.read_tensors(round_index, "adapter")
+        moved += any(not torch.equal(weights[n], v.to(weights[n])) for n, v in snapshot.items())
+    assert len(checked) == len(scorer.rounds) * 32 and moved > 0

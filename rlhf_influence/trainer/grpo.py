@@ -52,6 +52,7 @@ from .checkpoint import (
 from .grpo_config import IIFGRPOConfig
 from .shared import (
     StoredRound,
+    TrainingGradients,
     adapter_snapshot,
     check_optimizer_state_access,
     heldout_rows,
@@ -88,6 +89,8 @@ class GenerationRound:
     started: float  # perf_counter at the round's start: its steps end when the next round starts
     scorings: list[Scoring] = field(default_factory=list)
     optimizer: dict[str, torch.Tensor] | None = None  # the round-start Adam state, when stored
+    collected: TrainingGradients | None = None  # record only, from the training's backward
+    step_rows: list[np.ndarray] = field(default_factory=list)  # each step's local records (-1: padding)
 
 
 class IIFGRPOTrainer(GRPOTrainer):
@@ -106,11 +109,6 @@ class IIFGRPOTrainer(GRPOTrainer):
         if not isinstance(args, IIFGRPOConfig):
             raise TypeError(f"args must be an IIFGRPOConfig, got {type(args).__name__}")
         self.iif_target = args.resolved_target(target_dataset is not None)
-        if args.iif_enabled and args.iif_store_gradients == "training":
-            raise ValueError(
-                "iif_store_gradients='training' (gradients from the optimisation's backward) is not available "
-                "under GRPO yet: record-only GRPO runs record at the round start (iif_store_gradients='snapshot')"
-            )
         if target_dataset is not None and "prompt" not in target_dataset.column_names:
             raise ValueError("target_dataset must have a 'prompt' column, as train_dataset")
         check_policy_has_lora(model, peft_config)
@@ -137,6 +135,7 @@ class IIFGRPOTrainer(GRPOTrainer):
         self._rounds = 0
         self._last_rewards: torch.Tensor | None = None
         self._checkpoint_pending = False  # --save_steps fell inside a round: checkpoint when it ends
+        self._pending: tuple[np.ndarray, float] | None = None  # a recorded step's rows, until its backward
         self.kl_controller = KLController.from_settings(
             args.beta, args.kl_control, args.kl_target, args.kl_horizon
         )
@@ -305,8 +304,13 @@ class IIFGRPOTrainer(GRPOTrainer):
         if self.iif_target == "heldout_return":
             with timer("target_sampling"):
                 target_records, target_rewards = self.sample_heldout_target()
-        with timer("scoring"):
-            scoring = self.score(records, target_records, round_start=True)
+        collected = None
+        if self.store is not None and self.args.iif_store_gradients == "training":  # record only, no pass
+            collected = TrainingGradients(self.iif, len(records), self.iif.normaliser(records))
+            scoring = self.iif.recorded(torch.zeros(len(records), 0))  # every record kept; vectors come later
+        else:
+            with timer("scoring"):
+                scoring = self.score(records, target_records, round_start=True)
         metrics = {"objective/scores": float(rewards.nanmean()), "objective/kl_coef": self.beta}
         if self.store is not None or self.kl_controller.adaptive:  # the store's curves, the controller
             with timer("kl"):
@@ -318,10 +322,40 @@ class IIFGRPOTrainer(GRPOTrainer):
             index=self._rounds, batch=batch, shuffled=shuffled, records=records, target_records=target_records,
             rewards=rewards, target_rewards=target_rewards, snapshot=snapshot,
             metrics={**metrics, **timer.metrics()}, started=started,
-            scorings=[scoring], optimizer=moments,
+            scorings=[scoring], optimizer=moments, collected=collected,
         )  # fmt: skip
         self._buffered_inputs = self.kept_steps(shuffled, scoring.keep_local)
+        self._round.step_rows = self._step_rows
         self._log_scoring(scoring)
+
+    # ------------------------------------------------------------------ record only: gradients from TRL's backward
+    def _collecting(self) -> TrainingGradients | None:
+        """The round's collector while its first pass over its slices runs (``iif_store_gradients='training'``)."""
+        round_ = self._round
+        if round_ is None or round_.collected is None or not self.model.training:
+            return None
+        return round_.collected if self._step % self._steps_per_round < self.args.steps_per_generation else None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        collected = self._collecting()
+        if collected is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        rows = self._round.step_rows[self._step % self.args.steps_per_generation]
+        with collected.recording(rows):  # the hooks' output-gradient hooks fire in TRL's backward, after this
+            output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mask = inputs["completion_mask"]
+        tokens = float(inputs["num_items_in_batch"]) if self.iif.loss.loss_type == "dapo" else float(mask.sum())
+        self._pending = (rows, self.iif.loss.normaliser(tokens, len(rows), len(rows)))
+        return output
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._pending = None
+        output = super().training_step(model, inputs, num_items_in_batch)
+        if self._pending is not None:  # after TRL's backward: each record's gradient of TRL's slice loss
+            rows, divisor = self._pending
+            self._round.collected.collect(rows, divisor)
+            self._pending = None
+        return output
 
     def rescore_round(self) -> None:
         """Score the round's records again at the current weights, before another pass over them."""
@@ -434,6 +468,7 @@ class IIFGRPOTrainer(GRPOTrainer):
             loss_mask[torch.as_tensor(kept, dtype=torch.long, device=device)].sum()
         ).sum()
         parts = np.array_split(kept, self.args.steps_per_generation)
+        self._step_rows: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(parts)
         sizes = torch.tensor([len(p) for p in parts], device=self.accelerator.device)
         widths = self.accelerator.gather(sizes[None]).max(dim=0).values.clamp(min=1).tolist()
         steps = []
@@ -453,6 +488,7 @@ class IIFGRPOTrainer(GRPOTrainer):
                 else:
                     step[key] = value
             step["num_items_in_batch"] = num_items
+            self._step_rows[len(steps)] = np.concatenate([rows[part], -np.ones(padding, dtype=np.int64)])
             if padding:
                 real = (torch.arange(width, device=device) < len(part)).to(step["completion_mask"].dtype)
                 step["completion_mask"] = step["completion_mask"] * real[:, None]
@@ -489,6 +525,8 @@ class IIFGRPOTrainer(GRPOTrainer):
         round_, self._round = self._round, None
         if round_ is None:
             return
+        if round_.collected is not None:  # record only: the vectors its first pass's backward gave
+            round_.scorings = [self.iif.recorded(round_.collected.projected(), round_.collected.seconds)]
         if self.accelerator.device.type == "cuda":
             torch.cuda.synchronize(self.accelerator.device)
         seconds = time.perf_counter() - round_.started

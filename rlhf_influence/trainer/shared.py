@@ -79,14 +79,15 @@ class TrainingGradients:
         return self.capture.recording(len(records))
 
     def collect(self, records: np.ndarray, loss_divisor: float, accumulation_divisor: float = 1.0) -> None:
-        """After the micro-batch's backward: keep the gradients of the records not yet kept. Its loss
+        """After the micro-batch's backward: keep the gradients of the records not yet kept (``-1``
+        marks a padding row). Its loss
         was divided by ``loss_divisor`` (e.g. PPO's masked mean: the micro-batch's tokens) and by
         ``accumulation_divisor`` (accelerate's gradient accumulation)."""
         start = time.perf_counter()
         scale = loss_divisor * accumulation_divisor / self.normaliser
         projected = self.capture.factors(scale).gradients(self.projector).to(self.dtype).cpu()
         for row, record in zip(projected, records, strict=True):
-            if self.rows[int(record)] is None:
+            if record >= 0 and self.rows[int(record)] is None:  # -1: a padding row
                 self.rows[int(record)] = row
         self.seconds += time.perf_counter() - start
 
