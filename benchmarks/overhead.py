@@ -13,6 +13,9 @@ attribution store on at its defaults (what a user's run writes):
   iif_round_buffer  round schedule with the buffer target (the round's own records: no held-out
                     sampling, and one forward+backward scores the round)
   iif_epoch_buffer  epoch schedule with the buffer target
+  record_snapshot   record only (iif_target none): the store's gradients from one pass at the round
+                    start, nothing scored or dropped
+  record_training   record only, the gradients from hooks in the optimisation's own backward
 
 A round's time is its wall time, everything included (rollout, held-out sampling, scoring,
 optimisation, storing, logging), between the trainer's step callbacks; its split comes from
@@ -51,6 +54,8 @@ ARMS = {
     "iif_epoch": {"iif_schedule": "epoch"},
     "iif_round_buffer": {"iif_schedule": "round", "iif_target": "buffer_return"},
     "iif_epoch_buffer": {"iif_schedule": "epoch", "iif_target": "buffer_return"},
+    "record_snapshot": {"iif_target": "none"},
+    "record_training": {"iif_target": "none", "iif_store_gradients": "training"},
 }
 PHASES = ("rollout", "target_sampling", "scoring", "optimisation")
 
