@@ -40,7 +40,9 @@ from .models import (
 from .tasks import DEFAULT_TASK, TASKS, TaskSpec, get_task
 from .tasks.rewards import REWARD_FUNCTIONS, keyword_reward
 from .trainer.checkpoint import CheckpointError, complete_checkpoints, resolve_checkpoint
+from .trainer.rewards import RewardError, import_reward
 
+NAMED_REWARDS = (*REWARD_FUNCTIONS, "keywords")  # --reward_function by name; anything else is an import path
 DATA_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 _program = "recipe"  # the running recipe's file name, which starts every message
@@ -102,9 +104,10 @@ class JobArguments:
     reward_function: str | None = field(
         default=None,
         metadata={
-            "help": "A named Python reward used instead of the --reward_model_path model: 'sentiment' "
-            "(VADER lexicon) or 'keywords'.",
-            "choices": [*REWARD_FUNCTIONS, "keywords"],
+            "help": "A Python reward used instead of the --reward_model_path model: 'sentiment' (VADER "
+            "lexicon), 'keywords', or your own by import path, 'package.module:function' (or "
+            "'package.module.function'): f(prompts, completions) -> list[float], one finite float per "
+            "completion (checked; a wrong one stops the run with the complete rounds on disk).",
         },
     )
     reward_keywords: list[str] | None = field(
@@ -248,6 +251,11 @@ def check_job_flags(
         )
     if not 0.0 <= model_args.lora_dropout < 1.0:
         fail(f"--lora_dropout must be in [0, 1), got {model_args.lora_dropout}")
+    if script_args.reward_function is not None and script_args.reward_function not in NAMED_REWARDS:
+        try:
+            import_reward(script_args.reward_function)
+        except RewardError as exc:
+            fail(one_line(exc))
     if script_args.reward_function == "keywords" and not script_args.reward_keywords:
         fail("--reward_function keywords needs the words it rewards: --reward_keywords WORD [WORD ...]")
     if script_args.reward_function is None and reward_model_path == default_reward_model:
@@ -560,8 +568,10 @@ def load_reward(script_args: JobArguments, reward_model_path: str | None, dtype,
 
     if script_args.reward_function == "keywords":
         return keyword_reward(script_args.reward_keywords or [])
-    if script_args.reward_function is not None:
+    if script_args.reward_function in REWARD_FUNCTIONS:
         return REWARD_FUNCTIONS[script_args.reward_function]
+    if script_args.reward_function is not None:
+        return import_reward(script_args.reward_function)
     return load_pretrained(
         AutoModelForSequenceClassification,
         reward_model_path,
@@ -608,7 +618,7 @@ def train(trainer, training_args, progress, history: Callable[[], list[dict]] | 
         checkpoint = resolve_checkpoint(training_args.output_dir, resume)
         with stop.on_sigterm():
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except CheckpointError as exc:
+    except (CheckpointError, RewardError) as exc:  # a reward that returned what cannot be one: rounds so far kept
         fail(one_line(exc))
     except KeyboardInterrupt:
         saved = None

@@ -203,3 +203,28 @@ def test_ctrl_c_stops_cleanly_with_rounds_on_disk(tmp_path):
     assert not store.stale_temporaries()  # the round being written was discarded, not left half-written
     for r in done:
         assert len(store.read_records(r)) == 32
+
+
+@pytest.mark.parametrize("function, fails", [("words", None), ("nan_reward", "the reward function returned nan for completion 0")])
+def test_a_reward_function_by_import_path(capsys, tmp_path, local_model, monkeypatch, function, fails):
+    from test_recipe import REWARD_MODULE
+
+    (tmp_path / "grpo_rewards.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = write_prompts(tmp_path / "prompts.jsonl", 48)
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", str(local_model / "policy"), "--dataset_name", str(data), "--prompt_column",
+            "text", "--reward_function", f"grpo_rewards:{function}", "--heldout_size", "8",
+            "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "4",
+            "--max_steps", "2", "--lora_r", "4", "--lora_target_modules", "c_attn", "--iif_num_heldout_prompts", "2",
+            "--output_dir", str(out), "--report_to", "none", *QUIET]  # fmt: skip
+    try:
+        if fails is None:
+            assert recipe_main()(argv) == 0
+            table = AttributionStore.open(out).read_records(1).to_pydict()
+            assert table["reward"] == [float(len(r.split())) for r in table["response"]]
+        else:
+            fails_with(capsys, argv, fails)
+            assert not (out / "attribution").exists() or AttributionStore(out / "attribution").rounds() == []
+    finally:
+        sys.modules.pop("grpo_rewards", None)

@@ -373,3 +373,60 @@ def test_bf16_flag_alone_reaches_the_accelerator(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert AttributionStore.open(out).manifest.mixed_precision == "bf16"
+
+
+REWARD_MODULE = '''
+import math
+
+def words(prompts, completions):
+    return [float(len(c.split())) for c in completions]
+
+def too_few(prompts, completions):
+    return [0.0] * (len(completions) - 1)
+
+def nan_reward(prompts, completions):
+    return [math.nan] + [0.0] * (len(completions) - 1)
+
+NOT_CALLABLE = 3
+'''
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_rewards"
+    sys.modules.pop("my_rewards", None)
+
+
+def real_job_argv(tmp_path, local_model, reward: str) -> list[str]:
+    data = write_prompts(tmp_path / "prompts.jsonl", 48)
+    return ["--model_name_or_path", str(local_model), "--dataset_name", str(data), "--reward_function", reward,
+            "--heldout_size", "8", "--per_device_train_batch_size", "8", "--total_episodes", "16",
+            "--response_length", "4", "--lora_r", "4", "--lora_target_modules", "c_attn",
+            "--output_dir", str(tmp_path / "out"), "--disable_tqdm", "true", "--report_to", "none"]  # fmt: skip
+
+
+def test_a_reward_function_by_import_path_trains(tmp_path, local_model, reward_module):
+    assert recipe_main()(real_job_argv(tmp_path, local_model, f"{reward_module}:words")) == 0
+    store = AttributionStore(tmp_path / "out" / "attribution")
+    assert store.rounds() == [1, 2]
+    table = store.read_records(1).to_pydict()
+    assert table["reward"] == [float(len(r.split())) for r in table["response"]]  # the function's own rewards
+
+
+@pytest.mark.parametrize(
+    "reward, message",
+    [
+        ("no_such_module:f", "cannot import the reward function 'no_such_module:f': ModuleNotFoundError"),
+        ("my_rewards:missing", "cannot import the reward function 'my_rewards:missing': my_rewards has no 'missing'"),
+        ("my_rewards:NOT_CALLABLE", "the reward function 'my_rewards:NOT_CALLABLE' is a int, not a callable"),
+        ("nodots", "--reward_function 'nodots' is neither a named reward nor an import path module:function"),
+        ("my_rewards:too_few", "the reward function returned 7 values for 8 completions"),
+        ("my_rewards.nan_reward", "the reward function returned nan for completion 0"),
+    ],
+)  # fmt: skip
+def test_bad_reward_functions_stop_the_run_in_one_line(capsys, tmp_path, local_model, reward_module, reward, message):
+    fails_with(capsys, real_job_argv(tmp_path, local_model, reward), message)
+    store = tmp_path / "out" / "attribution"
+    assert not store.exists() or AttributionStore(store).rounds() == []  # nothing trained on it was written

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -9,6 +11,50 @@ from torch import nn
 from transformers import PretrainedConfig
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+class RewardError(ValueError):
+    """A reward function that cannot be found, is not callable, or returns what cannot be a reward."""
+
+
+def import_reward(path: str) -> RewardFn:
+    """The callable at ``path``, ``package.module:function`` (or ``package.module.function``, as TRL's
+    scripts name reward functions); a :class:`RewardError` says in one line what is wrong."""
+    module_name, _, name = path.partition(":") if ":" in path else path.rpartition(".")
+    if not module_name or not name:
+        raise RewardError(f"--reward_function {path!r} is neither a named reward nor an import path module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or the module failing as it runs
+        raise RewardError(f"cannot import the reward function {path!r}: {type(exc).__name__}: {exc}") from None
+    try:
+        fn = getattr(module, name)
+    except AttributeError:
+        raise RewardError(f"cannot import the reward function {path!r}: {module_name} has no {name!r}") from None
+    if not callable(fn):
+        raise RewardError(f"the reward function {path!r} is a {type(fn).__name__}, not a callable")
+    return fn
+
+
+def checked_rewards(values, completions: Sequence[str]) -> list[float]:
+    """A reward function's return value as one finite float per completion, or a :class:`RewardError`."""
+    try:
+        rewards = [float(v) for v in values]
+    except (TypeError, ValueError) as exc:
+        raise RewardError(f"the reward function must return a list of floats, got {type(values).__name__} ({exc})") from None
+    if len(rewards) != len(completions):
+        raise RewardError(
+            f"the reward function returned {len(rewards)} values for {len(completions)} completions; it must "
+            "return one float per completion"
+        )
+    bad = [i for i, r in enumerate(rewards) if not math.isfinite(r)]
+    if bad:
+        i = bad[0]
+        raise RewardError(
+            f"the reward function returned {rewards[i]} for completion {i} ({completions[i][:60]!r}) and "
+            f"{len(bad) - 1} other(s): rewards must be finite numbers"
+        )
+    return rewards
 
 
 class RewardFunction(nn.Module):
@@ -29,13 +75,7 @@ class RewardFunction(nn.Module):
 
     def forward(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
         values = self.fn(list(prompts), list(completions))
-        scores = torch.as_tensor(list(values), dtype=torch.float32)
-        if scores.shape != (len(completions),):
-            raise ValueError(
-                f"the reward function returned {tuple(scores.shape)} values for {len(completions)} completions; "
-                "it must return one float per completion"
-            )
-        return scores
+        return torch.tensor(checked_rewards(values, list(completions)), dtype=torch.float32)
 
 
 def as_reward_module(reward: nn.Module | RewardFn) -> nn.Module:
