@@ -185,13 +185,9 @@ def analyse_round(replay: RoundReplay, task, args, round_index: int) -> dict:
     target_matrix = torch.stack([grads[t] for t in TARGETS])  # [targets, D]
 
     # the records' exact gradients and Adam's preconditioner at the round start
-    record_grads = torch.cat([f.gradients(None) for f in replay.filter.record_factors(policy, replay.records)])
-    state = replay.optimizer_state()
-    _, _, beta2, eps, _ = state["hyperparameters"].tolist()
-    step = float(state["step"][0])
-    names = [n for n, p in policy.named_parameters() if p.requires_grad]
-    v = torch.cat([state[f"exp_avg_sq/{n}"].flatten() for n in names])
-    precondition = 1.0 / ((v / (1 - beta2**step)).sqrt() + eps) if step > 0 else None
+    record_grads = exact_record_gradients(replay)
+    precondition = replay.adam_preconditioner()
+    step = float(replay.optimizer_state()["step"][0])
     scores = {}
     raw = -(record_grads @ target_matrix.T)  # [N, targets]
     norms = record_grads.norm(dim=1, keepdim=True)
@@ -284,18 +280,18 @@ BEHAVIOURS = {  # a fixed (prompt, response) per task: the behaviour target's lo
 }
 
 
+def exact_record_gradients(replay: RoundReplay) -> torch.Tensor:
+    """The round's records' exact loss gradients ``[N, D]`` at the loaded weights."""
+    return torch.cat([f.gradients(None) for f in replay.filter.record_factors(replay.scorer.policy, replay.records)])
+
+
 def record_scores(replay: RoundReplay, target_grad: torch.Tensor) -> dict[str, torch.Tensor]:
     """Raw and Adam-aware scores ``[N]`` of the round's records on one target, at the snapshot."""
-    policy = replay.scorer.policy
-    record_grads = torch.cat([f.gradients(None) for f in replay.filter.record_factors(policy, replay.records)])
-    state = replay.optimizer_state()
-    _, _, beta2, eps, _ = state["hyperparameters"].tolist()
-    step = float(state["step"][0])
-    names = [n for n, p in policy.named_parameters() if p.requires_grad]
-    v = torch.cat([state[f"exp_avg_sq/{n}"].flatten() for n in names])
+    record_grads = exact_record_gradients(replay)
     scores = {"raw": -(record_grads @ target_grad)}
-    if step > 0:
-        scores["adam"] = -((record_grads / ((v / (1 - beta2**step)).sqrt() + eps)) @ target_grad)
+    precondition = replay.adam_preconditioner()
+    if precondition is not None:
+        scores["adam"] = -((record_grads * precondition) @ target_grad)
     return scores
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..gradients import target_gradients
-from ..influence import scores_from_factors
+from ..influence import adam_preconditioner, scores_from_factors
 from ..influence_filter import InfluenceFilter
 from ..losses import record_loss
 from ..projection import RandomProjector
@@ -135,6 +135,17 @@ class RoundReplay:
                 "the run stored no optimizer state (train with --iif_store_optimizer_state true)"
             )
         return self.scorer.store.read_tensors(self.round, "optimizer")
+
+    def adam_preconditioner(self) -> torch.Tensor | None:
+        """Adam's preconditioner at the round start, ``[D]`` in the layout's order, from the stored
+        moments (:func:`~rlhf_influence.influence.adam_preconditioner`); None before the first step."""
+        state = self.optimizer_state()
+        step = float(state["step"][0])
+        if step < 1:
+            return None
+        _, _, beta2, eps, _ = state["hyperparameters"].tolist()
+        v = torch.cat([state[f"exp_avg_sq/{name}"].flatten() for name in self.scorer.layout.param_names])
+        return adam_preconditioner(v, step, beta2, eps)
 
     def optimizer(self, moments: str = "stored") -> torch.optim.AdamW:
         """AdamW over the policy's trainable weights: with ``moments='stored'`` in the state and at the
