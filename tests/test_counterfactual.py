@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainer_setup import Setup, ppo_kwargs, seed_everything
-
-from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
+from trainer_setup import train_ppo
 
 
 def train(out, rounds: int, **overrides):
-    setup = Setup()
     settings = dict(
         per_device_train_batch_size=8, gradient_accumulation_steps=1, num_mini_batches=1, num_ppo_epochs=1,
         total_episodes=8 * rounds, iif_drop_fraction=0.0, iif_store_optimizer_state=True,
         lr_scheduler_type="constant",
     )  # fmt: skip
-    kwargs = ppo_kwargs(out, **{**settings, **overrides})
-    trainer = IIFPPOTrainer(
-        args=IIFPPOConfig(**kwargs), processing_class=setup.tokenizer, model=setup.peft_policy(), ref_model=None,
-        reward_model=setup.reward, train_dataset=setup.train, value_model=setup.value, target_dataset=setup.heldout,
-    )  # fmt: skip
-    seed_everything(0)
-    trainer.train()
-    return trainer
+    return train_ppo(out, **{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")

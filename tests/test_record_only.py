@@ -11,9 +11,9 @@ import torch
 from conftest import brute_force_per_record
 from test_grpo import build as build_grpo
 from test_grpo import lora_state
-from trainer_setup import Setup, ppo_kwargs, seed_everything
+from trainer_setup import train_ppo as train_tiny_ppo
 
-from rlhf_influence import IIFGRPOTrainer, IIFPPOConfig, IIFPPOTrainer
+from rlhf_influence import IIFGRPOTrainer, IIFPPOTrainer
 from rlhf_influence.cli import main
 from rlhf_influence.settings import IIFSettings
 from rlhf_influence.store import AttributionStore
@@ -21,16 +21,8 @@ from rlhf_influence.store import AttributionStore
 PROMPT, RESPONSE = "the movie was", "great fun lovely"
 
 
-def train_ppo(out, **overrides):
-    setup = Setup()
-    kwargs = ppo_kwargs(out, total_episodes=24, **overrides)
-    trainer = IIFPPOTrainer(
-        args=IIFPPOConfig(**kwargs), processing_class=setup.tokenizer, model=setup.peft_policy(), ref_model=None,
-        reward_model=setup.reward, train_dataset=setup.train, value_model=setup.value,
-    )  # fmt: skip
-    seed_everything(0)
-    trainer.train()
-    return trainer
+def train_ppo(out, trainer_class=None, **overrides):
+    return train_tiny_ppo(out, trainer_class, heldout=False, total_episodes=24, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -158,14 +150,7 @@ def test_gradients_from_the_training_backward(tmp_path):
     settings = dict(iif_target="none", iif_store_gradients="training", gradient_accumulation_steps=2,
                     num_mini_batches=1)  # fmt: skip
     plain = train_ppo(tmp_path / "plain", iif_enabled=False, gradient_accumulation_steps=2, num_mini_batches=1)
-    setup = Setup()
-    trainer = KeepsTrainingWeights(
-        args=IIFPPOConfig(**ppo_kwargs(tmp_path / "run", total_episodes=24, **settings)),
-        processing_class=setup.tokenizer, model=setup.peft_policy(), ref_model=None, reward_model=setup.reward,
-        train_dataset=setup.train, value_model=setup.value,
-    )  # fmt: skip
-    seed_everything(0)
-    trainer.train()
+    trainer = train_ppo(tmp_path / "run", KeepsTrainingWeights, **settings)
     assert all(torch.equal(policy_lora(plain)[k], v) for k, v in policy_lora(trainer).items())
 
     scorer = SnapshotScorer(tmp_path / "run")

@@ -81,3 +81,18 @@ def ppo_kwargs(tmp_path, **overrides) -> dict:
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
+
+
+def train_ppo(out, trainer_class=None, heldout: bool = True, **overrides):
+    """A tiny IIF-PPO run (``trainer_class``: a subclass of IIFPPOTrainer) trained to the end, from seed 0."""
+    from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
+
+    setup = Setup()
+    trainer = (trainer_class or IIFPPOTrainer)(
+        args=IIFPPOConfig(**ppo_kwargs(out, **overrides)), processing_class=setup.tokenizer, model=setup.peft_policy(),
+        ref_model=None, reward_model=setup.reward, train_dataset=setup.train, value_model=setup.value,
+        target_dataset=setup.heldout if heldout else None,
+    )  # fmt: skip
+    seed_everything(0)
+    trainer.train()
+    return trainer
