@@ -1,0 +1,156 @@
+"""What does recording the attribution store cost? Plain PPO/GRPO against record-only runs.
+
+Three arms per algorithm, each in its own process, one after the other, from the same seed, on an
+embedded task with its own settings (`--task`, default the real LM `reviews`):
+
+  plain             iif_enabled=false: TRL's PPO / GRPO, no store
+  record_snapshot   iif_target=none: the store's per-record gradients from one forward and
+                    backward over the round's records at the round start, nothing scored or dropped
+  record_training   iif_target=none, iif_store_gradients=training: the gradients from hooks in the
+                    optimisation's own backward, no pass of their own
+
+A round's time is the wall time between the trainer's step callbacks (PPO: one a round; GRPO: one a
+round with the task's settings, one optimizer step a generation batch), everything included. Mean
+over the rounds after the first, as ratios to `plain`; peak resident memory of each process. The
+goal (issue "attribution for free"): record_training <= 1.05x plain's round and memory.
+
+Timings need the machine to themselves: run nothing else meanwhile.
+
+    python benchmarks/record_cost.py --task reviews --rounds 7 --out benchmarks/results/record_cost_reviews
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = {
+    "plain": {"iif_enabled": False},
+    "record_snapshot": {"iif_target": "none"},
+    "record_training": {"iif_target": "none", "iif_store_gradients": "training"},
+}
+ALGORITHMS = ("ppo", "grpo")
+
+
+def worker(algorithm: str, arm: str, task_name: str, rounds: int, seed: int, out: Path) -> dict:
+    """Run one arm in this process; its round times, memory and store size."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import numpy as np
+    import torch
+    from transformers import TrainerCallback
+
+    from rlhf_influence import IIFGRPOConfig, IIFGRPOTrainer, IIFPPOConfig, IIFPPOTrainer
+    from rlhf_influence.tasks import get_task
+
+    spec = get_task(task_name)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    task = spec.build(seed=seed)
+    run_dir = out / f"{algorithm}-{arm}-run"
+    common = {"output_dir": str(run_dir), "report_to": "none", "save_strategy": "no", "seed": seed,
+              "disable_tqdm": True, "use_cpu": not torch.cuda.is_available(), "bf16": False}  # fmt: skip
+
+    class RoundClock(TrainerCallback):
+        def __init__(self):
+            self.marks = []
+
+        def on_train_begin(self, *a, **k):
+            self.marks.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            self.marks.append(time.perf_counter())
+
+    clock = RoundClock()
+    if algorithm == "ppo":
+        settings = {**spec.settings, **common, **ARMS[arm]}
+        settings["total_episodes"] = settings["per_device_train_batch_size"] * rounds
+        trainer = IIFPPOTrainer(
+            args=IIFPPOConfig(**settings), processing_class=task.tokenizer, model=task.policy, ref_model=None,
+            reward_model=task.reward, train_dataset=task.train_dataset.select_columns(["input_ids"]),
+            value_model=task.value_model, peft_config=task.lora_config,
+        )  # fmt: skip
+    else:
+
+        def reward(prompts, completions, **kwargs):
+            return task.reward(prompts, completions)
+
+        settings = {**spec.grpo_settings, **common, **ARMS[arm], "max_steps": rounds}
+        trainer = IIFGRPOTrainer(
+            model=task.policy, reward_funcs=[reward], args=IIFGRPOConfig(**settings),
+            train_dataset=task.train_dataset.select_columns(["prompt"]), processing_class=task.tokenizer,
+            peft_config=task.lora_config,
+        )  # fmt: skip
+    trainer.add_callback(clock)
+    trainer.train()
+    store = run_dir / "attribution"
+    size = sum(p.stat().st_size for p in store.rglob("*") if p.is_file()) if store.exists() else 0
+    shutil.rmtree(run_dir, ignore_errors=True)  # the figures are what is kept
+    return {
+        "round_seconds": [b - a for a, b in zip(clock.marks, clock.marks[1:], strict=False)],
+        "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "store_bytes": size,
+    }
+
+
+def summarise(results: dict, args) -> str:
+    lines = [f"Task {args.task}, {args.rounds} rounds, seed {args.seed}, {platform.processor() or platform.machine()}, "
+             f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}; mean round after the first.", "",
+             "| algorithm | arm | round (s) | x plain | peak RSS (MiB) | x plain | store per round (MiB) |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for algorithm, arms in results.items():
+        base = arms["plain"]
+        base_round = statistics.fmean(base["round_seconds"][1:])
+        for arm, r in arms.items():
+            mean = statistics.fmean(r["round_seconds"][1:])
+            lines.append(
+                f"| {algorithm} | {arm} | {mean:.2f} | {mean / base_round:.3f} | {r['peak'] / 2**20:.0f} | "
+                f"{r['peak'] / base['peak']:.3f} | {r['store_bytes'] / 2**20 / args.rounds:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="reviews")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/record_cost_<task>")
+    parser.add_argument("--worker", nargs=2, metavar=("ALGORITHM", "ARM"), help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    out = args.out or ROOT / "benchmarks" / "results" / f"record_cost_{args.task}"
+    out.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        result = worker(*args.worker, args.task, args.rounds, args.seed, out)
+        args.result.write_text(json.dumps(result))
+        return
+    results: dict = {}
+    for algorithm in args.algorithms:
+        results[algorithm] = {}
+        for arm in ARMS:
+            path = out / f"{algorithm}-{arm}.json"
+            cmd = [sys.executable, __file__, "--task", args.task, "--rounds", str(args.rounds), "--seed", str(args.seed),
+                   "--out", str(out), "--worker", algorithm, arm, "--result", str(path)]  # fmt: skip
+            print(f"{algorithm} {arm} ...", flush=True)
+            subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+            results[algorithm][arm] = json.loads(path.read_text())
+    (out / "summary.json").write_text(json.dumps(results, indent=2))
+    text = summarise(results, args)
+    (out / "table.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
