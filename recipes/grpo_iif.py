@@ -70,7 +70,7 @@ from rlhf_influence.recipe_support import (
 )
 from rlhf_influence.tasks import get_task
 from rlhf_influence.trainer.progress import RoundProgress
-from rlhf_influence.trainer.rewards import checked_rewards
+from rlhf_influence.trainer.rewards import call_reward
 
 PROGRAM = "grpo_iif.py"
 
@@ -183,8 +183,7 @@ def trl_reward(reward, name: str):
     metric, rewards/<name>/mean); chat prompts and completions are given as their text."""
 
     def score(prompts, completions, **kwargs) -> list[float]:
-        texts = [text_of(c) for c in completions]
-        return checked_rewards(reward([text_of(p) for p in prompts], texts), texts)
+        return call_reward(reward, [text_of(p) for p in prompts], [text_of(c) for c in completions])
 
     score.__name__ = score.__qualname__ = name
     return score

@@ -363,6 +363,10 @@ class TrainingCapture:
 
         return hook
 
+    def clear(self) -> None:
+        """Let go of the recorded inputs and output gradients (they hold a micro-batch's activations)."""
+        self._calls, self._grads = [], {}
+
     def factors(self, scale: float = 1.0) -> RecordFactors:
         """The recorded micro-batch's factors, each output gradient times ``scale`` (e.g. to undo
         the gradient-accumulation division or to put the loss on another normaliser)."""

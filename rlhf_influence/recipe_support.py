@@ -106,8 +106,9 @@ class JobArguments:
         metadata={
             "help": "A Python reward used instead of the --reward_model_path model: 'sentiment' (VADER "
             "lexicon), 'keywords', or your own by import path, 'package.module:function' (or "
-            "'package.module.function'): f(prompts, completions) -> list[float], one finite float per "
-            "completion (checked; a wrong one stops the run with the complete rounds on disk).",
+            "'package.module.function'), called as f(prompts, completions) with two lists of strings and "
+            "returning one finite float per completion (checked; a wrong one stops the run with the complete "
+            "rounds on disk).",
         },
     )
     reward_keywords: list[str] | None = field(

@@ -187,9 +187,11 @@ class IIFSettings:
         metadata={
             "help": "With --iif_target none, where the stored per-record gradients come from. 'snapshot': one "
             "forward and backward over the round's records at the round start (exactly the round-start gradient). "
-            "'training': hooks in the optimisation's own backward, no extra pass: each record's gradient of its "
-            "loss in the first epoch, at the weights it was trained at (the round start for the first mini-batch, "
-            "later ones after the steps before them). With a target the scoring pass yields them anyway.",
+            "'training': hooks in the optimisation's own backward (PPO's, or TRL's GRPO's), no extra pass: each "
+            "record's gradient of its loss the first time it is trained on (PPO's first epoch, GRPO's first "
+            "iteration), at the weights it was trained at (the round start for the first step, later ones after "
+            "the steps before them), on the scoring's normaliser. Not with fp16. With a target the scoring pass "
+            "yields them anyway.",
             "choices": list(STORED_GRADIENTS),
         },
     )
@@ -255,7 +257,14 @@ class IIFSettings:
             raise ValueError(
                 f"iif_heldout_sampling must be one of {HELDOUT_SAMPLING}, got {self.iif_heldout_sampling!r}"
             )
+        if self.iif_store_optimizer_state and not (self.iif_enabled and self.iif_store):
+            raise ValueError("iif_store_optimizer_state stores Adam's moments with each round: it needs iif_enabled=true "
+                             "and iif_store=true")  # fmt: skip
         if self.iif_target == "none":
+            if self.iif_score != "raw":
+                raise ValueError("iif_target='none' scores nothing: iif_score applies only with a target")
+            if self.iif_schedule == "epoch":
+                raise ValueError("iif_target='none' records once a round: iif_schedule='epoch' applies only with a target")
             if self.iif_filter == "random":
                 raise ValueError("iif_target='none' drops nothing, so there is no random control: iif_filter='influence'")
             if not self.iif_store or self.iif_store_projection_dim == 0:
@@ -265,7 +274,7 @@ class IIFSettings:
                 )
         if self.iif_store_gradients not in STORED_GRADIENTS:
             raise ValueError(f"iif_store_gradients must be one of {STORED_GRADIENTS}, got {self.iif_store_gradients!r}")
-        if self.iif_store_gradients == "training" and self.iif_target != "none":
+        if self.iif_store_gradients == "training" and (self.iif_target != "none" or not self.iif_enabled):
             raise ValueError(
                 "iif_store_gradients='training' is for record-only runs (iif_target='none'): with a target, the "
                 "scoring pass at the round start yields the stored gradients at no extra cost"

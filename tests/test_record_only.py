@@ -237,3 +237,45 @@ def test_grpo_gradients_from_trls_backward(tmp_path, loss_type):
         snapshot = scorer.store.read_tensors(round_index, "adapter")
         moved += any(not torch.equal(weights[n], v.to(weights[n])) for n, v in snapshot.items())
     assert len(checked) == len(scorer.rounds) * 32 and moved > 0
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"iif_target": "none", "iif_score": "adam"}, "iif_target='none' scores nothing"),
+        ({"iif_target": "none", "iif_schedule": "epoch"}, "iif_target='none' records once a round"),
+        ({"iif_store_optimizer_state": True, "iif_store": False}, "it needs iif_enabled=true and iif_store=true"),
+        ({"iif_target": "none", "iif_store_gradients": "training", "iif_enabled": False}, "is for record-only runs"),
+    ],
+)
+def test_settings_that_would_do_nothing_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        IIFSettings(**settings).check_iif_settings()
+
+
+def test_reading_adams_moments_needs_adam_and_training_gradients_need_no_fp16():
+    from types import SimpleNamespace
+
+    from rlhf_influence.trainer.shared import check_optimizer_state_access
+
+    plain = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None))
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="must be torch's Adam or AdamW without amsgrad, got SGD"):
+        check_optimizer_state_access(IIFSettings(iif_score="adam"), plain, sgd)
+    amsgrad = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], amsgrad=True)
+    with pytest.raises(ValueError, match="without amsgrad"):
+        check_optimizer_state_access(IIFSettings(iif_store_optimizer_state=True), plain, amsgrad)
+    fp16 = IIFSettings(iif_target="none", iif_store_gradients="training")
+    fp16.fp16 = True
+    with pytest.raises(ValueError, match="fp16's loss scaling"):
+        check_optimizer_state_access(fp16, plain)
+
+
+def test_a_grpo_round_cut_short_by_max_steps_is_set_aside(tmp_path):
+    """iif_store_gradients='training': a last round whose completions were not all trained on is not
+    stored (it would hold gradients for only some records), and the run says so."""
+    trainer = build_grpo(tmp_path, heldout=False, iif_target="none", iif_store_gradients="training",
+                         steps_per_generation=2, max_steps=3)  # fmt: skip
+    with pytest.warns(UserWarning, match="round 2 ended before all its completions were trained on"):
+        trainer.train()
+    assert AttributionStore.open(tmp_path).rounds() == [1]

@@ -148,18 +148,23 @@ class RoundReplay:
         return adam_preconditioner(v, step, beta2, eps)
 
     def optimizer(self, moments: str = "stored") -> torch.optim.AdamW:
-        """AdamW over the policy's trainable weights: with ``moments='stored'`` in the state and at the
-        hyperparameters the run had at the round start, with ``'fresh'`` new at the run's learning rate."""
+        """AdamW over the policy's trainable weights: with ``moments='stored'`` in the state the run had at
+        the round start, with ``'fresh'`` new moments; at the round's stored hyperparameters (learning
+        rate as scheduled, betas, eps, weight decay) where the store keeps them, else the run's learning rate."""
         params = {name: p for name, p in self.scorer.policy.named_parameters() if p.requires_grad}
-        if moments == "fresh":
-            return torch.optim.AdamW(params.values(), lr=self.settings.learning_rate, weight_decay=0.0)
-        if moments != "stored":
+        if moments not in ("stored", "fresh"):
             raise ValueError(f"moments must be 'stored' or 'fresh', got {moments!r}")
-        state = self.optimizer_state()
+        if not self.has_optimizer_state:
+            if moments == "stored":
+                self.optimizer_state()  # says what the run lacks
+            return torch.optim.AdamW(params.values(), lr=self.settings.learning_rate, weight_decay=0.0)
+        state = self.optimizer_state()  # the round's hyperparameters either way: only the moments differ
         lr, beta1, beta2, eps, weight_decay = state["hyperparameters"].tolist()
         optimizer = torch.optim.AdamW(
             params.values(), lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay
         )
+        if moments == "fresh":
+            return optimizer
         step = float(state["step"][0])
         for name, param in params.items():
             if f"exp_avg/{name}" not in state:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..lora import LoraLayout
+from ..settings import IIFSettings
 from ..store import AttributionStore, StoreError
 from ..store.writer import plain_base_state
 from .shared import gathered_state_dict
@@ -200,8 +201,11 @@ def check_resumable(found: CheckpointInfo, expected: CheckpointInfo, path: Path)
         raise CheckpointError(
             f"{where}: it was trained with --seed {found.seed}, this run has {expected.seed}"
         )
+    defaults = {f.name: f.default for f in fields(IIFSettings)}
     for name in sorted(set(found.settings) | set(expected.settings)):
         a, b = found.settings.get(name), expected.settings.get(name)
+        if name not in found.settings and b == defaults.get(name):
+            continue  # a setting newer than the checkpoint, at the default the checkpoint's run had
         if a != b:
             raise CheckpointError(f"{where}: it was trained with --{name} {a}, this run has {b}")
     if (found.stored_rounds is None) != (expected.stored_rounds is None):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,7 +226,8 @@ class IIFGRPOTrainer(GRPOTrainer):
             "grpo", round=self._step // self._steps_per_round, global_step=self.state.global_step, args=self.args,
             accelerator=self.accelerator, policy=self.lora_policy, layout=self.layout, store=self.store,
             settings=("generation_batch_size", "num_generations", "num_iterations", "steps_per_generation",
-                      "learning_rate", "loss_type", "iif_enabled", "iif_drop_fraction", "iif_filter", "iif_schedule"),
+                      "learning_rate", "loss_type", "iif_enabled", "iif_drop_fraction", "iif_filter", "iif_schedule",
+                      "iif_target", "iif_score", "iif_store_gradients", "iif_store_optimizer_state"),
         )  # fmt: skip
 
     @property
@@ -343,8 +345,9 @@ class IIFGRPOTrainer(GRPOTrainer):
         rows = self._round.step_rows[self._step % self.args.steps_per_generation]
         with collected.recording(rows):  # the hooks' output-gradient hooks fire in TRL's backward, after this
             output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        mask = inputs["completion_mask"]
-        tokens = float(inputs["num_items_in_batch"]) if self.iif.loss.loss_type == "dapo" else float(mask.sum())
+        mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
+        loss_type = self.iif.loss.loss_type
+        tokens = float(inputs["num_items_in_batch"]) if loss_type == "dapo" else max(float(mask.sum()), 1.0)
         self._pending = (rows, self.iif.loss.normaliser(tokens, len(rows), len(rows)))
         return output
 
@@ -526,6 +529,13 @@ class IIFGRPOTrainer(GRPOTrainer):
         if round_ is None:
             return
         if round_.collected is not None:  # record only: the vectors its first pass's backward gave
+            if not round_.collected.complete:
+                warnings.warn(
+                    f"round {round_.index} ended before all its completions were trained on (max_steps inside a "
+                    "round): it is not stored",
+                    stacklevel=2,
+                )
+                return
             round_.scorings = [self.iif.recorded(round_.collected.projected(), round_.collected.seconds)]
         if self.accelerator.device.type == "cuda":
             torch.cuda.synchronize(self.accelerator.device)

@@ -18,8 +18,9 @@ class RewardError(ValueError):
 
 
 def import_reward(path: str) -> RewardFn:
-    """The callable at ``path``, ``package.module:function`` (or ``package.module.function``, as TRL's
-    scripts name reward functions); a :class:`RewardError` says in one line what is wrong."""
+    """The callable at ``path``, ``package.module:function`` (or ``package.module.function``); a
+    :class:`RewardError` says in one line what is wrong. It is called as ``f(prompts, completions)``
+    with two lists of strings (not TRL's keyword signature)."""
     module_name, _, name = path.partition(":") if ":" in path else path.rpartition(".")
     if not module_name or not name:
         raise RewardError(f"--reward_function {path!r} is neither a named reward nor an import path module:function")
@@ -57,6 +58,16 @@ def checked_rewards(values, completions: Sequence[str]) -> list[float]:
     return rewards
 
 
+def call_reward(fn: RewardFn, prompts: list[str], completions: list[str]) -> list[float]:
+    """``fn(prompts, completions)``, checked (:func:`checked_rewards`); a call that does not fit that
+    signature is a :class:`RewardError`."""
+    try:
+        values = fn(prompts, completions)
+    except TypeError as exc:
+        raise RewardError(f"the reward function cannot be called as f(prompts, completions): {exc}") from None
+    return checked_rewards(values, completions)
+
+
 class RewardFunction(nn.Module):
     """Wraps ``f(prompts, completions) -> list[float]`` so it stands where a reward model goes.
 
@@ -74,8 +85,7 @@ class RewardFunction(nn.Module):
         self.placeholder = nn.Parameter(torch.zeros(1), requires_grad=False)
 
     def forward(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        values = self.fn(list(prompts), list(completions))
-        return torch.tensor(checked_rewards(values, list(completions)), dtype=torch.float32)
+        return torch.tensor(call_reward(self.fn, list(prompts), list(completions)), dtype=torch.float32)
 
 
 def as_reward_module(reward: nn.Module | RewardFn) -> nn.Module:

@@ -86,10 +86,16 @@ class TrainingGradients:
         start = time.perf_counter()
         scale = loss_divisor * accumulation_divisor / self.normaliser
         projected = self.capture.factors(scale).gradients(self.projector).to(self.dtype).cpu()
+        self.capture.clear()
         for row, record in zip(projected, records, strict=True):
             if record >= 0 and self.rows[int(record)] is None:  # -1: a padding row
                 self.rows[int(record)] = row
         self.seconds += time.perf_counter() - start
+
+    @property
+    def complete(self) -> bool:
+        """Whether every record has been trained on (and its gradient kept)."""
+        return all(row is not None for row in self.rows)
 
     def projected(self) -> torch.Tensor:
         """``[n, D']`` in the records' order; every record must have been trained on."""
@@ -99,16 +105,34 @@ class TrainingGradients:
         return torch.stack(self.rows)
 
 
-def check_optimizer_state_access(args: IIFSettings, accelerator) -> None:
+def check_optimizer_state_access(args: IIFSettings, accelerator, optimizer=None) -> None:
     """The settings that read Adam's moments (``iif_score='adam'``, ``iif_store_optimizer_state``)
-    need them whole, which DeepSpeed's partitioned optimizer does not give."""
+    need torch's Adam or AdamW (without amsgrad: ``optimizer``, or ``args.optim`` where the optimizer
+    is made later) and its moments whole, which DeepSpeed's partitioned optimizer does not give; the
+    gradients taken from the training's backward need it free of fp16's loss scale."""
+    if args.iif_store_gradients == "training" and getattr(args, "fp16", False):
+        raise ValueError("iif_store_gradients='training' reads the backward's gradients, which fp16's loss scaling "
+                         "scales and skips: use bf16 or float32, or iif_store_gradients='snapshot'")  # fmt: skip
     wanted = [name for name, on in (("iif_score='adam'", args.iif_score == "adam"),
                                     ("iif_store_optimizer_state", args.iif_store_optimizer_state)) if on]  # fmt: skip
-    if wanted and getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+    if not wanted:
+        return
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
         raise ValueError(
             f"{' and '.join(wanted)} need the optimizer's whole moments; under DeepSpeed they are partitioned: "
             "run with DDP or one process"
         )
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if inner is not None:
+        adam = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+        if not adam or any(group.get("amsgrad") for group in inner.param_groups):
+            raise ValueError(f"{' and '.join(wanted)} read Adam's moments: the optimizer must be torch's Adam or AdamW "
+                             f"without amsgrad, got {type(inner).__name__}")  # fmt: skip
+    else:
+        optim = getattr(getattr(args, "optim", "adamw_torch"), "value", getattr(args, "optim", "adamw_torch"))
+        if not str(optim).startswith("adamw_torch"):
+            raise ValueError(f"{' and '.join(wanted)} read Adam's moments: --optim must be adamw_torch or "
+                             f"adamw_torch_fused (torch's AdamW), got {optim}")  # fmt: skip
 
 
 def score_preconditioner(args: IIFSettings, policy: nn.Module, optimizer, layout: LoraLayout) -> torch.Tensor | None:
@@ -120,11 +144,15 @@ def score_preconditioner(args: IIFSettings, policy: nn.Module, optimizer, layout
     group_of = {id(p): group for group in inner.param_groups for p in group["params"]}
     params = {canonical_name(name): p for name, p in policy.named_parameters()}
     parts, step, group = [], 0.0, None
+    missing = [name for name in layout.param_names if "exp_avg_sq" not in (inner.state.get(params[name]) or {})]
+    if len(missing) == len(layout.param_names):
+        return None  # no step taken yet
+    if missing:
+        raise ValueError(f"the optimizer keeps no second moment for the LoRA weight {missing[0]} (it trains no gradient?): "
+                         "iif_score='adam' cannot precondition it")  # fmt: skip
     for name in layout.param_names:
         param = params[name]
-        state = inner.state.get(param) or {}
-        if "exp_avg_sq" not in state:
-            return None  # no step taken yet
+        state = inner.state[param]
         parts.append(state["exp_avg_sq"].flatten())
         step, group = float(state["step"]), group_of[id(param)]
     _, beta2 = group["betas"]

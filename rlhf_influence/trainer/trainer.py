@@ -183,7 +183,7 @@ class IIFPPOTrainer(PPOTrainer):
             )
         self.target_dataset = target_dataset
         self.layout = find_lora_layout(self.policy_model)
-        check_optimizer_state_access(args, self.accelerator)
+        check_optimizer_state_access(args, self.accelerator, self.optimizer)
         self.store = open_store(args, self.accelerator)
         self.iif = InfluenceFilter(
             args,
@@ -882,7 +882,7 @@ class IIFPPOTrainer(PPOTrainer):
             "ppo", round=self.state.global_step, global_step=self.state.global_step, args=self.args,
             accelerator=self.accelerator, policy=self.unwrapped.policy, layout=self.layout, store=self.store,
             settings=("batch_size", "num_ppo_epochs", "num_mini_batches", "learning_rate", "iif_enabled",
-                      "iif_drop_fraction", "iif_filter", "iif_schedule"),
+                      "iif_drop_fraction", "iif_filter", "iif_schedule", "iif_target", "iif_score", "iif_store_gradients", "iif_store_optimizer_state"),
         )  # fmt: skip
 
     def save_checkpoint(self) -> Path:
