@@ -120,6 +120,11 @@ class GRPORecordLoss:
             summed = summed / mask.sum(dim=1).clamp(min=1.0)
         return summed / normaliser
 
+    def slice_normaliser(self, slice_tokens: float, batch_tokens: float, rows: int) -> float:
+        """What TRL divides one slice's summed loss by: ``dapo`` counts the tokens of the batch its
+        step accumulates (``num_items_in_batch``), the others the slice's own; ``rows`` counts padding."""
+        return self.normaliser(batch_tokens if self.loss_type == "dapo" else slice_tokens, rows, rows)
+
     def normaliser(self, num_tokens: float, num_records: int, micro_batch_size: int) -> float:
         accumulation = self.gradient_accumulation_steps
         if self.loss_type == "grpo":

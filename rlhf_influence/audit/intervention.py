@@ -220,8 +220,7 @@ class RoundReplay:
         if not self.grpo:
             return self.loss(policy, part, max(tokens, 1.0)).sum() / chunks_in_step
         kept_tokens = float(self.records.num_tokens()[torch.as_tensor(keep)].sum())
-        normaliser = self.loss.normaliser(kept_tokens if self.loss.loss_type == "dapo" else tokens, len(chunk),
-                                          len(chunk))  # fmt: skip
+        normaliser = self.loss.slice_normaliser(tokens, kept_tokens, len(chunk))
         return self.loss(policy, part, max(normaliser, 1e-9)).sum()
 
 

@@ -346,9 +346,8 @@ class IIFGRPOTrainer(GRPOTrainer):
         with collected.recording(rows):  # the hooks' output-gradient hooks fire in TRL's backward, after this
             output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
-        loss_type = self.iif.loss.loss_type
-        tokens = float(inputs["num_items_in_batch"]) if loss_type == "dapo" else max(float(mask.sum()), 1.0)
-        self._pending = (rows, self.iif.loss.normaliser(tokens, len(rows), len(rows)))
+        divisor = self.iif.loss.slice_normaliser(max(float(mask.sum()), 1.0), float(inputs["num_items_in_batch"]), len(rows))
+        self._pending = (rows, divisor)
         return output
 
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -140,23 +140,16 @@ def score_preconditioner(args: IIFSettings, policy: nn.Module, optimizer, layout
     ``iif_score='adam'``; None for raw scores and before the optimizer's first step."""
     if args.iif_score != "adam" or optimizer is None:
         return None
-    inner = getattr(optimizer, "optimizer", optimizer)
-    group_of = {id(p): group for group in inner.param_groups for p in group["params"]}
-    params = {canonical_name(name): p for name, p in policy.named_parameters()}
-    parts, step, group = [], 0.0, None
-    missing = [name for name in layout.param_names if "exp_avg_sq" not in (inner.state.get(params[name]) or {})]
+    states, group = lora_adam_state(policy, optimizer)
+    missing = [name for name in layout.param_names if "exp_avg_sq" not in states[name][1]]
     if len(missing) == len(layout.param_names):
         return None  # no step taken yet
     if missing:
         raise ValueError(f"the optimizer keeps no second moment for the LoRA weight {missing[0]} (it trains no gradient?): "
                          "iif_score='adam' cannot precondition it")  # fmt: skip
-    for name in layout.param_names:
-        param = params[name]
-        state = inner.state[param]
-        parts.append(state["exp_avg_sq"].flatten())
-        step, group = float(state["step"]), group_of[id(param)]
-    _, beta2 = group["betas"]
-    return adam_preconditioner(torch.cat(parts).float(), step, beta2, group["eps"])
+    v = torch.cat([states[name][1]["exp_avg_sq"].flatten() for name in layout.param_names]).float()
+    step = float(states[layout.param_names[0]][1]["step"])
+    return adam_preconditioner(v, step, group["betas"][1], group["eps"])
 
 
 def open_store(args: IIFSettings, accelerator) -> AttributionStore | None:
@@ -209,38 +202,44 @@ def adapter_snapshot(policy: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
 OPTIMIZER_HYPERPARAMETERS = ("lr", "beta1", "beta2", "eps", "weight_decay")
 
 
-def optimizer_moments(policy: nn.Module, optimizer) -> dict[str, torch.Tensor]:
-    """Adam's state for the policy's trainable LoRA weights now, on the CPU in float32: each
-    weight's ``exp_avg/<name>`` and ``exp_avg_sq/<name>`` (zeros before the first step), the
-    ``step`` count and the ``hyperparameters`` (:data:`OPTIMIZER_HYPERPARAMETERS`, the learning
-    rate as scheduled now). What a replay of the round starts its optimizer from, and what an
-    Adam-aware score preconditions with (``iif_store_optimizer_state``)."""
+def lora_adam_state(policy: nn.Module, optimizer) -> tuple[dict[str, tuple[nn.Parameter, dict]], dict]:
+    """Each trainable LoRA weight of ``policy`` by canonical name, with the optimizer's state of it (empty
+    before its first step), and the parameter group they train in (lr, betas, eps, weight decay)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     group_of = {id(p): group for group in inner.param_groups for p in group["params"]}
-    moments: dict[str, torch.Tensor] = {}
-    step, group = 0.0, None
+    states, group = {}, None
     for name, param in policy.named_parameters():
         if not (param.requires_grad and "lora_" in name):
             continue
         if id(param) not in group_of:
             raise ValueError(f"the optimizer does not train the LoRA weight {name}")
         group = group_of[id(param)]
-        state = inner.state.get(param, {})
-        key = canonical_name(name)
+        states[canonical_name(name)] = (param, inner.state.get(param) or {})
+    if group is None:
+        raise ValueError("the policy has no trainable LoRA weights")
+    return states, group
+
+
+def optimizer_moments(policy: nn.Module, optimizer) -> dict[str, torch.Tensor]:
+    """Adam's state for the policy's trainable LoRA weights now, on the CPU in float32: each
+    weight's ``exp_avg/<name>`` and ``exp_avg_sq/<name>`` (zeros before the first step), the
+    ``step`` count and the ``hyperparameters`` (:data:`OPTIMIZER_HYPERPARAMETERS`, the learning
+    rate as scheduled now). What a replay of the round starts its optimizer from, and what an
+    Adam-aware score preconditions with (``iif_store_optimizer_state``)."""
+    states, group = lora_adam_state(policy, optimizer)
+    moments: dict[str, torch.Tensor] = {}
+    step = 0.0
+    for name, (param, state) in states.items():
         for moment in ("exp_avg", "exp_avg_sq"):
             value = state.get(moment)
             if value is not None and value.shape != param.shape:
                 raise ValueError(f"the optimizer's {moment} of {name} is sharded ({tuple(value.shape)}): "
                                  "iif_store_optimizer_state needs whole moments (no DeepSpeed)")  # fmt: skip
-            moments[f"{moment}/{key}"] = (
-                torch.zeros(param.shape)
-                if value is None
-                else value.detach().to("cpu", torch.float32, copy=True)
+            moments[f"{moment}/{name}"] = (
+                torch.zeros(param.shape) if value is None else value.detach().to("cpu", torch.float32, copy=True)
             )
         if "step" in state:
             step = float(state["step"])
-    if group is None:
-        raise ValueError("the policy has no trainable LoRA weights")
     beta1, beta2 = group["betas"]
     moments["step"] = torch.tensor([step], dtype=torch.float64)
     moments["hyperparameters"] = torch.tensor(
