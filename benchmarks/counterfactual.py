@@ -452,6 +452,7 @@ def summarise(args) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(summary, out / "validity.png", args.title)
     (out / "table.md").write_text(table(summary))
+    (out / "table_compact.md").write_text(compact(summary))
     print(table(summary))
 
 
@@ -487,6 +488,31 @@ def plot(summary: dict, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+COMPACT = ("raw/stored", "adam/stored", "cosine/stored", "adam_cosine/stored", "raw/buffer", "raw/fresh16", "raw/fresh64",
+           "raw/fresh128", "raw/fresh256", "adam/fresh256", "raw/oracle")  # fmt: skip
+
+
+def compact(summary: dict) -> str:
+    """The README's table: the sign tests and LDS against the reference (exact where measured) and
+    LDS against the round's own target, for the variants that tell the story."""
+    judge = "reference (exact)" if "reference (exact)" in summary["variants"][0] else "reference"
+    lines = ["| score / target | top removed lowers the reference more than random | bottom removed raises it more | "
+             "LDS vs the reference | LDS vs the round's own target |", "|---|---|---|---|---|"]  # fmt: skip
+    rows = {r["variant"]: r for r in summary["variants"]}
+    for name in COMPACT:
+        if name not in rows:
+            continue
+        r, j = rows[name], rows[name][judge]
+
+        def lds(values):
+            return f"{np.median(values):.2f} [{min(values):.2f}, {max(values):.2f}]" if values else "-"
+
+        lines.append(f"| {name} | {j['top_wins']}/{j['rounds']} (p={j['top_p']:.2g}) | "
+                     f"{j['bottom_wins']}/{j['rounds']} (p={j['bottom_p']:.2g}) | {lds(r['lds'][judge])} | "
+                     f"{lds(r['lds']['own target'])} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def table(summary: dict) -> str:
