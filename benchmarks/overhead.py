@@ -13,9 +13,6 @@ attribution store on at its defaults (what a user's run writes):
   iif_round_buffer  round schedule with the buffer target (the round's own records: no held-out
                     sampling, and one forward+backward scores the round)
   iif_epoch_buffer  epoch schedule with the buffer target
-  record_snapshot   record only (iif_target none): the store's gradients from one pass at the round
-                    start, nothing scored or dropped
-  record_training   record only, the gradients from hooks in the optimisation's own backward
 
 A round's time is its wall time, everything included (rollout, held-out sampling, scoring,
 optimisation, storing, logging), between the trainer's step callbacks; its split comes from
@@ -54,10 +51,26 @@ ARMS = {
     "iif_epoch": {"iif_schedule": "epoch"},
     "iif_round_buffer": {"iif_schedule": "round", "iif_target": "buffer_return"},
     "iif_epoch_buffer": {"iif_schedule": "epoch", "iif_target": "buffer_return"},
-    "record_snapshot": {"iif_target": "none"},
-    "record_training": {"iif_target": "none", "iif_store_gradients": "training"},
 }
 PHASES = ("rollout", "target_sampling", "scoring", "optimisation")
+
+
+def round_clock():
+    """A trainer callback that marks the start of training and the end of every step (a PPO round;
+    a GRPO optimizer step): ``marks``, perf_counter seconds."""
+    from transformers import TrainerCallback
+
+    class RoundClock(TrainerCallback):
+        def __init__(self):
+            self.marks = []
+
+        def on_train_begin(self, *a, **k):
+            self.marks.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            self.marks.append(time.perf_counter())
+
+    return RoundClock()
 
 
 def worker(
@@ -73,7 +86,6 @@ def worker(
     import numpy as np
     import psutil
     import torch
-    from transformers import TrainerCallback
 
     from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
     from rlhf_influence.tasks import get_task
@@ -93,17 +105,7 @@ def worker(
         seed=seed, disable_tqdm=True,
     )  # fmt: skip
 
-    class RoundClock(TrainerCallback):
-        def __init__(self):
-            self.marks = []
-
-        def on_train_begin(self, *a, **k):
-            self.marks.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            self.marks.append(time.perf_counter())
-
-    clock = RoundClock()
+    clock = round_clock()
     trainer = IIFPPOTrainer(
         args=IIFPPOConfig(**settings), processing_class=task.tokenizer, model=task.policy, ref_model=None,
         reward_model=task.reward, train_dataset=task.train_dataset.select_columns(["input_ids"]),

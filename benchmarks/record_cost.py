@@ -30,8 +30,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import round_clock
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {
@@ -48,7 +50,6 @@ def worker(algorithm: str, arm: str, task_name: str, rounds: int, seed: int, out
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import numpy as np
     import torch
-    from transformers import TrainerCallback
 
     from rlhf_influence import IIFGRPOConfig, IIFGRPOTrainer, IIFPPOConfig, IIFPPOTrainer
     from rlhf_influence.tasks import get_task
@@ -61,17 +62,7 @@ def worker(algorithm: str, arm: str, task_name: str, rounds: int, seed: int, out
     common = {"output_dir": str(run_dir), "report_to": "none", "save_strategy": "no", "seed": seed,
               "disable_tqdm": True, "use_cpu": not torch.cuda.is_available(), "bf16": False}  # fmt: skip
 
-    class RoundClock(TrainerCallback):
-        def __init__(self):
-            self.marks = []
-
-        def on_train_begin(self, *a, **k):
-            self.marks.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            self.marks.append(time.perf_counter())
-
-    clock = RoundClock()
+    clock = round_clock()
     if algorithm == "ppo":
         settings = {**spec.settings, **common, **ARMS[arm]}
         settings["total_episodes"] = settings["per_device_train_batch_size"] * rounds
