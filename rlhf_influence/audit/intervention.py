@@ -127,6 +127,11 @@ class RoundReplay:
         """Whether the store kept Adam's moments at this round's start (``iif_store_optimizer_state``)."""
         return self.scorer.store.manifest.optimizer_state
 
+    @property
+    def default_moments(self) -> str:
+        """Adam's state a re-run starts from unless told: ``'stored'`` where the store keeps it, else ``'fresh'``."""
+        return "stored" if self.has_optimizer_state else "fresh"
+
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """Adam's stored round-start state: ``exp_avg/<name>``, ``exp_avg_sq/<name>``, ``step``,
         ``hyperparameters`` (lr, beta1, beta2, eps, weight_decay)."""
@@ -184,7 +189,7 @@ class RoundReplay:
         self.scorer.load_round(self.round)
         policy = self.scorer.policy
         if moments is None:
-            moments = "stored" if self.has_optimizer_state else "fresh"
+            moments = self.default_moments
         optimizer = self.optimizer(moments)
         rng = np.random.default_rng(seed)
         for steps in self._plan(keep, rng):
@@ -279,7 +284,7 @@ def counterfactual(
         target_without_top=after_top,
         target_without_random=float(np.mean(random_values)),
         removed_records=sorted(int(i) for i in top),
-        moments="stored" if replay.has_optimizer_state else "fresh",
+        moments=replay.default_moments,
     )
 
 
