@@ -86,8 +86,17 @@ def worker(algorithm: str, arm: str, task_name: str, rounds: int, seed: int, out
     trainer.train()
     store = run_dir / "attribution"
     size = sum(p.stat().st_size for p in store.rglob("*") if p.is_file()) if store.exists() else 0
+    rounds = [row for row in trainer.state.log_history if any(key.startswith("time/") for key in row)][1:]
+    if store.exists():  # the store keeps every round's metrics, GRPO's phases included
+        from rlhf_influence.store import AttributionStore
+
+        stored = AttributionStore(store)
+        rounds = [stored.read_metrics(index) for index in stored.rounds()][1:]
     shutil.rmtree(run_dir, ignore_errors=True)  # the figures are what is kept
+    phases = {key: statistics.fmean(row[key] for row in rounds if key in row)
+              for key in sorted({k for row in rounds for k in row if k.startswith("time/")})}  # fmt: skip
     return {
+        "phases": phases,  # mean seconds of each timed phase of a round, after the first
         "round_seconds": [b - a for a, b in zip(clock.marks, clock.marks[1:], strict=False)],
         "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "store_bytes": size,
@@ -108,6 +117,14 @@ def summarise(results: dict, args) -> str:
                 f"| {algorithm} | {arm} | {mean:.2f} | {mean / base_round:.3f} | {r['peak'] / 2**20:.0f} | "
                 f"{r['peak'] / base['peak']:.3f} | {r['store_bytes'] / 2**20 / args.rounds:.2f} |"
             )
+    lines += ["", "Timed phases of a round (mean seconds after the first; what the trainer logs as time/*):", ""]
+    for algorithm, arms in results.items():
+        names = sorted({name for r in arms.values() for name in r.get("phases", {})})
+        lines += [f"| {algorithm} | " + " | ".join(n.removeprefix("time/").removesuffix("_seconds") for n in names) + " |",
+                  "|---" * (len(names) + 1) + "|"]  # fmt: skip
+        for arm, r in arms.items():
+            lines.append(f"| {arm} | " + " | ".join(f"{r.get('phases', {}).get(n, 0.0):.2f}" for n in names) + " |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 

@@ -25,7 +25,8 @@ Each round's attribution (records, influence, kept flags, metrics) is written to
 `--iif_enabled false` trains plain PPO from the same command (no scoring, no store): the
 baseline that IIF's cost and gains are measured against. The trained policy (LoRA adapter and
 tokenizer, loadable with peft's AutoPeftModelForCausalLM) and the value model are saved in
-<output_dir> at the end (and on Ctrl-C); checkpoints every --save_steps rounds, and
+<output_dir> at the end (and on Ctrl-C); `--value_head shared` trains PPO's value as a head on the
+policy's own LoRA backbone (the paper's setting: no second network, a fraction of the memory); checkpoints every --save_steps rounds, and
 `--resume_from_checkpoint true` continues a killed run exactly. `--kl_control adaptive` steers
 the KL coefficient toward --kl_target.
 """
@@ -102,18 +103,21 @@ def set_pad_token(tokenizer, pad_token: str | None) -> None:
 def load_real_job(script_args: RecipeArguments, training_args: IIFPPOConfig, model_args: ModelConfig):
     from transformers import AutoModelForSequenceClassification
 
+    shared = training_args.value_head == "shared"
     job = load_policy_job(
         script_args,
         model_args,
         training_args.seed,
         response_length=training_args.response_length,
         length_flag="--response_length",
-        model_copies=2,  # the policy and the value model
+        model_copies=1 if shared else 2,  # the policy, and a separate value model
         prepare_tokenizer=lambda tokenizer: set_pad_token(tokenizer, script_args.pad_token),
         pad_means_padding="TRL's PPO",
     )
     revision = model_args.model_revision
     reward = load_reward(script_args, training_args.reward_model_path, job.dtype, revision)
+    if shared:  # the value head sits on the policy: no value model to load
+        return job.tokenizer, job.policy, None, reward, job.train, job.heldout, job.peft_config
     value_path = script_args.value_model_path or (
         training_args.reward_model_path if script_args.reward_function is None else job.source
     )
@@ -150,6 +154,8 @@ def check_flags(
     for name, (low, high, closed) in FINITE_RANGES.items():
         if problem := finite_number_problem(getattr(args, name), low, high, closed):
             fail(f"--{name} {problem}")
+    if args.value_head == "shared" and script_args.value_model_path is not None:
+        fail("--value_model_path names a separate value model, but --value_head shared puts the value head on the policy")
     if args.missing_eos_penalty is not None and not math.isfinite(args.missing_eos_penalty):
         fail(f"--missing_eos_penalty must be a finite number, got {args.missing_eos_penalty!r}")
     local = args.per_device_train_batch_size * args.gradient_accumulation_steps
@@ -187,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     check_output_location(training_args)
     if model_args.model_name_or_path is None:
         try:
-            task = get_task(script_args.embedded_task).build(seed=training_args.seed)
+            task = get_task(script_args.embedded_task).build(
+                seed=training_args.seed, value_model=training_args.value_head == "separate"
+            )
         except ModelLoadError as exc:
             fail(str(exc))
         tokenizer, policy, value_model, reward = task.tokenizer, task.policy, task.value_model, task.reward

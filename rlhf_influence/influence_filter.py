@@ -74,7 +74,7 @@ def scales_like_token_advantages(loss: RecordLoss) -> bool:
     """Whether a record's loss gradient at ratio 1 is ``-sum_t A_t grad log pi / c`` with one
     constant c for all records: then the buffer target's gradient is the records' own, summed."""
     if isinstance(loss, PPORecordLoss):
-        return True
+        return not loss.with_value
     return isinstance(loss, GRPORecordLoss) and loss.loss_type != "grpo" and loss.beta == 0.0
 
 
@@ -232,9 +232,12 @@ class InfluenceFilter:
 
     def normaliser(self, records: ScoredRecords) -> float:
         """One normaliser for every record (all processes'), so scores compare across micro-batches."""
-        tokens = self.collectives.gather(records.num_tokens().sum().float().reshape(1)).sum()
+        with_value = getattr(self.loss, "with_value", False)
+        counts = [records.num_tokens().sum()] + ([records.num_value_tokens().sum()] if with_value else [])
+        totals = self.collectives.gather(torch.stack(counts).float()[None]).sum(dim=0)
+        value_tokens = {"num_value_tokens": float(totals[1])} if with_value else {}
         return self.loss.normaliser(
-            float(tokens), len(records) * self.collectives.num_processes, self.micro_batch_size
+            float(totals[0]), len(records) * self.collectives.num_processes, self.micro_batch_size, **value_tokens
         )
 
     def record_factors(

@@ -10,15 +10,21 @@ micro-batches and processes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
 
 from .records import ScoredRecords
 from .store.manifest import TrainingSettings
-from .targets import ppo_policy_loss, token_logprobs
+from .targets import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    ppo_policy_loss,
+    token_logprobs,
+    token_logprobs_and_hidden,
+)
 
 # GRPO loss types whose per-record loss is written here (TRL 1.12's names).
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -34,32 +40,76 @@ class RecordLoss(Protocol):
         ...
 
 
+class PolicyAndValueNormaliser(NamedTuple):
+    """What PPO divides a micro-batch's summed policy and value losses by (each a masked mean)."""
+
+    policy: float
+    value: float
+
+
 @dataclass(frozen=True)
 class PPORecordLoss:
-    """TRL PPO's clipped policy loss of each record (the value loss trains a separate network).
+    """TRL PPO's clipped policy loss of each record, and with ``value_head`` (a value head on the
+    policy's own backbone) plus ``value_coef`` x its clipped value loss, as PPO optimises them.
 
-    TRL takes a masked mean over each micro-batch's response tokens; the normaliser is its
-    expectation, the mean number of response tokens per record times the micro-batch size.
+    TRL takes a masked mean over each micro-batch's response tokens (the value loss over the
+    response and one position past it); the normaliser is its expectation, the mean number of
+    such positions per record times the micro-batch size. With a separate value model the value
+    loss does not reach the policy's weights: the policy loss is the record's whole loss there.
     """
 
     clip_range: float
     temperature: float
+    value_coef: float = 0.0
+    clip_range_value: float = 0.2
+    value_head: nn.Module | None = field(default=None, compare=False, repr=False)
 
-    def __call__(self, model: nn.Module, records: ScoredRecords, normaliser: float) -> torch.Tensor:
-        return ppo_policy_loss(
-            model,
-            records.input_ids,
-            records.attention_mask,
-            records.response_mask,
-            records.advantages,
-            old_logprobs=records.old_logprobs,
-            clip_range=self.clip_range,
-            normaliser=normaliser,
-            temperature=self.temperature,
+    def __post_init__(self) -> None:
+        if self.value_head is None and self.value_coef:
+            raise ValueError("a value term in the record loss needs the value head it reads")
+
+    @property
+    def with_value(self) -> bool:
+        """Whether each record's loss includes its value loss."""
+        return self.value_head is not None
+
+    def __call__(
+        self, model: nn.Module, records: ScoredRecords, normaliser: float | PolicyAndValueNormaliser
+    ) -> torch.Tensor:
+        if not self.with_value:
+            return ppo_policy_loss(
+                model,
+                records.input_ids,
+                records.attention_mask,
+                records.response_mask,
+                records.advantages,
+                old_logprobs=records.old_logprobs,
+                clip_range=self.clip_range,
+                normaliser=normaliser,
+                temperature=self.temperature,
+            )
+        if not isinstance(normaliser, PolicyAndValueNormaliser) or records.value_mask is None:
+            raise ValueError("a record loss with its value term needs the records' value targets and both normalisers")
+        logp, hidden = token_logprobs_and_hidden(model, records.input_ids, records.attention_mask, self.temperature)
+        policy = clipped_policy_loss(
+            logp, records.response_mask, records.advantages, records.old_logprobs, self.clip_range, normaliser.policy
         )
+        values = self.value_head(hidden).squeeze(-1)
+        value = clipped_value_loss(
+            values, records.old_values, records.returns, records.value_mask, self.clip_range_value, normaliser.value
+        )
+        return policy + self.value_coef * value
 
-    def normaliser(self, num_tokens: float, num_records: int, micro_batch_size: int) -> float:
-        return num_tokens / num_records * micro_batch_size
+    def normaliser(
+        self, num_tokens: float, num_records: int, micro_batch_size: int, num_value_tokens: float | None = None
+    ) -> float | PolicyAndValueNormaliser:
+        """``num_value_tokens`` (all processes' value-loss positions) is needed with the value term."""
+        policy = num_tokens / num_records * micro_batch_size
+        if not self.with_value:
+            return policy
+        if num_value_tokens is None:
+            raise ValueError("the value term's normaliser needs the records' value-loss positions")
+        return PolicyAndValueNormaliser(policy, num_value_tokens / num_records * micro_batch_size)
 
 
 @dataclass(frozen=True)

@@ -71,13 +71,17 @@ class RolloutBatch:
         """These records as IIF scores them (TRL PPO's conventions: every non-pad token attended,
         positions from the attention mask, sampling log-probs as the ratio's denominator)."""
         c = self.context_length
+        aligned = lambda t: None if t is None else torch.nn.functional.pad(t, (c, 0))  # noqa: E731
         return ScoredRecords(
             input_ids=self.query_responses,
             attention_mask=self.query_responses != pad_token_id,
             response_mask=self.response_mask(),
-            advantages=torch.nn.functional.pad(self.advantages, (c, 0)),
+            advantages=aligned(self.advantages),
             context_length=c,
-            old_logprobs=torch.nn.functional.pad(self.logprobs, (c, 0)),
+            old_logprobs=aligned(self.logprobs),
+            old_values=aligned(self.values),
+            returns=aligned(self.returns),
+            value_mask=torch.nn.functional.pad(~self.padding_mask_p1, (c, 0), value=False),
         )
 
 
@@ -116,6 +120,9 @@ class ScoredRecords:
     group: torch.Tensor | None = None  # [n] long
     positions_from_mask: bool = True  # position ids follow the attention mask (TRL's PPO) or not (GRPO)
     position_offset: torch.Tensor | None = None  # [n] left padding added after training (stored rounds)
+    old_values: torch.Tensor | None = None  # [n, T] PPO's values at sampling (the value loss's clip centre)
+    returns: torch.Tensor | None = None  # [n, T] PPO's value targets
+    value_mask: torch.Tensor | None = None  # [n, T] bool: positions PPO's value loss counts (one past the response)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -138,6 +145,12 @@ class ScoredRecords:
     def num_tokens(self) -> torch.Tensor:
         """Response tokens counted in the loss per record, ``[n]``."""
         return self.response_mask.sum(1)
+
+    def num_value_tokens(self) -> torch.Tensor:
+        """Positions PPO's value loss counts per record, ``[n]`` (ValueError without a value mask)."""
+        if self.value_mask is None:
+            raise ValueError("these records carry no value targets (old values, returns, value mask)")
+        return self.value_mask.sum(1)
 
     def to_stored(self) -> dict[str, torch.Tensor]:
         """The store's ``batch`` tensors (one process's rows; the trainer gathers them, padding

@@ -19,6 +19,7 @@ HELDOUT_SAMPLING = ("with_rollout", "separate")
 SNAPSHOT_DTYPES = ("float32", "bfloat16")
 SCORES = ("raw", "adam")
 STORED_GRADIENTS = ("snapshot", "training")
+RECORD_LOSSES = ("policy", "policy_and_value")
 
 
 @dataclass
@@ -182,6 +183,15 @@ class IIFSettings:
             "per-side projection as it is (r * iif_store_projection_dim per adapter side)."
         },
     )
+    iif_record_loss: str = field(
+        default="policy",
+        metadata={
+            "help": "Each record's loss that influence differentiates: 'policy' (the trainer's policy loss) or "
+            "'policy_and_value' (PPO only, with --value_head shared: plus vf_coef x the record's clipped value "
+            "loss, which there reaches the LoRA weights, as the paper's code scores).",
+            "choices": list(RECORD_LOSSES),
+        },
+    )
     iif_store_gradients: str = field(
         default="snapshot",
         metadata={
@@ -272,6 +282,8 @@ class IIFSettings:
                     "iif_target='none' only records the store's gradients: it needs iif_store=true and "
                     "iif_store_projection_dim > 0 (for no attribution at all: iif_enabled=false)"
                 )
+        if self.iif_record_loss not in RECORD_LOSSES:
+            raise ValueError(f"iif_record_loss must be one of {RECORD_LOSSES}, got {self.iif_record_loss!r}")
         if self.iif_store_gradients not in STORED_GRADIENTS:
             raise ValueError(f"iif_store_gradients must be one of {STORED_GRADIENTS}, got {self.iif_store_gradients!r}")
         if self.iif_store_gradients == "training" and (self.iif_target != "none" or not self.iif_enabled):

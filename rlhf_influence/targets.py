@@ -40,6 +40,23 @@ def token_logprobs(
     in training, as a store gathered over processes pads them). Logits are divided by
     ``temperature`` as in sampling.
     """
+    logp, _ = token_logprobs_and_hidden(
+        model, input_ids, attention_mask, temperature, positions_from_mask, position_offset, hidden=False
+    )
+    return logp
+
+
+def token_logprobs_and_hidden(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 1.0,
+    positions_from_mask: bool = True,
+    position_offset: torch.Tensor | None = None,
+    hidden: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`token_logprobs` and, from the same forward, the last hidden state that predicts each
+    position ``[m, T, H]`` (row t holds the state at t - 1, zeros at t = 0), as a value head reads it."""
     mask = attention_mask.bool()
     inputs = {"input_ids": input_ids.masked_fill(~mask, 0), "attention_mask": mask.long()}
     if positions_from_mask:
@@ -47,12 +64,16 @@ def token_logprobs(
     elif position_offset is not None:
         columns = torch.arange(input_ids.shape[1], device=input_ids.device)
         inputs["position_ids"] = (columns[None] - position_offset.to(input_ids.device)[:, None]).clamp_min(0)
-    logits = model(**inputs).logits[:, :-1]
+    output = model(**inputs, output_hidden_states=True) if hidden else model(**inputs)
+    logits = output.logits[:, :-1]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     logp = torch.log_softmax(logits / temperature, dim=-1)
     picked = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return torch.nn.functional.pad(picked, (1, 0))
+    states = None
+    if hidden:
+        states = torch.nn.functional.pad(output.hidden_states[-1][:, :-1], (0, 0, 1, 0))
+    return torch.nn.functional.pad(picked, (1, 0)), states
 
 
 def _check_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor) -> None:
@@ -183,6 +204,18 @@ def ppo_policy_loss(
     """
     _check_layout(input_ids, attention_mask, response_mask)
     logp = token_logprobs(model, input_ids, attention_mask, temperature)
+    return clipped_policy_loss(logp, response_mask, advantages, old_logprobs, clip_range, normaliser)
+
+
+def clipped_policy_loss(
+    logp: torch.Tensor,
+    response_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    clip_range: float,
+    normaliser: float | None = None,
+) -> torch.Tensor:
+    """PPO's clipped surrogate per record ``[n]`` from the log-probs ``[n, T]`` (see :func:`ppo_policy_loss`)."""
     old = logp.detach() if old_logprobs is None else old_logprobs.to(logp.dtype)
     ratio = torch.exp(logp - old)
     adv = advantages.to(logp.dtype)
@@ -190,6 +223,25 @@ def ppo_policy_loss(
     mask = response_mask.to(logp.dtype)
     denom = mask.sum() if normaliser is None else torch.as_tensor(normaliser, dtype=logp.dtype)
     return (per_token * mask).sum(dim=1) / denom
+
+
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    value_mask: torch.Tensor,
+    clip_range_value: float,
+    normaliser: float | None = None,
+) -> torch.Tensor:
+    """Each record's share of TRL PPO's value loss ``[n]``: ``0.5 * sum_t mask * max((V - R)^2,
+    (clip(V, V_old - c, V_old + c) - R)^2) / normaliser``, ``normaliser`` defaulting to the batch's
+    masked positions (TRL's masked mean over the micro-batch)."""
+    values = values.to(returns.dtype)
+    clipped = torch.clamp(values, old_values - clip_range_value, old_values + clip_range_value)
+    per_token = torch.maximum(torch.square(values - returns), torch.square(clipped - returns))
+    mask = value_mask.to(per_token.dtype)
+    denom = mask.sum() if normaliser is None else torch.as_tensor(normaliser, dtype=per_token.dtype)
+    return 0.5 * (per_token * mask).sum(dim=1) / denom
 
 
 def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str]):

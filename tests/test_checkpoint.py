@@ -81,9 +81,17 @@ def audit(run: Path) -> str:
     return printed.getvalue()
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
-def test_sigkill_mid_round_then_resume_equals_the_uninterrupted_run(tmp_path, algorithm):
-    flags = PPO_FLAGS if algorithm == "ppo" else GRPO_FLAGS
+# PPO's value head on the policy's backbone, scored with its value term: the head resumes too
+SHARED_HEAD = ["--value_head", "shared", "--iif_record_loss", "policy_and_value"]
+
+
+@pytest.mark.parametrize(
+    "algorithm, extra",
+    [pytest.param("ppo", [], id="ppo"), pytest.param("ppo", SHARED_HEAD, id="ppo-shared-head"),
+     pytest.param("grpo", [], id="grpo")],
+)  # fmt: skip
+def test_sigkill_mid_round_then_resume_equals_the_uninterrupted_run(tmp_path, algorithm, extra):
+    flags = [*(PPO_FLAGS if algorithm == "ppo" else GRPO_FLAGS), *extra]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert recipe_main(algorithm)(["--output_dir", str(whole), *flags]) == 0
 
@@ -99,7 +107,8 @@ def test_sigkill_mid_round_then_resume_equals_the_uninterrupted_run(tmp_path, al
     assert_same_store(whole / "attribution", killed / "attribution")
     assert_same_weights(whole / "adapter_model.safetensors", killed / "adapter_model.safetensors")
     if algorithm == "ppo":
-        assert_same_weights(whole / "value_model" / "model.safetensors", killed / "value_model" / "model.safetensors")
+        value = "value_head.safetensors" if extra else "value_model/model.safetensors"
+        assert_same_weights(whole / value, killed / value)
         aside = list((killed / "attribution" / "set_aside").glob("after_round_000002-*/round_000003"))
         assert len(aside) == 1  # the round the resume redid, kept apart
     coefs = [AttributionStore(whole / "attribution").read_metrics(r)["objective/kl_coef"] for r in range(1, 6)]

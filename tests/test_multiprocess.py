@@ -79,6 +79,8 @@ def trained_weights(out: Path) -> dict[str, torch.Tensor]:
     weights = {f"policy.{k}": v for k, v in load_file(out / "adapter_model.safetensors").items()}
     if (out / "value_model").is_dir():
         weights.update({f"value.{k}": v for k, v in load_file(out / "value_model" / "model.safetensors").items()})
+    if (out / "value_head.safetensors").is_file():  # a value head on the policy's backbone
+        weights.update({f"value.{k}": v for k, v in load_file(out / "value_head.safetensors").items()})
     return weights
 
 
@@ -95,7 +97,7 @@ def check_resume(config: str, out: Path, flags: list[str], recipe: str, refuse_o
     for path in out.glob("checkpoint-*"):
         if path.name != "checkpoint-2":
             shutil.rmtree(path)
-    for name in ("adapter_model.safetensors", "value_model"):
+    for name in ("adapter_model.safetensors", "value_model", "value_head.safetensors"):
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if refuse_other_count:  # another process count is refused in one line, and changes nothing
@@ -156,6 +158,23 @@ def test_shipped_config_runs_as_shipped(tmp_path, config):
     assert all(0 < sum(t["kept"]) < len(t["kept"]) for t in tables)
     if processes == 2:  # filtering was global: a per-process rule would have decided otherwise somewhere
         assert any(per_process_rule(t, 0.5) != t["kept"] for t in tables)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["multi_gpu", "deepspeed_zero3"])
+def test_shared_value_head_on_two_processes(tmp_path, config):
+    """PPO's value head on the policy's backbone, scored with its value term, under DDP and ZeRO-3 as
+    shipped (bf16): one global decision, and a resume from a checkpoint ends as the run did."""
+    out = tmp_path / config
+    flags = ["--total_episodes", "256", "--iif_drop_fraction", "0.5", "--save_steps", "2", "--value_head", "shared",
+             "--iif_record_loss", "policy_and_value"]  # fmt: skip
+    launch(config, out, *flags, timeout=400)
+    tables = check_store(out, rounds=4, per_process=32, drop_fraction=0.5)
+    manifest = json.loads((out / "attribution" / "manifest.json").read_text())
+    assert (manifest["training"]["value_head"], manifest["training"]["record_loss"]) == ("shared", "policy_and_value")
+    assert (out / "value_head.safetensors").is_file() and not (out / "value_model").exists()
+    assert any(per_process_rule(t, 0.5) != t["kept"] for t in tables)
+    check_resume(config, out, flags, RECIPE)
 
 
 @pytest.mark.slow

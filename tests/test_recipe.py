@@ -84,6 +84,37 @@ def test_real_job_from_local_files_trains(tmp_path, local_model):
     assert AttributionStore(out / "attribution").rounds() == [1, 2]
 
 
+def test_real_job_with_a_shared_value_head_loads_no_value_model(tmp_path, local_model, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    def no_value_model(*args, **kwargs):
+        raise AssertionError("a value model was loaded")
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", no_value_model)
+    data = write_prompts(tmp_path / "prompts.jsonl", 48)
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", str(local_model), "--dataset_name", str(data), "--reward_function", "keywords",
+            "--reward_keywords", "great", "fun", "--heldout_size", "8", "--per_device_train_batch_size", "8",
+            "--total_episodes", "16", "--response_length", "4", "--lora_r", "4", "--lora_target_modules", "c_attn",
+            "--value_head", "shared", "--iif_record_loss", "policy_and_value",
+            "--output_dir", str(out), "--disable_tqdm", "true", "--report_to", "none"]  # fmt: skip
+    assert recipe_main()(argv) == 0
+    store = AttributionStore.open(out / "attribution")
+    assert store.rounds() == [1, 2] and store.manifest.training.value_head == "shared"
+    assert (out / "value_head.safetensors").is_file() and not (out / "value_model").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--value_head", "shared", "--value_model_path", "./v"], "--value_head shared puts the value head on the policy"),
+        (["--iif_record_loss", "policy_and_value"], "needs value_head='shared'"),
+    ],
+)
+def test_value_flags_that_do_not_go_together_are_refused(capsys, tmp_path, flags, message, no_model_loads):
+    fails_with(capsys, ["--output_dir", str(tmp_path), *flags], message)
+
+
 def test_iif_enabled_false_trains_plain_ppo_and_stores_nothing(tmp_path, capsys):
     out = tmp_path / "plain"
     argv = [

@@ -62,6 +62,12 @@ class RoundReplay:
         settings = manifest.training
         if settings is None:
             raise StoreError("the run's manifest has no training settings; it predates replayable rounds")
+        if settings.value_head == "shared":
+            raise StoreError(
+                "the run trained PPO's value head on the policy's own backbone (value_head shared): its update "
+                "moved the LoRA weights by the value loss too, and the store keeps neither the head nor the value "
+                "targets, so its rounds cannot be re-run (scores from the stored gradients still work)"
+            )
         self.settings = settings
         self.grpo = settings.algorithm == "grpo"
         self.temperature = scorer.temperature

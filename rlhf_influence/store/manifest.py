@@ -113,6 +113,8 @@ class TrainingSettings:
     num_ppo_epochs: int | None = None  # passes over the round's kept records
     mini_batch_size: int | None = None  # records per optimizer step
     cliprange: float | None = None  # the clipped surrogate's epsilon
+    value_head: str | None = None  # "separate" (TRL's value model) or "shared" (on the policy); None: separate
+    record_loss: str | None = None  # "policy" or "policy_and_value": what the scores differentiate; None: policy
     # GRPO
     loss_type: str | None = None  # how token losses are averaged (TRL's GRPOConfig.loss_type)
     epsilon_low: float | None = None  # lower clipping epsilon of the ratio

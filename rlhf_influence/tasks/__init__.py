@@ -1,8 +1,9 @@
 """The embedded tasks: runs that need no data, model or reward of the user's, picked by name.
 
 Each module of this package that defines ``SPEC`` (a :class:`TaskSpec`: a name, its run's
-settings and ``build(seed=...)`` returning an :class:`EmbeddedTask`: tokenizer, policy, value
-model, reward, training and held-out prompt sets, LoRA config) is a task; adding a task is
+settings and ``build(seed=..., value_model=True)`` returning an :class:`EmbeddedTask`: tokenizer,
+policy, value model (None with ``value_model=False``), reward, training and held-out prompt sets,
+LoRA config) is a task; adding a task is
 adding one module. The recipe's ``--embedded_task``, the benchmarks and the tests pick them by name.
 
 - ``sentiment`` (the default): a tiny GPT-2 from random weights, VADER reward; about a minute.

@@ -19,7 +19,7 @@ class EmbeddedTask:
 
     tokenizer: Any
     policy: torch.nn.Module
-    value_model: torch.nn.Module
+    value_model: torch.nn.Module | None  # None: built without one (PPO's shared value head)
     reward: Callable[[list[str], list[str]], list[float]]
     train_dataset: Dataset
     heldout_dataset: Dataset

@@ -160,21 +160,24 @@ def cached_keyword_lm(seed: int = 0, cache_dir: str | os.PathLike | None = None,
 
 
 def build(
-    seed: int = 0, cache_dir: str | os.PathLike | None = None, pretrain_steps: int = 300
+    seed: int = 0, cache_dir: str | os.PathLike | None = None, pretrain_steps: int = 300, value_model: bool = True
 ) -> EmbeddedTask:
-    """The keyword task: pre-trained policy, value model from the same weights, colour-count reward."""
+    """The keyword task: pre-trained policy, value model from the same weights (unless not
+    ``value_model``), colour-count reward."""
     path = cached_keyword_lm(seed=seed, cache_dir=cache_dir, steps=pretrain_steps)
     tokenizer = word_tokenizer(VOCABULARY)
     policy = AutoModelForCausalLM.from_pretrained(path)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed + 1)  # the value head is new: seeded, outside training's stream
-        value_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    value = None
+    if value_model:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + 1)  # the value head is new: seeded, outside training's stream
+            value = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     train, heldout = keyword_prompts(seed=0)
 
     return EmbeddedTask(
         tokenizer=tokenizer,
         policy=policy,
-        value_model=value_model,
+        value_model=value,
         reward=keyword_reward(COLOURS),
         train_dataset=prompt_dataset(tokenizer, train),
         heldout_dataset=prompt_dataset(tokenizer, heldout),

@@ -22,8 +22,8 @@ def noisy_reward(prompts: list[str], completions: list[str]) -> list[float]:
     return sign_flipped(sentiment_reward, FLIP_FRACTION, SALT)(prompts, completions)
 
 
-def build(seed: int = 0) -> EmbeddedTask:
-    task = sentiment.build(seed=seed)
+def build(seed: int = 0, value_model: bool = True) -> EmbeddedTask:
+    task = sentiment.build(seed=seed, value_model=value_model)
     task.reward = noisy_reward
     return task
 

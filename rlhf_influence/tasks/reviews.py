@@ -107,21 +107,27 @@ def lora_config(r: int = 16) -> LoraConfig:
 
 
 def build(
-    seed: int = 0, cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    value_model: bool = True,
 ) -> EmbeddedTask:
-    """SmolLM2 policy and value model (same weights, new seeded value head), VADER reward, review openings."""
+    """SmolLM2 policy and value model (same weights, new seeded value head; none without
+    ``value_model``), VADER reward, review openings."""
     path = smollm2_checkpoint(cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)  # the value head is new: seeded, outside training's stream
-        value_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
-    value_model.config.pad_token_id = tokenizer.pad_token_id
+    value = None
+    if value_model:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)  # the value head is new: seeded, outside training's stream
+            value = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+        value.config.pad_token_id = tokenizer.pad_token_id
     train, heldout = review_openings()
     return EmbeddedTask(
         tokenizer=tokenizer,
         policy=policy,
-        value_model=value_model,
+        value_model=value,
         reward=sentiment_reward,
         train_dataset=prompt_dataset(tokenizer, train),
         heldout_dataset=prompt_dataset(tokenizer, heldout),

@@ -65,15 +65,16 @@ GRPO_TRAINING = {
 GRPO_HELDOUT_PROMPTS = 8
 
 
-def build(seed: int = 0, hidden: int = 64, layers: int = 2) -> EmbeddedTask:
-    """The default task's models (random weights, seeded), reward and prompt sets."""
+def build(seed: int = 0, hidden: int = 64, layers: int = 2, value_model: bool = True) -> EmbeddedTask:
+    """The default task's models (random weights, seeded), reward and prompt sets; without
+    ``value_model`` no separate value model (PPO's shared value head needs none)."""
     tokenizer = word_tokenizer(TOY_WORDS)
     vocab = len(tokenizer)
     train, heldout = default_prompts()
     return EmbeddedTask(
         tokenizer=tokenizer,
         policy=tiny_causal_lm(vocab, hidden=hidden, layers=layers, seed=seed),
-        value_model=tiny_scalar_head_model(vocab, hidden=hidden, layers=1, seed=seed + 1),
+        value_model=tiny_scalar_head_model(vocab, hidden=hidden, layers=1, seed=seed + 1) if value_model else None,
         reward=sentiment_reward,
         train_dataset=prompt_dataset(tokenizer, train),
         heldout_dataset=prompt_dataset(tokenizer, heldout),

@@ -201,7 +201,9 @@ def check_resumable(found: CheckpointInfo, expected: CheckpointInfo, path: Path)
         raise CheckpointError(
             f"{where}: it was trained with --seed {found.seed}, this run has {expected.seed}"
         )
-    defaults = {f.name: f.default for f in fields(IIFSettings)}
+    from .config import IIFPPOConfig  # its own settings beside IIFSettings (the value head's)
+
+    defaults = {f.name: f.default for f in (*fields(IIFSettings), *fields(IIFPPOConfig)) if f.name in expected.settings}
     for name in sorted(set(found.settings) | set(expected.settings)):
         a, b = found.settings.get(name), expected.settings.get(name)
         if name not in found.settings and b == defaults.get(name):

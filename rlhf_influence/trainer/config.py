@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from trl.experimental.ppo import PPOConfig
 
-from ..settings import HELDOUT_SAMPLING, SCHEDULES, SNAPSHOT_DTYPES, TARGETS, IIFSettings
+from ..settings import HELDOUT_SAMPLING, RECORD_LOSSES, SCHEDULES, SNAPSHOT_DTYPES, TARGETS, IIFSettings
+from .value_head import VALUE_HEADS
 
-__all__ = ["HELDOUT_SAMPLING", "SCHEDULES", "SNAPSHOT_DTYPES", "TARGETS", "IIFPPOConfig"]
+__all__ = ["HELDOUT_SAMPLING", "RECORD_LOSSES", "SCHEDULES", "SNAPSHOT_DTYPES", "TARGETS", "VALUE_HEADS", "IIFPPOConfig"]
 
 
 @dataclass
@@ -21,6 +22,16 @@ class IIFPPOConfig(PPOConfig, IIFSettings):
     Every field is also a command-line flag through ``TrlParser`` / ``HfArgumentParser``.
     """
 
+    value_head: str = field(
+        default="separate",
+        metadata={
+            "help": "PPO's value function. 'separate' (TRL's): a value model of its own, trained in full (every "
+            "weight, with Adam's moments: about 16 bytes a parameter). 'shared' (the paper's): a scalar head on "
+            "the policy's last hidden state with its LoRA adapter active, trained with the LoRA weights; one "
+            "backbone in memory, one forward a micro-batch. Pass value_model=None (the recipe loads none).",
+            "choices": list(VALUE_HEADS),
+        },
+    )
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_iif_settings()
@@ -30,3 +41,20 @@ class IIFPPOConfig(PPOConfig, IIFSettings):
                 "('steps') or never ('no')"
             )
         self.check_kl_coefficient("kl_coef", self.kl_coef)
+        self.check_value_settings()
+
+    def check_value_settings(self) -> None:
+        """The value head and the per-record loss go together (ValueError, in one line, if not)."""
+        if self.value_head not in VALUE_HEADS:
+            raise ValueError(f"value_head must be one of {VALUE_HEADS}, got {self.value_head!r}")
+        if self.iif_record_loss == "policy_and_value" and self.value_head != "shared":
+            raise ValueError(
+                "iif_record_loss='policy_and_value' needs value_head='shared': with a separate value model the "
+                "value loss does not reach the policy's LoRA weights"
+            )
+        if self.value_head == "shared" and self.iif_store_gradients == "training":
+            raise ValueError(
+                "iif_store_gradients='training' is not available with value_head='shared' yet: the training's "
+                "backward holds the value loss too, normalised per micro-batch apart from the policy loss; use "
+                "iif_store_gradients='snapshot'"
+            )

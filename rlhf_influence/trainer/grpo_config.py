@@ -42,6 +42,8 @@ class IIFGRPOConfig(GRPOConfig, IIFSettings):
         super().__post_init__()
         self.check_iif_settings()
         self.check_kl_coefficient("beta", self.beta)
+        if self.iif_record_loss != "policy":
+            raise ValueError("iif_record_loss='policy_and_value' is PPO's (with a shared value head); GRPO has no value loss")
         if not self.iif_enabled:
             return
         if not self.iif_keep_steps:

@@ -89,6 +89,7 @@ from .shared import (
     score_preconditioner,
     write_round,
 )
+from .value_head import SharedValueHead, policy_and_value_wrapper
 
 RESUMED_STATE = ("global_step", "episode", "epoch", "log_history")  # TRL's trainer state a checkpoint keeps
 PPO_STATS = ("approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")
@@ -130,6 +131,8 @@ class IIFPPOTrainer(PPOTrainer):
     Takes TRL's arguments plus ``target_dataset`` (held-out prompts, tokenised like
     ``train_dataset``) for the held-out return target. ``reward_model`` may be a
     sequence-classification model or a callable ``f(prompts, completions) -> list[float]``.
+    ``value_model``: TRL's separate value model, or None with ``value_head='shared'`` (a scalar
+    head on the policy's own LoRA backbone, built here).
     """
 
     _tag_names: ClassVar[list[str]] = ["trl", "ppo", "iif", "rlhf-influence"]
@@ -143,7 +146,7 @@ class IIFPPOTrainer(PPOTrainer):
         ref_model: nn.Module | None,
         reward_model,
         train_dataset,
-        value_model: nn.Module,
+        value_model: nn.Module | None,
         target_dataset=None,
         data_collator=None,
         eval_dataset=None,
@@ -161,7 +164,10 @@ class IIFPPOTrainer(PPOTrainer):
             model, peft_config = _with_lora(model, peft_config, args), None
         reward_model = as_reward_module(reward_model)
         _check_reward_model(reward_model)
-        with _mixed_precision_from(args):  # TRL's PPOTrainer builds its Accelerator without it
+        value_model = _value_model_for(args, model, value_model)
+        # TRL's PPOTrainer builds its Accelerator without the run's precision; with a shared head its
+        # one-pass policy-and-value wrapper stands in for TRL's
+        with _mixed_precision_from(args), policy_and_value_wrapper(args.value_head):
             super().__init__(
                 args=args,
                 processing_class=processing_class,
@@ -188,7 +194,7 @@ class IIFPPOTrainer(PPOTrainer):
         self.iif = InfluenceFilter(
             args,
             self.layout,
-            PPORecordLoss(clip_range=args.cliprange, temperature=args.temperature + 1e-7),
+            self._record_loss(),
             target=self.iif_target,
             micro_batch_size=args.per_device_train_batch_size,
             temperature=args.temperature + 1e-7,
@@ -203,6 +209,16 @@ class IIFPPOTrainer(PPOTrainer):
         if not self.is_deepspeed_enabled:  # checkpoints keep the trainable weights only
             self.accelerator.register_save_state_pre_hook(trainable_weights_only)
             self.accelerator.register_load_state_pre_hook(load_trainable_weights)
+
+    def _record_loss(self) -> PPORecordLoss:
+        """Each record's loss as influence differentiates it: PPO's policy loss, with
+        ``iif_record_loss='policy_and_value'`` plus ``vf_coef`` x the shared head's value loss."""
+        args = self.args
+        value = {}
+        if args.iif_record_loss == "policy_and_value":
+            value = {"value_coef": args.vf_coef, "clip_range_value": args.cliprange_value,
+                     "value_head": self.unwrapped.value_model}  # fmt: skip
+        return PPORecordLoss(clip_range=args.cliprange, temperature=args.temperature + 1e-7, **value)
 
     @property
     def store_projector(self) -> RandomProjector | SketchedProjector | None:
@@ -792,6 +808,8 @@ class IIFPPOTrainer(PPOTrainer):
             num_ppo_epochs=args.num_ppo_epochs,
             mini_batch_size=args.mini_batch_size,
             cliprange=args.cliprange,
+            value_head=args.value_head,
+            record_loss=args.iif_record_loss,
         )
         return run_manifest(
             args, self.iif, self.accelerator, training, records_per_round=args.batch_size,
@@ -863,13 +881,17 @@ class IIFPPOTrainer(PPOTrainer):
     def save_final_model(self, output_dir: str | None = None) -> Path:
         """Save the trained policy as TRL's scripts do (LoRA adapter and tokenizer, loadable with
         ``AutoPeftModelForCausalLM.from_pretrained(output_dir)``) and the value model in
-        ``output_dir/value_model``; every process must call it. Returns the directory."""
+        ``output_dir/value_model`` (a shared head: ``output_dir/value_head.safetensors``); every process
+        must call it. Returns the directory."""
         out = Path(output_dir or self.args.output_dir)
         save_trained_policy(out, self.unwrapped.policy, self.accelerator, self.save_model)
         value_model = self.unwrapped.value_model
         state = gathered_state_dict(value_model)
         if self.accelerator.is_main_process:
-            value_model.save_pretrained(out / "value_model", state_dict=state)
+            if isinstance(value_model, SharedValueHead):
+                value_model.save(out, state)
+            else:
+                value_model.save_pretrained(out / "value_model", state_dict=state)
         self.accelerator.wait_for_everyone()
         return out
 
@@ -882,7 +904,8 @@ class IIFPPOTrainer(PPOTrainer):
             "ppo", round=self.state.global_step, global_step=self.state.global_step, args=self.args,
             accelerator=self.accelerator, policy=self.unwrapped.policy, layout=self.layout, store=self.store,
             settings=("batch_size", "num_ppo_epochs", "num_mini_batches", "learning_rate", "iif_enabled",
-                      "iif_drop_fraction", "iif_filter", "iif_schedule", "iif_target", "iif_score", "iif_store_gradients", "iif_store_optimizer_state"),
+                      "iif_drop_fraction", "iif_filter", "iif_schedule", "iif_target", "iif_score", "iif_store_gradients", "iif_store_optimizer_state",
+                      "value_head", "iif_record_loss"),
         )  # fmt: skip
 
     def save_checkpoint(self) -> Path:
@@ -1003,6 +1026,21 @@ def _with_lora(model: nn.Module, peft_config, args: IIFPPOConfig) -> nn.Module:
     plugin = getattr(args, "deepspeed_plugin", None)
     zero3 = plugin is not None and plugin.zero_stage == 3
     return get_peft_model(model, peft_config, autocast_adapter_dtype=not zero3)
+
+
+def _value_model_for(args: IIFPPOConfig, policy: nn.Module, value_model: nn.Module | None) -> nn.Module:
+    """The value model TRL's PPOTrainer is given: the one passed (``value_head='separate'``) or a
+    shared head on the (LoRA-wrapped) policy."""
+    if args.value_head == "shared":
+        if value_model is not None:
+            raise ValueError(
+                "value_head='shared' puts the value head on the policy's own backbone: pass value_model=None "
+                "(a separate value model would be loaded for nothing)"
+            )
+        return SharedValueHead(policy)
+    if value_model is None:
+        raise ValueError("value_head='separate' trains a value model of its own: pass value_model (or use value_head='shared')")
+    return value_model
 
 
 def _check_reward_model(reward_model: nn.Module) -> None:
