@@ -24,6 +24,10 @@ metrics come from each run's attribution store.
   iif_round_half      iif_round with p=0.5
   iif_round_heldout64 iif_round with 64 held-out prompts a round (the task's default: 16)
   iif_round_rewhiten  iif_round with the kept records' advantages whitened anew (after filtering)
+  ppo_shared, iif_round_shared
+               ppo and iif_round with PPO's value head on the policy's backbone (--value_head shared)
+  iif_round_shared_value
+               iif_round_shared scoring each record's loss with its value term (the paper's code)
 
 --set FIELD=VALUE passes recipe flags to every arm (e.g. num_mini_batches=32 learning_rate=1e-3:
 the optimisation regime). On a task with known label noise (noisy_sentiment: the sign of 20% of
@@ -96,8 +100,13 @@ ARMS = {
     "iif_round_half": ["--iif_schedule", "round", "--iif_drop_fraction", "0.5"],
     "iif_round_heldout64": ["--iif_schedule", "round", "--iif_num_heldout_prompts", "64"],
     "iif_round_rewhiten": ["--iif_schedule", "round", "--iif_whiten_after_filter", "true"],
+    # PPO's value head on the policy's own LoRA backbone (--value_head shared) instead of a value model
+    "ppo_shared": ["--iif_drop_fraction", "0", "--value_head", "shared"],
+    "iif_round_shared": ["--iif_schedule", "round", "--value_head", "shared"],
+    "iif_round_shared_value": ["--iif_schedule", "round", "--value_head", "shared", "--iif_record_loss",
+                               "policy_and_value"],
 }
-FILTERING = set(ARMS) - {"ppo", "ppo_matched"}
+FILTERING = set(ARMS) - {"ppo", "ppo_matched", "ppo_shared"}
 # Tasks whose reward is known to be corrupted for some records: (flip fraction, salt) of
 # rlhf_influence.tasks.rewards.is_flipped; their curves use the clean reward, recomputed per record.
 NOISY_TASKS = {"noisy_sentiment": (noisy_sentiment.FLIP_FRACTION, noisy_sentiment.SALT)}
