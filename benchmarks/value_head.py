@@ -35,6 +35,8 @@ from overhead import round_clock
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("separate", "shared")
 GPUS_GB = (24, 80, 141)
+HEADROOM = 0.85  # a job "fits" when its model state takes at most this share of the card (the rest:
+# activations, logits, the CUDA context; a judgement, said with the table)
 
 # Published shapes (config.json of each model), written out: nothing is downloaded.
 SHAPES = {
@@ -57,7 +59,10 @@ def figures(out: Path, lora_r: int = 16) -> str:
 
     lines = [
         f"Model state of a LoRA PPO job (r={lora_r} on q, k, v, o; Adam; reward model of the policy's shape; "
-        "reference = policy without its adapter). Activations and logits come on top.",
+        "reference = policy without its adapter), weights and Adam's state in the dtype named (bfloat16: the "
+        "models loaded with --dtype bfloat16; a mixed-precision run with float32 weights takes the float32 rows). "
+        f"'fits' = at most {HEADROOM:.0%} of the card's memory (GB = 1e9 bytes), the rest left for activations, "
+        "logits and the CUDA context.",
         "",
         "| policy | dtype | value | policy | LoRA+Adam | value | reward model | total (GiB) | fits "
         + " / ".join(f"{g} GB" for g in GPUS_GB) + " |",
@@ -69,7 +74,7 @@ def figures(out: Path, lora_r: int = 16) -> str:
         for dtype in (torch.float32, torch.bfloat16):
             for setting in SETTINGS:
                 job = ppo_job_memory(config, dtype, value_head=setting, lora_r=lora_r)
-                fits = ["yes" if job.total <= g * 1e9 else "no" for g in GPUS_GB]
+                fits = ["yes" if job.total <= HEADROOM * g * 1e9 else "no" for g in GPUS_GB]
                 gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
                 lines.append(f"| {name} | {str(dtype).removeprefix('torch.')} | {setting} | {gib(job.policy_weights)} | "
                              f"{gib(job.lora)} | {gib(job.value)} | {gib(job.reward_model)} | {gib(job.total)} | "

@@ -113,6 +113,7 @@ def load_real_job(script_args: RecipeArguments, training_args: IIFPPOConfig, mod
         model_copies=1 if shared else 2,  # the policy, and a separate value model
         prepare_tokenizer=lambda tokenizer: set_pad_token(tokenizer, script_args.pad_token),
         pad_means_padding="TRL's PPO",
+        check_memory=lambda source, dtype: job_memory_problem(source, dtype, script_args, training_args, model_args),
     )
     revision = model_args.model_revision
     reward = load_reward(script_args, training_args.reward_model_path, job.dtype, revision)
@@ -126,6 +127,36 @@ def load_real_job(script_args: RecipeArguments, training_args: IIFPPOConfig, mod
     )
     value_model.config.pad_token_id = job.tokenizer.pad_token_id
     return job.tokenizer, job.policy, value_model, reward, job.train, job.heldout, job.peft_config
+
+
+def job_memory_problem(source: str, dtype, script_args, training_args: IIFPPOConfig, model_args) -> str | None:
+    """Whether the job's model state (policy, LoRA with Adam, the value setting, a reward model) fits
+    the device it trains on, estimated from the configs before anything loads. Under DeepSpeed the
+    state is partitioned over the processes: not checked here."""
+    import torch
+    from accelerate.utils import DistributedType
+    from transformers import AutoConfig
+
+    from rlhf_influence.memory import free_device_memory, ppo_memory_problem
+
+    state = PartialState()
+    if state.distributed_type == DistributedType.DEEPSPEED:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(source, revision=model_args.model_revision)
+    except Exception:  # an unreadable config: the load that follows says why, in one line
+        return None
+    reward = False  # a reward function: no reward model
+    if script_args.reward_function is None:
+        try:
+            reward = AutoConfig.from_pretrained(training_args.reward_model_path, revision=model_args.model_revision)
+        except Exception:  # its own load says why; here it is estimated at the policy's shape
+            reward = None
+    available, where = free_device_memory(state.device)
+    return ppo_memory_problem(
+        config, dtype if isinstance(dtype, torch.dtype) else torch.float32, training_args.value_head, available, where,
+        lora_r=model_args.lora_r, lora_target_modules=model_args.lora_target_modules, reward_config=reward,
+    )  # fmt: skip
 
 
 DEFAULT_REWARD_MODEL = next(f.default for f in fields(IIFPPOConfig) if f.name == "reward_model_path")

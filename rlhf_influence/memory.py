@@ -10,11 +10,17 @@ in these figures.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 
 GIB = 2**30
+
+
+def in_gib(size: int) -> str:
+    """``size`` bytes in words: GiB, or MiB below a tenth of one."""
+    return f"{size / GIB:.1f} GiB" if size >= GIB / 10 else f"{size / 2**20:.1f} MiB"
 
 # Bytes per trainable parameter beside its weight: a gradient and Adam's two moments, each in the
 # parameter's dtype (torch's AdamW keeps its state so).
@@ -37,7 +43,7 @@ class JobMemory:
     def describe(self) -> str:
         parts = (("policy", self.policy_weights), ("LoRA+Adam", self.lora), ("value", self.value),
                  ("reward model", self.reward_model))  # fmt: skip
-        return ", ".join(f"{name} {size / GIB:.1f} GiB" for name, size in parts if size) + f"; {self.total / GIB:.1f} GiB in all"
+        return ", ".join(f"{name} {in_gib(size)}" for name, size in parts if size) + f"; {in_gib(self.total)} in all"
 
 
 def meta_model(config, kind: str = "causal_lm") -> torch.nn.Module:
@@ -50,7 +56,9 @@ def meta_model(config, kind: str = "causal_lm") -> torch.nn.Module:
         if kind == "causal_lm":
             model = AutoModelForCausalLM.from_config(config)
         else:
-            model = AutoModelForSequenceClassification.from_config(config, num_labels=1)
+            config = copy.deepcopy(config)
+            config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(config)
     model.tie_weights()
     return model
 
@@ -59,13 +67,25 @@ def unique_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+# PEFT's targets where none are named, for the model types this estimate is used with
+DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
+HEADS = ("lm_head", "score")  # output layers "all-linear" leaves out
+
+
 def lora_parameters(model: torch.nn.Module, target_modules, r: int) -> int:
-    """Parameters LoRA of rank ``r`` adds on the linear layers named ``target_modules`` (last name part)."""
-    targets = set(target_modules)
+    """Parameters LoRA of rank ``r`` adds on the linear layers named ``target_modules`` (last name
+    part; ``"all-linear"``: every linear layer but the output head; None: PEFT's q_proj, v_proj)."""
+    if target_modules is None:
+        target_modules = DEFAULT_LORA_TARGETS
+    every = target_modules == "all-linear"
+    targets = set() if every else {target_modules} if isinstance(target_modules, str) else set(target_modules)
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
     total = 0
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
-            total += r * (module.in_features + module.out_features)
+        last = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear | Conv1D) and ((every and last not in HEADS) or last in targets):
+            total += r * sum(module.weight.shape)  # in + out features, either layout
     return total
 
 
@@ -103,3 +123,32 @@ def ppo_job_memory(
     if reward_config is not False:
         reward = unique_parameters(meta_model(reward_config or config, "classification")) * size
     return JobMemory(policy_weights=base * size, lora=lora, value=value, reward_model=reward)
+
+
+def free_device_memory(device: torch.device) -> tuple[int | None, str]:
+    """Memory free now on ``device`` (a CUDA device's, else the system's MemAvailable) and its name."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"GPU {device.index or 0} ({torch.cuda.get_device_name(device)})"
+    from .models import available_memory_bytes
+
+    return available_memory_bytes(), "this machine"
+
+
+def ppo_memory_problem(
+    config, dtype: torch.dtype, value_head: str, available: int | None, where: str, **job
+) -> str | None:
+    """Why a PPO job's model state would not fit in ``available`` bytes (None if it fits or the
+    memory is unknown), with the figure of each value setting, so the message says what to change."""
+    if available is None:
+        return None
+    need = {setting: ppo_job_memory(config, dtype, value_head=setting, **job) for setting in ("separate", "shared")}
+    if need[value_head].total <= available:
+        return None
+    other = "shared" if value_head == "separate" else "separate"
+    return (
+        f"this PPO job's model state needs about {in_gib(need[value_head].total)} with --value_head {value_head} "
+        f"({need[value_head].describe()}), but {where} has {in_gib(available)} free; with --value_head {other} "
+        f"it needs about {in_gib(need[other].total)}. Activations come on top. Use --value_head shared, "
+        "--dtype bfloat16, DeepSpeed ZeRO (accelerate_configs/), or a smaller model"
+    )

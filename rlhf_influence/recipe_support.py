@@ -501,9 +501,11 @@ def load_policy_job(
     model_copies: int,
     prepare_tokenizer: Callable[[Any], None] | None = None,
     pad_means_padding: str | None = None,
+    check_memory: Callable[[str, Any], str | None] | None = None,
 ) -> PolicyJob:
     """Load a job on your own model: checks, tokenizer, the prompt sets (checked before the policy
-    loads: a bad file costs seconds, not a model load), the policy and its LoRA config."""
+    loads: a bad file costs seconds, not a model load), the policy and its LoRA config.
+    ``check_memory(source, dtype)``: the recipe's own estimate of the job, a message when it does not fit."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not model_args.use_peft:
@@ -515,6 +517,8 @@ def load_policy_job(
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
     source = resolve_model_source(script_args, model_args)
     check_model_memory(source, dtype, model_copies)
+    if check_memory is not None and (problem := check_memory(source, dtype)):  # the trainer's own estimate
+        fail(problem)
     revision = model_args.model_revision
     tokenizer = load_pretrained(AutoTokenizer, source, "tokenizer", revision, padding_side="left")
     if prepare_tokenizer is not None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from recipe_loading import load_recipe
 from test_manifest import toy_manifest
 
@@ -214,6 +215,29 @@ def test_model_too_large_for_memory(capsys, tmp_path, local_model, monkeypatch):
     argv = ["--model_name_or_path", str(local_model), "--dataset_name", str(data), "--reward_function", "sentiment",
             "--output_dir", str(tmp_path / "out")]  # fmt: skip
     fails_with(capsys, argv, "GiB of memory is available")
+
+
+def test_ppo_job_too_large_for_the_device_names_both_value_settings(capsys, tmp_path, local_model, monkeypatch):
+    """The recipe's estimate of the whole job (policy, LoRA with Adam, value model trained in full)
+    against the device's free memory, from the configs: the message gives the shared head's figure."""
+    from transformers import AutoConfig
+
+    import rlhf_influence.memory
+    from rlhf_influence.memory import in_gib, ppo_job_memory
+
+    config = AutoConfig.from_pretrained(local_model)
+    need = {s: ppo_job_memory(config, torch.float32, value_head=s, lora_r=4, lora_target_modules=["c_attn"],
+                              reward_config=False).total for s in ("separate", "shared")}  # fmt: skip
+    assert need["shared"] < need["separate"]
+    free = (need["shared"] + need["separate"]) // 2  # the shared head fits, the value model does not
+    monkeypatch.setattr(rlhf_influence.memory, "free_device_memory", lambda device: (free, "the test device"))
+    data = write_prompts(tmp_path / "prompts.jsonl", 48)
+    argv = ["--model_name_or_path", str(local_model), "--dataset_name", str(data), "--reward_function", "sentiment",
+            "--lora_r", "4", "--lora_target_modules", "c_attn", "--heldout_size", "8", "--per_device_train_batch_size", "8",
+            "--total_episodes", "8", "--response_length", "4", "--output_dir", str(tmp_path / "out"),
+            "--disable_tqdm", "true", "--report_to", "none"]  # fmt: skip
+    fails_with(capsys, argv, f"needs about {in_gib(need['separate'])} with --value_head separate")
+    assert recipe_main()([*argv, "--value_head", "shared", "--output_dir", str(tmp_path / "shared")]) == 0
 
 
 def test_tokenizer_without_pad_token(capsys, tmp_path, local_model):

@@ -213,3 +213,28 @@ def test_grpo_has_no_value_term(tmp_path):
 
     with pytest.raises(ValueError, match="GRPO has no value loss"):
         IIFGRPOConfig(output_dir=str(tmp_path), iif_record_loss="policy_and_value", use_cpu=True, bf16=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_job_memory_estimate_counts_what_the_models_hold(dtype):
+    """The estimate from a config on the meta device against the models built for real: their
+    parameter bytes, LoRA's trainable parameters and the value model's, each trained with Adam."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    from rlhf_influence.memory import ppo_job_memory
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)  # fmt: skip
+    policy = LlamaForCausalLM(config).to(dtype)
+    bytes_of = lambda model: sum(p.numel() * p.element_size() for p in model.parameters())  # noqa: E731
+    lora = get_peft_model(policy, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    adapter = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    classifier_config = LlamaConfig(**{**config.to_dict(), "num_labels": 1})
+    value = AutoModelForSequenceClassification.from_config(classifier_config).to(dtype)
+    for setting, value_bytes in (("separate", 4 * bytes_of(value)), ("shared", 4 * 4 * (64 + 1))):
+        job = ppo_job_memory(config, dtype, value_head=setting, lora_r=4)
+        assert job.policy_weights == bytes_of(lora.get_base_model()) - adapter * 4  # the base alone
+        assert job.lora == adapter * 4 * 4  # float32 weights, gradients, two moments
+        assert job.value == value_bytes and job.reward_model == bytes_of(value)
+        assert job.total == job.policy_weights + job.lora + job.value + job.reward_model
