@@ -222,6 +222,16 @@ class IIFSettings:
             "partitioned)."
         },
     )
+    iif_store_kl: bool = field(
+        default=True,
+        metadata={
+            "help": "GRPO: store each round's KL to the reference (objective/kl) for the report, the audit and the "
+            "frontier. With --beta 0 TRL computes no reference log-probs, so it costs a forward of the policy and "
+            "of the reference over the round's completions (benchmarks/README.md, 'Record-only runs'); false skips "
+            "it (no KL curve). Not with --kl_control adaptive, which steers by it. PPO's exact KL comes from logits "
+            "its rollout computes anyway: always stored."
+        },
+    )
     iif_store_dtype: str = field(
         default="float16",
         metadata={"help": "Precision of the stored gradients.", "choices": ["float16", "float32"]},
@@ -248,6 +258,8 @@ class IIFSettings:
         """Raise ValueError on any IIF setting out of range (a config's ``__post_init__`` calls it)."""
         if self.kl_control not in KL_CONTROLS:
             raise ValueError(f"kl_control must be one of {KL_CONTROLS}, got {self.kl_control!r}")
+        if not self.iif_store_kl and self.kl_control == "adaptive":
+            raise ValueError("iif_store_kl=false leaves no KL to steer by: kl_control='adaptive' needs it")
         target = self.kl_target
         if self.kl_control == "adaptive" and (
             target is None or finite_number_problem(target, 0.0, low_included=False)

@@ -106,6 +106,32 @@ def test_grpo_record_only_trains_exactly_as_plain_grpo(tmp_path):
     assert store.read_tensors(1, "gradients")["projected"].shape[0] == 8
 
 
+def test_grpo_store_kl_off_skips_the_reference_pass_and_changes_nothing_else(tmp_path):
+    calls = []
+
+    class CountsKL(IIFGRPOTrainer):
+        def kl_to_reference(self, records):
+            calls.append(len(records))
+            return super().kl_to_reference(records)
+
+    with_kl = build_grpo(tmp_path / "kl", CountsKL, heldout=False, iif_target="none")
+    with_kl.train()
+    assert len(calls) == 4  # one a round
+    without = build_grpo(tmp_path / "nokl", CountsKL, heldout=False, iif_target="none", iif_store_kl=False)
+    without.train()
+    assert len(calls) == 4  # no pass of its own
+    expected, got = lora_state(with_kl), lora_state(without)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    a, b = AttributionStore.open(tmp_path / "kl"), AttributionStore.open(tmp_path / "nokl")
+    assert "objective/kl" in a.read_metrics(2) and "objective/kl" not in b.read_metrics(2)
+    columns = ["record", "prompt", "response", "reward", "kept"]  # (the influence is NaN: nothing scored)
+    assert a.read_records(2).select(columns).equals(b.read_records(2).select(columns))
+    assert torch.equal(a.read_tensors(2, "gradients")["projected"], b.read_tensors(2, "gradients")["projected"])
+    assert main(["audit", str(tmp_path / "nokl")]) in (0, None)  # the audit reads a run without a KL curve
+    with pytest.raises(ValueError, match="leaves no KL to steer by"):
+        IIFSettings(iif_store_kl=False, kl_control="adaptive", kl_target=1.0).check_iif_settings()
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [

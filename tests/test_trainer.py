@@ -496,6 +496,6 @@ def test_iif_settings_are_one_dataclass_the_config_takes():
     iif = {f.name for f in dataclasses.fields(IIFPPOConfig) if f.name.startswith("iif_")}
     # and what the IIF trainers add to TRL's, whatever the algorithm: saving the trained policy, KL control
     added = {"save_final_model", "kl_control", "kl_target", "kl_horizon"}
-    assert iif | added == {f.name for f in dataclasses.fields(IIFSettings)} and len(iif) == 22
+    assert iif | added == {f.name for f in dataclasses.fields(IIFSettings)} and len(iif) == 23
     assert all(f.metadata.get("help") for f in dataclasses.fields(IIFSettings))
     assert "iif_" not in "".join(inspect.get_annotations(IIFPPOConfig))

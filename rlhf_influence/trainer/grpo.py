@@ -314,7 +314,7 @@ class IIFGRPOTrainer(GRPOTrainer):
             with timer("scoring"):
                 scoring = self.score(records, target_records, round_start=True)
         metrics = {"objective/scores": float(rewards.nanmean()), "objective/kl_coef": self.beta}
-        if self.store is not None or self.kl_controller.adaptive:  # the store's curves, the controller
+        if (self.store is not None and self.args.iif_store_kl) or self.kl_controller.adaptive:  # curves, controller
             with timer("kl"):
                 metrics["objective/kl"] = self._round_kl = self.kl_to_reference(records)
         batch = split_pixel_values_by_grid(batch)
