@@ -161,10 +161,10 @@ def test_shipped_config_runs_as_shipped(tmp_path, config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["multi_gpu", "deepspeed_zero3"])
+@pytest.mark.parametrize("config", ["multi_gpu", "deepspeed_zero2", "deepspeed_zero3"])
 def test_shared_value_head_on_two_processes(tmp_path, config):
-    """PPO's value head on the policy's backbone, scored with its value term, under DDP and ZeRO-3 as
-    shipped (bf16): one global decision, and a resume from a checkpoint ends as the run did."""
+    """PPO's value head on the policy's backbone, scored with its value term, under DDP, ZeRO-2 and
+    ZeRO-3 as shipped (bf16): one global decision, and a resume from a checkpoint ends as the run did."""
     out = tmp_path / config
     flags = ["--total_episodes", "256", "--iif_drop_fraction", "0.5", "--save_steps", "2", "--value_head", "shared",
              "--iif_record_loss", "policy_and_value"]  # fmt: skip
