@@ -187,6 +187,10 @@ def check_flags(
             fail(f"--{name} {problem}")
     if args.value_head == "shared" and script_args.value_model_path is not None:
         fail("--value_model_path names a separate value model, but --value_head shared puts the value head on the policy")
+    try:  # 'auto': a separate value model only where one is named
+        args.resolve_value_head(script_args.value_model_path is not None)
+    except ValueError as exc:
+        fail(str(exc))
     if args.missing_eos_penalty is not None and not math.isfinite(args.missing_eos_penalty):
         fail(f"--missing_eos_penalty must be a finite number, got {args.missing_eos_penalty!r}")
     local = args.per_device_train_batch_size * args.gradient_accumulation_steps

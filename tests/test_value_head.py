@@ -238,3 +238,16 @@ def test_job_memory_estimate_counts_what_the_models_hold(dtype):
         assert job.lora == adapter * 4 * 4  # float32 weights, gradients, two moments
         assert job.value == value_bytes and job.reward_model == bytes_of(value)
         assert job.total == job.policy_weights + job.lora + job.value + job.reward_model
+
+
+@pytest.mark.parametrize("given, settled", [(True, "separate"), (False, "shared")])
+def test_auto_settles_on_what_was_given(tmp_path, given, settled):
+    setup = Setup()
+    trainer = IIFPPOTrainer(
+        args=IIFPPOConfig(**ppo_kwargs(tmp_path, value_head="auto")), processing_class=setup.tokenizer,
+        model=setup.peft_policy(), ref_model=None, reward_model=setup.reward, train_dataset=setup.train,
+        value_model=setup.value if given else None, target_dataset=setup.heldout,
+    )  # fmt: skip
+    assert trainer.args.value_head == settled
+    assert isinstance(trainer.unwrapped.value_model, SharedValueHead) == (settled == "shared")
+    assert trainer._manifest().training.value_head == settled

@@ -28,10 +28,12 @@ class IIFPPOConfig(PPOConfig, IIFSettings):
             "help": "PPO's value function. 'separate' (TRL's): a value model of its own, trained in full (every "
             "weight, with Adam's moments: about 16 bytes a parameter). 'shared' (the paper's): a scalar head on "
             "the policy's last hidden state with its LoRA adapter active, trained with the LoRA weights; one "
-            "backbone in memory, one forward a micro-batch. Pass value_model=None (the recipe loads none).",
+            "backbone in memory, one forward a micro-batch (the trainer takes value_model=None). 'auto': "
+            "'separate' when a value model is passed (the recipe: --value_model_path), else 'shared'.",
             "choices": list(VALUE_HEADS),
         },
     )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_iif_settings()
@@ -43,11 +45,19 @@ class IIFPPOConfig(PPOConfig, IIFSettings):
         self.check_kl_coefficient("kl_coef", self.kl_coef)
         self.check_value_settings()
 
+    def resolve_value_head(self, has_value_model: bool) -> str:
+        """Settle ``value_head='auto'`` (a value model given: 'separate', else 'shared') and check the
+        settled value against the rest (ValueError)."""
+        if self.value_head == "auto":
+            self.value_head = "separate" if has_value_model else "shared"
+        self.check_value_settings()
+        return self.value_head
+
     def check_value_settings(self) -> None:
         """The value head and the per-record loss go together (ValueError, in one line, if not)."""
         if self.value_head not in VALUE_HEADS:
             raise ValueError(f"value_head must be one of {VALUE_HEADS}, got {self.value_head!r}")
-        if self.iif_record_loss == "policy_and_value" and self.value_head != "shared":
+        if self.iif_record_loss == "policy_and_value" and self.value_head == "separate":
             raise ValueError(
                 "iif_record_loss='policy_and_value' needs value_head='shared': with a separate value model the "
                 "value loss does not reach the policy's LoRA weights"

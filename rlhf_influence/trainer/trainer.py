@@ -1030,8 +1030,8 @@ def _with_lora(model: nn.Module, peft_config, args: IIFPPOConfig) -> nn.Module:
 
 def _value_model_for(args: IIFPPOConfig, policy: nn.Module, value_model: nn.Module | None) -> nn.Module:
     """The value model TRL's PPOTrainer is given: the one passed (``value_head='separate'``) or a
-    shared head on the (LoRA-wrapped) policy."""
-    if args.value_head == "shared":
+    shared head on the (LoRA-wrapped) policy; ``'auto'`` settles here, in ``args``."""
+    if args.resolve_value_head(value_model is not None) == "shared":
         if value_model is not None:
             raise ValueError(
                 "value_head='shared' puts the value head on the policy's own backbone: pass value_model=None "

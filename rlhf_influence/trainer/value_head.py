@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-VALUE_HEADS = ("separate", "shared")
+VALUE_HEADS = ("auto", "separate", "shared")
 HEAD_FILE = "value_head.safetensors"
 
 
