@@ -106,6 +106,8 @@ ARMS = {
     "iif_round_shared_value": ["--iif_schedule", "round", "--value_head", "shared", "--iif_record_loss",
                                "policy_and_value"],
 }
+# the arms before the shared head ran with a separate value model, the recipe's default until then
+ARMS = {arm: flags if "--value_head" in flags else ["--value_head", "separate", *flags] for arm, flags in ARMS.items()}
 FILTERING = set(ARMS) - {"ppo", "ppo_matched", "ppo_shared"}
 # Tasks whose reward is known to be corrupted for some records: (flip fraction, salt) of
 # rlhf_influence.tasks.rewards.is_flipped; their curves use the clean reward, recomputed per record.

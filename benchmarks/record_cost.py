@@ -8,6 +8,7 @@ embedded task with its own settings (`--task`, default the real LM `reviews`):
                     backward over the round's records at the round start, nothing scored or dropped
   record_training   iif_target=none, iif_store_gradients=training: the gradients from hooks in the
                     optimisation's own backward, no pass of their own
+  record_training_nokl  the same with iif_store_kl=false (GRPO: no KL curve; --arms to run it)
 
 A round's time is the wall time between the trainer's step callbacks (PPO: one a round; GRPO: one a
 round with the task's settings, one optimizer step a generation batch), everything included. Mean
@@ -40,7 +41,10 @@ ARMS = {
     "plain": {"iif_enabled": False},
     "record_snapshot": {"iif_target": "none"},
     "record_training": {"iif_target": "none", "iif_store_gradients": "training"},
+    # GRPO: without the store's KL curve, which costs a policy and a reference forward when beta=0
+    "record_training_nokl": {"iif_target": "none", "iif_store_gradients": "training", "iif_store_kl": False},
 }
+DEFAULT_ARMS = ("plain", "record_snapshot", "record_training")
 ALGORITHMS = ("ppo", "grpo")
 
 
@@ -134,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
+    parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS),
+                        help="plain first: the ratios are to it")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/record_cost_<task>")
     parser.add_argument("--worker", nargs=2, metavar=("ALGORITHM", "ARM"), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {}
     for algorithm in args.algorithms:
         results[algorithm] = {}
-        for arm in ARMS:
+        for arm in args.arms:
             path = out / f"{algorithm}-{arm}.json"
             cmd = [sys.executable, __file__, "--task", args.task, "--rounds", str(args.rounds), "--seed", str(args.seed),
                    "--out", str(out), "--worker", algorithm, arm, "--result", str(path)]  # fmt: skip

@@ -30,7 +30,7 @@ for arm in ppo iif_round iif_epoch; do
     start=$(date +%s)
     # shellcheck disable=SC2086
     if ! "$python" recipes/ppo_iif.py --embedded_task "$task" --total_episodes $((per_round * rounds)) \
-        --output_dir "$runs/$arm" --disable_tqdm true --save_strategy no --save_final_model false \
+        --output_dir "$runs/$arm" --disable_tqdm true --save_strategy no --save_final_model false --value_head separate \
         ${flags[$arm]} >"$out/$arm.log" 2>&1; then
         tail -40 "$out/$arm.log"
         echo "reviews_rounds.sh: the $arm run failed; its log: $out/$arm.log" >&2

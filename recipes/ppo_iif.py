@@ -24,10 +24,12 @@ Each round's attribution (records, influence, kept flags, metrics) is written to
 <output_dir>/attribution as it finishes; Ctrl-C stops cleanly with the rounds so far on disk.
 `--iif_enabled false` trains plain PPO from the same command (no scoring, no store): the
 baseline that IIF's cost and gains are measured against. The trained policy (LoRA adapter and
-tokenizer, loadable with peft's AutoPeftModelForCausalLM) and the value model are saved in
-<output_dir> at the end (and on Ctrl-C); `--value_head shared` trains PPO's value as a head on the
-policy's own LoRA backbone (the paper's setting: no second network, a fraction of the memory); checkpoints every --save_steps rounds, and
-`--resume_from_checkpoint true` continues a killed run exactly. `--kl_control adaptive` steers
+tokenizer, loadable with peft's AutoPeftModelForCausalLM) and the value head are saved in
+<output_dir> at the end (and on Ctrl-C). PPO's value is a head on the policy's own LoRA backbone
+(the paper's setting: no second network, about half the memory and 0.6x the round on the real LM);
+`--value_head separate` (or `--value_model_path`) trains TRL's separate value model instead.
+Checkpoints every --save_steps rounds, and `--resume_from_checkpoint true` continues a killed
+run exactly. `--kl_control adaptive` steers
 the KL coefficient toward --kl_target.
 """
 

@@ -193,7 +193,7 @@ def test_save_final_model_writes_the_head(tmp_path):
     [
         ({"iif_record_loss": "policy_and_value"}, True, "needs value_head='shared'"),
         ({"value_head": "shared"}, True, "pass value_model=None"),
-        ({}, False, "pass value_model"),
+        ({"value_head": "separate"}, False, "pass value_model"),
         ({"value_head": "shared", "iif_target": "none", "iif_store_gradients": "training"}, False, "not available with value_head='shared'"),
         ({"value_head": "both"}, False, "value_head must be one of"),
     ],

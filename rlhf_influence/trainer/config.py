@@ -23,13 +23,13 @@ class IIFPPOConfig(PPOConfig, IIFSettings):
     """
 
     value_head: str = field(
-        default="separate",
+        default="auto",
         metadata={
             "help": "PPO's value function. 'separate' (TRL's): a value model of its own, trained in full (every "
             "weight, with Adam's moments: about 16 bytes a parameter). 'shared' (the paper's): a scalar head on "
             "the policy's last hidden state with its LoRA adapter active, trained with the LoRA weights; one "
-            "backbone in memory, one forward a micro-batch (the trainer takes value_model=None). 'auto': "
-            "'separate' when a value model is passed (the recipe: --value_model_path), else 'shared'.",
+            "backbone in memory, one forward a micro-batch (the trainer takes value_model=None). 'auto' (the "
+            "default): 'separate' when a value model is passed (the recipe: --value_model_path), else 'shared'.",
             "choices": list(VALUE_HEADS),
         },
     )
