@@ -428,6 +428,7 @@ def run_audit(args) -> int:
         f"(best {max(rewards):+.3f}); {kept}/{total} records kept ({kept / max(total, 1):.0%}); "
         + (f"influence scores: {report.score}{' (Adam-aware)' if report.score == 'adam' else ''}"
            if report.score != "none" else "recorded only (iif_target none): no scores")
+        + ("; each record's loss with its value term" if report.record_loss == "policy_and_value" else "")
     )
     if not report.jumps:
         console.print(f"no reward jump above {args.z} standard deviations of the round-to-round changes")

@@ -173,6 +173,9 @@ def test_iif_with_the_value_term_runs_and_says_so(tmp_path):
 
     with pytest.raises(StoreError, match="value_head shared"):
         RoundReplay(SnapshotScorer(trainer.store.path), 1)
+    from rlhf_influence.audit.jumps import audit_run
+
+    assert audit_run(trainer.store.path).to_json()["record_loss"] == "policy_and_value"
 
 
 def test_save_final_model_writes_the_head(tmp_path):

@@ -78,6 +78,7 @@ class AuditReport:
     jumps: list[Jump]
     rule: dict
     score: str = "raw"  # the run's influence score: "raw", "adam", or "none" (a record-only run)
+    record_loss: str = "policy"  # what the scores differentiate: "policy", or "policy_and_value" (PPO's shared head)
 
     def to_json(self) -> dict:
         """Plain JSON values: NaN and infinities (a missing advantage column, a non-finite score) as None."""
@@ -87,6 +88,7 @@ class AuditReport:
                 "jumps": [asdict(j) for j in self.jumps],
                 "rule": self.rule,
                 "score": self.score,
+                "record_loss": self.record_loss,
             }
         )
 
@@ -189,7 +191,9 @@ def audit_run(path, z: float = 1.5, min_delta: float = 0.0, top: int = 5, respon
         _trace_best_responses(path, jumps, records, responses, top)
     rule = {"z": z, "min_delta": min_delta, "top": top, "responses": responses}
     score = "none" if store.manifest.target == "none" else store.manifest.score
-    return AuditReport(summaries, jumps, rule, score=score)
+    training = store.manifest.training
+    record_loss = (training.record_loss if training is not None else None) or "policy"
+    return AuditReport(summaries, jumps, rule, score=score, record_loss=record_loss)
 
 
 def _trace_best_responses(path, jumps: list[Jump], records: dict, responses: int, top: int) -> None:
