@@ -643,7 +643,19 @@ def train(trainer, training_args, progress, history: Callable[[], list[dict]] | 
         return 128 + stop.number
     if trainer.accelerator.is_main_process:
         summarise(history() if history is not None else trainer.iif_history, training_args)
+    end_processes(trainer.accelerator)
     return 0
+
+
+def end_processes(accelerator) -> None:
+    """At the end of a run on several processes: wait for all, then take the process group down
+    before the interpreter exits (left to exit, gloo's threads can abort a process: 'terminate
+    called without an active exception', seen once on 2 CPU processes under load)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        accelerator.wait_for_everyone()
+        dist.destroy_process_group()
 
 
 def sparkline(values: list[float]) -> str:
