@@ -254,3 +254,19 @@ def test_auto_settles_on_what_was_given(tmp_path, given, settled):
     assert trainer.args.value_head == settled
     assert isinstance(trainer.unwrapped.value_model, SharedValueHead) == (settled == "shared")
     assert trainer._manifest().training.value_head == settled
+
+
+def test_a_checkpoint_from_before_the_value_head_resumes_only_with_a_value_model(tmp_path):
+    """Checkpoints hold the settled value_head; one written before the setting existed trained TRL's
+    separate value model, whatever the setting's own default ('auto') is."""
+    from rlhf_influence.trainer.checkpoint import CheckpointError, CheckpointInfo, check_resumable
+
+    def info(**settings) -> CheckpointInfo:
+        return CheckpointInfo(format_version=1, algorithm="ppo", round=2, global_step=2, output_dir=str(tmp_path),
+                              num_processes=1, seed=0, base_model="m", lora="x", settings={"learning_rate": 1e-3, **settings},
+                              stored_rounds=None, last_round_digest=None)  # fmt: skip
+
+    older = info()
+    check_resumable(older, info(value_head="separate", iif_record_loss="policy"), tmp_path)
+    with pytest.raises(CheckpointError, match="--value_head None, this run has shared"):
+        check_resumable(older, info(value_head="shared", iif_record_loss="policy"), tmp_path)

@@ -174,6 +174,12 @@ def write_info(path: Path, info: CheckpointInfo) -> None:
     os.replace(tmp, path / INFO_FILE)
 
 
+# What a run had before a setting existed (its checkpoint does not name it): IIFSettings' defaults,
+# and TRL's separate value model (value_head's own default, 'auto', settles on the models a run is
+# given, and checkpoints hold the settled value)
+SETTINGS_BEFORE_THEY_EXISTED = {**{f.name: f.default for f in fields(IIFSettings)}, "value_head": "separate"}
+
+
 def check_resumable(found: CheckpointInfo, expected: CheckpointInfo, path: Path) -> None:
     """Refuse (CheckpointError) a checkpoint this run cannot continue: the first difference, in one line."""
     where = f"cannot resume from {path}"
@@ -201,12 +207,9 @@ def check_resumable(found: CheckpointInfo, expected: CheckpointInfo, path: Path)
         raise CheckpointError(
             f"{where}: it was trained with --seed {found.seed}, this run has {expected.seed}"
         )
-    from .config import IIFPPOConfig  # its own settings beside IIFSettings (the value head's)
-
-    defaults = {f.name: f.default for f in (*fields(IIFSettings), *fields(IIFPPOConfig)) if f.name in expected.settings}
     for name in sorted(set(found.settings) | set(expected.settings)):
         a, b = found.settings.get(name), expected.settings.get(name)
-        if name not in found.settings and b == defaults.get(name):
+        if name not in found.settings and b == SETTINGS_BEFORE_THEY_EXISTED.get(name):
             continue  # a setting newer than the checkpoint, at the default the checkpoint's run had
         if a != b:
             raise CheckpointError(f"{where}: it was trained with --{name} {a}, this run has {b}")
