@@ -402,7 +402,6 @@ class IIFGRPOTrainer(GRPOTrainer):
         )
 
     @torch.no_grad()
-    @torch.no_grad()
     def kl_to_reference(self, records: ScoredRecords) -> float:
         """The policy's KL to the reference on the round's completions, summed over a completion's
         tokens (as PPO's ``objective/kl``) and averaged over all processes' completions. Per token
