@@ -11,6 +11,7 @@ in these figures.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -113,8 +114,7 @@ def ppo_job_memory(
     adapter = lora_parameters(policy, lora_target_modules, lora_r)
     lora = adapter * adapter_dtype.itemsize * (1 + TRAINING_COPIES)
     if value_head == "shared":
-        hidden = getattr(config, "hidden_size", None) or config.n_embd
-        value = (hidden + 1) * adapter_dtype.itemsize * (1 + TRAINING_COPIES)
+        value = shared_head_bytes(config, adapter_dtype)
     elif value_head == "separate":
         value = unique_parameters(meta_model(config, "classification")) * size * (1 + TRAINING_COPIES)
     else:
@@ -123,6 +123,12 @@ def ppo_job_memory(
     if reward_config is not False:
         reward = unique_parameters(meta_model(reward_config or config, "classification")) * size
     return JobMemory(policy_weights=base * size, lora=lora, value=value, reward_model=reward)
+
+
+def shared_head_bytes(config, adapter_dtype: torch.dtype = torch.float32) -> int:
+    """The shared value head's weights (``hidden_size + 1``) with its gradient and Adam's moments."""
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    return (hidden + 1) * adapter_dtype.itemsize * (1 + TRAINING_COPIES)
 
 
 def free_device_memory(device: torch.device) -> tuple[int | None, str]:
@@ -142,7 +148,9 @@ def ppo_memory_problem(
     memory is unknown), with the figure of each value setting, so the message says what to change."""
     if available is None:
         return None
-    need = {setting: ppo_job_memory(config, dtype, value_head=setting, **job) for setting in ("separate", "shared")}
+    separate = ppo_job_memory(config, dtype, value_head="separate", **job)  # the models built once, on meta
+    adapter_dtype = job.get("adapter_dtype", torch.float32)
+    need = {"separate": separate, "shared": dataclasses.replace(separate, value=shared_head_bytes(config, adapter_dtype))}
     if need[value_head].total <= available:
         return None
     other = "shared" if value_head == "separate" else "separate"
