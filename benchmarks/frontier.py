@@ -20,12 +20,16 @@ the smoothed curves, each seed faint), fixed and adaptive side by side.
 
     python benchmarks/frontier.py --task keywords --seeds 0 1 2 3 4 --parallel 2
     python benchmarks/frontier.py --task reviews --seeds 0 1 --rounds 20 --parallel 2
+    # IIF with a 256-sample target, every arm with PPO's value head on the policy's backbone:
+    python benchmarks/frontier.py --task reviews --flags="--value_head shared" \
+        --iif_flags="--iif_num_heldout_prompts 256" --out benchmarks/results/frontier_reviews_heldout256
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -133,6 +137,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kl", nargs="+", default=list(KL_SETTINGS), choices=list(KL_SETTINGS))
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (each uses one thread)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/frontier_<task>")
+    parser.add_argument("--flags", default="", help="recipe flags for every arm, e.g. --flags='--value_head shared'")
+    parser.add_argument(
+        "--iif_flags",
+        default="",
+        help="recipe flags for the IIF arm only, e.g. --iif_flags='--iif_num_heldout_prompts 256'. The random "
+        "control keeps the task's target (it drops as many records at random as IIF would against that target: "
+        "compare the kept fractions)",
+    )
     args = parser.parse_args(argv)
     args.rounds = args.rounds or rounds_of(args.task)
     args.out = args.out or ROOT / "benchmarks" / "results" / f"frontier_{args.task}"
@@ -140,7 +152,10 @@ def main(argv: list[str] | None = None) -> None:
 
     def run(job):
         setting, arm, seed = job
-        return run_one(arm, seed, args.rounds, args.out / setting, args.task, KL_SETTINGS[setting])
+        flags = (*KL_SETTINGS[setting], *shlex.split(args.flags))
+        if arm == "iif":
+            flags += tuple(shlex.split(args.iif_flags))
+        return run_one(arm, seed, args.rounds, args.out / setting, args.task, flags)
 
     with ThreadPoolExecutor(args.parallel) as pool:
         dirs = list(pool.map(run, jobs))
@@ -159,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         saved[setting] = {"threshold": threshold, "kl_level": kl_level, "summary": summary}
         report += [
             f"## {args.task}, {setting} KL coefficient: {len(args.seeds)} seeds, {args.rounds} rounds",
+            f"Flags for every arm: `{args.flags or '(none)'}`; for IIF only: "
+            f"`{args.iif_flags or '(none)'}`.\n",
             f"PPO's final reward (median over seeds) {threshold:.3f}; PPO's final KL {kl_level:.3f}. "
             "Median [min, max] over seeds.\n",
             table(summary),
@@ -168,7 +185,10 @@ def main(argv: list[str] | None = None) -> None:
             "",
         ]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps({"task": args.task, "rounds": args.rounds, **saved}, indent=2))
+    flags = {"flags": args.flags, "iif_flags": args.iif_flags}
+    (args.out / "summary.json").write_text(
+        json.dumps({"task": args.task, "rounds": args.rounds, **flags, **saved}, indent=2)
+    )
     plot(all_results, args.out / "frontier.png", args.task)
     (args.out / "table.md").write_text("\n".join(report) + "\n")
     print("\n".join(report))
