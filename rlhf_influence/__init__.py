@@ -11,7 +11,8 @@ from .targets import LogProbTarget, ReturnTarget, encode_pairs, ppo_policy_loss,
 
 __version__ = "0.1.0"
 
-_TRAINER_NAMES = ("IIFGRPOConfig", "IIFGRPOTrainer", "IIFPPOConfig", "IIFPPOTrainer", "RewardFunction")
+_TRAINER_NAMES = ("IIFGRPOConfig", "IIFGRPOTrainer", "IIFPPOConfig", "IIFPPOTrainer", "IIFRLOOConfig",
+                  "IIFRLOOTrainer", "RewardFunction")  # fmt: skip
 
 
 def __getattr__(name: str):
@@ -49,5 +50,7 @@ __all__ = [  # noqa: RUF022 - engine names, then the trainer's
     "IIFGRPOTrainer",
     "IIFPPOConfig",
     "IIFPPOTrainer",
+    "IIFRLOOConfig",
+    "IIFRLOOTrainer",
     "RewardFunction",
 ]

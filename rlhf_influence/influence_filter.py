@@ -26,7 +26,7 @@ from .capture import capture_factors
 from .filtering import FilterDecision, iif_keep_mask, random_keep_mask
 from .influence import scores_from_factors
 from .lora import LoraLayout
-from .losses import GRPORecordLoss, PPORecordLoss, RecordLoss
+from .losses import RecordLoss
 from .projection import RandomProjector, SketchedProjector
 from .records import ScoredRecords
 from .settings import IIFSettings
@@ -73,9 +73,7 @@ class Scoring:
 def scales_like_token_advantages(loss: RecordLoss) -> bool:
     """Whether a record's loss gradient at ratio 1 is ``-sum_t A_t grad log pi / c`` with one
     constant c for all records: then the buffer target's gradient is the records' own, summed."""
-    if isinstance(loss, PPORecordLoss):
-        return not loss.with_value
-    return isinstance(loss, GRPORecordLoss) and loss.loss_type != "grpo" and loss.beta == 0.0
+    return loss.scales_like_token_advantages
 
 
 class InfluenceFilter:

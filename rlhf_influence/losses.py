@@ -1,4 +1,4 @@
-"""Each record's training loss at a snapshot, as the trainer optimises it: PPO's and GRPO's.
+"""Each record's training loss at a snapshot, as the trainer optimises it: PPO's, GRPO's and RLOO's.
 
 Influence ranks records by the gradient of their own share of the training loss, so the loss is
 written once here and used by the trainers' scoring and by the audit's replay of a round. A
@@ -39,6 +39,12 @@ class RecordLoss(Protocol):
         """From all processes' records: ``num_tokens`` response tokens over ``num_records``."""
         ...
 
+    @property
+    def scales_like_token_advantages(self) -> bool:
+        """Whether a record's loss gradient at ratio 1 is ``-sum_t A_t grad log pi / c`` with one
+        constant c for all records: then the buffer target's gradient is the records' own, summed."""
+        ...
+
 
 class PolicyAndValueNormaliser(NamedTuple):
     """What PPO divides a micro-batch's summed policy and value losses by (each a masked mean)."""
@@ -72,6 +78,10 @@ class PPORecordLoss:
     def with_value(self) -> bool:
         """Whether each record's loss includes its value loss."""
         return self.value_head is not None
+
+    @property
+    def scales_like_token_advantages(self) -> bool:
+        return not self.with_value
 
     def __call__(
         self, model: nn.Module, records: ScoredRecords, normaliser: float | PolicyAndValueNormaliser
@@ -141,6 +151,10 @@ class GRPORecordLoss:
         if self.loss_type not in GRPO_LOSS_TYPES:
             raise ValueError(f"IIF scores GRPO loss types {GRPO_LOSS_TYPES}, not {self.loss_type!r}")
 
+    @property
+    def scales_like_token_advantages(self) -> bool:
+        return self.loss_type != "grpo" and self.beta == 0.0
+
     def __call__(self, model: nn.Module, records: ScoredRecords, normaliser: float) -> torch.Tensor:
         logp = token_logprobs(
             model,
@@ -186,12 +200,68 @@ class GRPORecordLoss:
         return num_tokens / self.num_processes * accumulation / self.steps_per_generation  # dapo
 
 
-def record_loss(training: TrainingSettings, temperature: float, num_processes: int = 1) -> RecordLoss:
-    """The per-record loss of a run with these training settings (the trainer's, or a stored run's
-    manifest). ``num_processes``: the run's, to score as the trainer does (dapo's normaliser is per
-    process); 1 to re-run a stored round's update in one process."""
-    if training.algorithm == "ppo":
-        return PPORecordLoss(clip_range=training.cliprange, temperature=temperature)
+@dataclass(frozen=True)
+class RLOORecordLoss:
+    """TRL 1.12 RLOO's policy loss of each completion: the sequence's clipped ratio,
+    ``-min(r A, clip(r, 1-eps_low, 1+eps_high) A)`` with ``r = exp(log pi(y|x) - log pi_old(y|x))``
+    (log-probs summed over the completion's tokens), divided by the micro-batch's size times
+    ``gradient_accumulation_steps`` (TRL averages over the slice; the Trainer divides by the
+    accumulation). The KL penalty is in the reward, so in the advantage: no KL term here.
+    A completion's old log-prob is a sequence total: :class:`ScoredRecords` keeps it on its
+    first response token (``old_logprobs`` summed over the response is the total).
+    """
+
+    epsilon_low: float
+    epsilon_high: float
+    temperature: float
+    gradient_accumulation_steps: int
+
+    scales_like_token_advantages = True  # at ratio 1 the gradient is -A sum_t grad log pi_t / c
+
+    def __call__(self, model: nn.Module, records: ScoredRecords, normaliser: float) -> torch.Tensor:
+        logp = token_logprobs(
+            model,
+            records.input_ids,
+            records.attention_mask,
+            self.temperature,
+            positions_from_mask=records.positions_from_mask,
+            position_offset=records.position_offset,
+        )
+        mask = records.response_mask.to(logp.dtype)
+        sequence = (logp * mask).sum(dim=1)
+        old = sequence.detach() if records.old_logprobs is None else (records.old_logprobs.to(logp.dtype) * mask).sum(1)
+        ratio = torch.exp(sequence - old)
+        advantage = records.sequence_advantages().to(logp.dtype)
+        clipped = ratio.clamp(1 - self.epsilon_low, 1 + self.epsilon_high)
+        return -torch.minimum(ratio * advantage, clipped * advantage) / normaliser
+
+    def slice_normaliser(self, slice_tokens: float, batch_tokens: float, rows: int) -> float:
+        """What one slice's summed loss is divided by: its rows (padding included) times the accumulation."""
+        return self.normaliser(slice_tokens, rows, rows)
+
+    def normaliser(self, num_tokens: float, num_records: int, micro_batch_size: int) -> float:
+        return float(micro_batch_size * self.gradient_accumulation_steps)
+
+
+def ppo_record_loss(training: TrainingSettings, temperature: float, num_processes: int = 1) -> PPORecordLoss:
+    """PPO's per-record loss from a run's training settings (the value term is added by the trainer,
+    which holds the value head)."""
+    return PPORecordLoss(clip_range=training.cliprange, temperature=temperature)
+
+
+def rloo_record_loss(training: TrainingSettings, temperature: float, num_processes: int = 1) -> RLOORecordLoss:
+    """RLOO's per-record loss from a run's training settings."""
+    return RLOORecordLoss(
+        epsilon_low=training.epsilon_low,
+        epsilon_high=training.epsilon_high,
+        temperature=temperature,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+    )
+
+
+def grpo_record_loss(training: TrainingSettings, temperature: float, num_processes: int = 1) -> GRPORecordLoss:
+    """GRPO's per-record loss from a run's training settings. ``num_processes``: the run's, to score
+    as the trainer does (dapo's normaliser is per process); 1 to re-run a stored round in one process."""
     return GRPORecordLoss(
         loss_type=training.loss_type,
         epsilon_low=training.epsilon_low,

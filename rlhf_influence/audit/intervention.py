@@ -1,12 +1,12 @@
 """Targeted intervention: re-run one round's policy update without the records behind a target.
 
 From the store: the policy at the round start (its stored adapter), the round's records (token
-ids, sampling log-probs, advantages) and the run's PPO or GRPO settings. The records are scored
+ids, sampling log-probs, advantages) and the run's PPO, GRPO or RLOO settings. The records are scored
 exactly against a target at that snapshot (a behaviour, log pi(response | prompt), or the round's
 own return target: the held-out samples it drew, or its buffer) with the loss the trainer scored
 them with (rlhf_influence.losses); then the round's policy update (PPO: clipped surrogate,
 mini-batches, the run's epochs; GRPO: its loss type over steps_per_generation slices, the run's
-iterations; AdamW at the run's learning rate) is re-run three ways: on all records, without the k records that most raised the target, and without k random
+iterations; RLOO: its sequence-level loss over the same slices; AdamW at the run's learning rate) is re-run three ways: on all records, without the k records that most raised the target, and without k random
 records. If attribution is right, removing the top records moves the target least (or down) of
 the three.
 
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..algorithms import get_algorithm
 from ..gradients import target_gradients
 from ..influence import adam_preconditioner, scores_from_factors
 from ..influence_filter import InfluenceFilter
-from ..losses import record_loss
 from ..projection import RandomProjector
 from ..records import ScoredRecords
 from ..settings import IIFSettings
@@ -69,24 +69,21 @@ class RoundReplay:
                 "targets, so its rounds cannot be re-run (scores from the stored gradients still work)"
             )
         self.settings = settings
-        self.grpo = settings.algorithm == "grpo"
+        self.algorithm = get_algorithm(settings.algorithm)
         self.temperature = scorer.temperature
         self.records = self._stored_records("batch")
-        self.loss = record_loss(settings, self.temperature)  # the re-run: one process, all records
+        self.loss = self.algorithm.record_loss(settings, self.temperature)  # the re-run: one process, all records
         self.filter = InfluenceFilter(  # scores as the trainer scored them
             IIFSettings(),
             scorer.layout,
-            record_loss(settings, self.temperature, manifest.num_processes),
+            self.algorithm.record_loss(settings, self.temperature, manifest.num_processes),
             target=manifest.target,
             micro_batch_size=settings.per_device_train_batch_size,
             temperature=self.temperature,
         )
 
     def _stored_records(self, name: str) -> ScoredRecords:
-        tensors = self.scorer.store.read_tensors(self.round, name)
-        return ScoredRecords.from_stored(
-            tensors, self.settings.pad_token_id, positions_from_mask=not self.grpo
-        )
+        return self.algorithm.records(self.scorer.store.read_tensors(self.round, name), self.settings.pad_token_id)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -189,7 +186,7 @@ class RoundReplay:
 
     def rerun(self, keep: np.ndarray, seed: int, moments: str | None = None) -> None:
         """Reset to the round start, then run the round's optimisation on the ``keep`` records:
-        PPO's epochs of mini-batches, or GRPO's iterations of ``steps_per_generation`` slices.
+        PPO's epochs of mini-batches, or GRPO's and RLOO's iterations of ``steps_per_generation`` slices.
         ``moments``: Adam's ``'stored'`` round-start state or ``'fresh'`` moments (default: the
         stored ones where the store keeps them)."""
         self.scorer.load_round(self.round)
@@ -198,41 +195,13 @@ class RoundReplay:
             moments = self.default_moments
         optimizer = self.optimizer(moments)
         rng = np.random.default_rng(seed)
-        for steps in self._plan(keep, rng):
+        kept_tokens = float(self.records.num_tokens()[torch.as_tensor(keep)].sum())
+        for steps in self.algorithm.replay_steps(self.settings, keep, rng):
             for chunk in steps:
-                self._chunk_loss(policy, chunk, len(steps), keep).backward()
+                part = self.records.select(torch.as_tensor(chunk))
+                self.algorithm.chunk_loss(self.loss, policy, part, len(steps), kept_tokens).backward()
             optimizer.step()
             optimizer.zero_grad()
-
-    def _plan(self, keep: np.ndarray, rng: np.random.Generator):
-        """Optimizer steps, each a list of record chunks whose losses are summed into it."""
-        settings = self.settings
-        if not self.grpo:
-            micro = settings.per_device_train_batch_size
-            for _ in range(settings.num_ppo_epochs):
-                order = rng.permutation(keep)
-                for start in range(0, len(order), settings.mini_batch_size):
-                    batch = order[start : start + settings.mini_batch_size]
-                    yield [batch[i : i + micro] for i in range(0, len(batch), micro)]
-            return
-        # TRL shuffles a generation batch once and passes over its slices num_iterations times;
-        # every gradient_accumulation_steps slices make an optimizer step (the last one may be short)
-        slices = [s for s in np.array_split(rng.permutation(keep), settings.steps_per_generation) if len(s)]
-        sequence = slices * settings.num_iterations
-        accumulation = settings.gradient_accumulation_steps
-        for start in range(0, len(sequence), accumulation):
-            yield sequence[start : start + accumulation]
-
-    def _chunk_loss(self, policy, chunk: np.ndarray, chunks_in_step: int, keep: np.ndarray) -> torch.Tensor:
-        """The trainer's loss on one chunk: PPO's masked mean (averaged over the step's chunks),
-        GRPO's with its loss type's normaliser for a slice of ``len(chunk)`` completions."""
-        part = self.records.select(torch.as_tensor(chunk))
-        tokens = float(part.num_tokens().sum())
-        if not self.grpo:
-            return self.loss(policy, part, max(tokens, 1.0)).sum() / chunks_in_step
-        kept_tokens = float(self.records.num_tokens()[torch.as_tensor(keep)].sum())
-        normaliser = self.loss.slice_normaliser(tokens, kept_tokens, len(chunk))
-        return self.loss(policy, part, max(normaliser, 1e-9)).sum()
 
 
 def _target_value(scorer: SnapshotScorer, target: TokenWeightedLogProb) -> float:

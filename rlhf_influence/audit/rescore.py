@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..algorithms import get_algorithm
 from ..gradients import target_gradients
 from ..lora import find_lora_layout
 from ..projection import RandomProjector, SketchedProjector
@@ -51,8 +52,7 @@ class SnapshotScorer:
             else RandomProjector(spec.dim, seed=spec.seed)
         )
         self.temperature = self.store.manifest.temperature
-        # TRL's PPO takes position ids from the attention mask, its GRPO leaves them to the model
-        self.positions_from_mask = self.store.manifest.algorithm != "grpo"
+        self.positions_from_mask = get_algorithm(self.store.manifest.algorithm).positions_from_mask
 
     def load_round(self, round_index: int) -> None:
         """Put round ``round_index``'s round-start adapter into the policy."""

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 FORMAT_VERSION = 1  # the newest manifest layout this package writes and reads
 
-Algorithm = Literal["ppo", "grpo"]
+Algorithm = Literal["ppo", "grpo", "rloo"]
 
 
 class StoreError(Exception):
@@ -115,7 +115,7 @@ class TrainingSettings:
     cliprange: float | None = None  # the clipped surrogate's epsilon
     value_head: str | None = None  # "separate" (TRL's value model) or "shared" (on the policy); None: separate
     record_loss: str | None = None  # "policy" or "policy_and_value": what the scores differentiate; None: policy
-    # GRPO
+    # GRPO and RLOO (loss_type, delta and bias_correction_kl: GRPO's alone; RLOO's beta is in the reward)
     loss_type: str | None = None  # how token losses are averaged (TRL's GRPOConfig.loss_type)
     epsilon_low: float | None = None  # lower clipping epsilon of the ratio
     epsilon_high: float | None = None  # upper clipping epsilon of the ratio
@@ -140,6 +140,8 @@ class TrainingSettings:
             "ppo": ("num_ppo_epochs", "mini_batch_size", "cliprange"),
             "grpo": ("loss_type", "epsilon_low", "epsilon_high", "beta", "num_iterations", "steps_per_generation",
                      "gradient_accumulation_steps", "max_completion_length"),
+            "rloo": ("epsilon_low", "epsilon_high", "beta", "num_iterations", "steps_per_generation",
+                     "gradient_accumulation_steps"),
         }[settings.algorithm]  # fmt: skip
         for name in required:
             if getattr(settings, name) is None:
@@ -154,7 +156,7 @@ class RunManifest:
     """A run's manifest: its IIF settings, how it ran, and what the store keeps of each round."""
 
     format_version: int = FORMAT_VERSION  # layout of the store; a reader refuses newer ones
-    algorithm: Algorithm = "ppo"  # the trainer: "ppo" (stores before GRPO) or "grpo"
+    algorithm: Algorithm = "ppo"  # the trainer: "ppo" (stores before GRPO), "grpo" or "rloo"
     target: str = "heldout_return"  # what influence was measured on: "heldout_return" or "buffer_return"
     schedule: str  # "round": scored once a round; "epoch": before every epoch
     drop_fraction: float  # fraction p of the negative-influence records dropped
@@ -175,7 +177,7 @@ class RunManifest:
     training: TrainingSettings | None = None  # for replaying a round; None in stores that predate it
     stored_gradients: StoredGradients | None = None  # None: the run stored no gradients
     snapshot_dtype: str = "float32"  # precision of the stored round-start adapter weights
-    group_size: int | None = None  # completions per prompt for GRPO; None for PPO
+    group_size: int | None = None  # completions per prompt for GRPO and RLOO; None for PPO
     score: str = "raw"  # "raw" <grad f, -grad loss_i> or "adam" (preconditioned by Adam's second moment)
     optimizer_state: bool = (
         False  # whether each round keeps Adam's round-start moments (optimizer.safetensors)

@@ -1,9 +1,19 @@
-"""The IIF trainers: TRL's PPOTrainer and GRPOTrainer with per-record influence scoring and filtering."""
+"""The IIF trainers: TRL's PPOTrainer, GRPOTrainer and RLOOTrainer with per-record influence scoring and filtering."""
 
 from .config import IIFPPOConfig
 from .grpo import IIFGRPOTrainer
 from .grpo_config import IIFGRPOConfig
 from .rewards import RewardFunction
+from .rloo import IIFRLOOTrainer
+from .rloo_config import IIFRLOOConfig
 from .trainer import IIFPPOTrainer
 
-__all__ = ["IIFGRPOConfig", "IIFGRPOTrainer", "IIFPPOConfig", "IIFPPOTrainer", "RewardFunction"]
+__all__ = [
+    "IIFGRPOConfig",
+    "IIFGRPOTrainer",
+    "IIFPPOConfig",
+    "IIFPPOTrainer",
+    "IIFRLOOConfig",
+    "IIFRLOOTrainer",
+    "RewardFunction",
+]
