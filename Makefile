@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRL_EXPERIMENTAL_SILENCE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo grpo-demo reviews test lint bench clean
+.PHONY: install demo grpo-demo rloo-demo reviews test lint bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,12 @@ grpo-demo: install
 	rm -rf runs/grpo-demo
 	$(PY) recipes/grpo_iif.py --output_dir runs/grpo-demo
 	$(VENV)/bin/rlhf-influence audit runs/grpo-demo --top 3
+
+# The same embedded default trained with RLOO (recipes/rloo_iif.py), then its audit.
+rloo-demo: install
+	rm -rf runs/rloo-demo
+	$(PY) recipes/rloo_iif.py --output_dir runs/rloo-demo
+	$(VENV)/bin/rlhf-influence audit runs/rloo-demo --top 3
 
 # The real-LM task: SmolLM2-135M-Instruct with LoRA, 30 rounds (about 15-20 min on 2 CPU cores).
 reviews: install

@@ -1,8 +1,8 @@
 """Run a recipe and SIGKILL it in the middle of a round, for the resume tests.
 
-    python tests/killed_run.py ppo|grpo ROUND RECIPE_FLAGS...
+    python tests/killed_run.py ppo|grpo|rloo ROUND RECIPE_FLAGS...
 
-PPO: killed in ROUND's second PPO epoch (after the first epoch's optimizer steps). GRPO: killed
+PPO: killed in ROUND's second PPO epoch (after the first epoch's optimizer steps). GRPO and RLOO: killed
 after ROUND's first optimizer step (a round is two or more steps: --num_iterations 2).
 Nothing is cleaned up: the process dies as a preempted job does.
 """
@@ -36,9 +36,9 @@ def main() -> None:
 
         IIFPPOTrainer.ppo_epoch = ppo_epoch
     else:
-        from rlhf_influence import IIFGRPOTrainer
+        from rlhf_influence.trainer.group import GroupIIFTrainer
 
-        original = IIFGRPOTrainer.training_step
+        original = GroupIIFTrainer.training_step
 
         def training_step(self, *args, **kwargs):
             output = original(self, *args, **kwargs)
@@ -46,7 +46,7 @@ def main() -> None:
                 kill()
             return output
 
-        IIFGRPOTrainer.training_step = training_step
+        GroupIIFTrainer.training_step = training_step
     sys.exit(load_recipe(algorithm).main(argv))
 
 

@@ -20,7 +20,7 @@ import torch
 from recipe_loading import load_recipe
 from safetensors.torch import load_file
 
-from rlhf_influence import IIFGRPOTrainer, IIFPPOTrainer
+from rlhf_influence import IIFGRPOTrainer, IIFPPOTrainer, IIFRLOOTrainer
 from rlhf_influence.store import AttributionStore
 from rlhf_influence.trainer.checkpoint import INFO_FILE, complete_checkpoints, read_info
 
@@ -89,7 +89,8 @@ SHARED_HEAD = ["--value_head", "shared", "--iif_record_loss", "policy_and_value"
     "algorithm, extra",
     [pytest.param("ppo", ["--value_head", "separate"], id="ppo-value-model"),
      pytest.param("ppo", SHARED_HEAD, id="ppo-shared-head"),
-     pytest.param("grpo", [], id="grpo")],
+     pytest.param("grpo", [], id="grpo"),
+     pytest.param("rloo", [], id="rloo")],
 )  # fmt: skip
 def test_sigkill_mid_round_then_resume_equals_the_uninterrupted_run(tmp_path, algorithm, extra):
     flags = [*(PPO_FLAGS if algorithm == "ppo" else GRPO_FLAGS), *extra]
@@ -99,7 +100,7 @@ def test_sigkill_mid_round_then_resume_equals_the_uninterrupted_run(tmp_path, al
     killed_run(algorithm, 4 if algorithm == "ppo" else 3, ["--output_dir", str(killed), *flags])
     store = AttributionStore(killed / "attribution")
     # PPO: checkpoints after rounds 2 (and 4, if the kill in round 4 had not come); round 3 stored after
-    # checkpoint-2. GRPO (2 steps a round): checkpoint-4 after round 2, killed in round 3.
+    # checkpoint-2. GRPO and RLOO (2 steps a round): checkpoint-4 after round 2, killed in round 3.
     checkpoint, stored = ("checkpoint-2", 3) if algorithm == "ppo" else ("checkpoint-4", 2)
     assert [p.name for p in complete_checkpoints(killed)] == [checkpoint]
     assert store.rounds() == list(range(1, stored + 1))
@@ -122,7 +123,7 @@ def test_sigkill_mid_round_then_resume_equals_the_uninterrupted_run(tmp_path, al
 def captured_trainers(monkeypatch) -> list:
     """The trainers whose final model a recipe saves (to compare the files with the live policy)."""
     seen = []
-    for cls in (IIFPPOTrainer, IIFGRPOTrainer):
+    for cls in (IIFPPOTrainer, IIFGRPOTrainer, IIFRLOOTrainer):
         original = cls.save_final_model
 
         def save(self, *args, _original=original, **kwargs):
@@ -133,7 +134,7 @@ def captured_trainers(monkeypatch) -> list:
     return seen
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo"])
 def test_the_trained_policy_is_saved_and_generates_as_the_trainer(tmp_path, monkeypatch, capsys, algorithm):
     from peft import AutoPeftModelForCausalLM
 

@@ -112,11 +112,15 @@ def test_embedded_task_flags_override_the_tasks_grpo_settings(tmp_path):
     see the settings the run will have (a batch of 12 holds whole groups of the task's 4)."""
     config = tmp_path / "recipe.yaml"
     config.write_text(f"output_dir: {tmp_path / 'out'}\nlearning_rate: 0.001\nmax_steps: 7\n")
-    module = recipe()
-    _, training_args, _ = module.parse(
+    from trl import ModelConfig
+
+    from rlhf_influence.group_recipe import RecipeArguments, recipe_config
+    from rlhf_influence.recipe_support import parse
+
+    _, training_args, _ = parse(
         ["--config", str(config), "--per_device_train_batch_size", "12", "--max_steps", "5"],
-        (module.RecipeArguments, module.RecipeGRPOConfig, module.ModelConfig),
-        lambda spec: spec.grpo_settings,
+        (RecipeArguments, recipe_config(recipe().RECIPE.config_class), ModelConfig),
+        lambda spec: spec.settings_for("grpo"),
         {},
     )
     assert (training_args.per_device_train_batch_size, training_args.num_generations) == (12, 4)

@@ -16,7 +16,6 @@ from rlhf_influence.store import AttributionStore
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "ppo_iif.py")
-GRPO_RECIPE = str(ROOT / "recipes" / "grpo_iif.py")
 BIN = Path(sys.executable).parent
 
 
@@ -194,24 +193,27 @@ def test_ddp_two_processes_default_task_reward_rises(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "flags, rounds, per_process",
+    "algorithm, flags, rounds, per_process",
     [
         # the processes keep different numbers of completions: TRL gathers one value per completion
         # of a step from every process, so each step's slices are padded to one size
-        pytest.param(["--max_steps", "3"], 3, 32, id="default"),
+        pytest.param("grpo", ["--max_steps", "3"], 3, 32, id="grpo-default"),
         # one completion a step: a process that kept fewer than 32 of its completions trains on
         # empty (zero-weight) slices while the other trains on kept ones
-        pytest.param(["--max_steps", "64", "--per_device_train_batch_size", "1", "--steps_per_generation", "32"],
-                     2, 32, id="empty-slices"),
+        pytest.param("grpo", ["--max_steps", "64", "--per_device_train_batch_size", "1", "--steps_per_generation",
+                              "32"], 2, 32, id="grpo-empty-slices"),
+        # RLOO: padding rows carry no advantage and ratio 1 (its loss is a sequence's)
+        pytest.param("rloo", ["--max_steps", "3", "--beta", "0.05"], 3, 32, id="rloo-default"),
     ],
 )  # fmt: skip
-def test_grpo_two_processes_filter_globally(tmp_path, flags, rounds, per_process):
-    """The GRPO recipe on 2 CPU processes (DDP over gloo), every negative completion dropped: each
-    round holds the whole generation batch, both processes' records, one decision for all."""
-    out = tmp_path / "grpo"
-    launch("multi_cpu", out, *flags, "--iif_drop_fraction", "1.0", "--save_steps", "2", recipe=GRPO_RECIPE, timeout=400)
+def test_group_trainers_on_two_processes_filter_globally(tmp_path, algorithm, flags, rounds, per_process):
+    """The GRPO and RLOO recipes on 2 CPU processes (DDP over gloo), every negative completion
+    dropped: each round holds the whole generation batch, both processes' records, one decision for all."""
+    out = tmp_path / algorithm
+    recipe = str(ROOT / "recipes" / f"{algorithm}_iif.py")
+    launch("multi_cpu", out, *flags, "--iif_drop_fraction", "1.0", "--save_steps", "2", recipe=recipe, timeout=400)
     manifest = json.loads((out / "attribution" / "manifest.json").read_text())
-    assert (manifest["algorithm"], manifest["distributed_type"]) == ("grpo", DDP)
+    assert (manifest["algorithm"], manifest["distributed_type"]) == (algorithm, DDP)
     assert manifest["records_per_round"] == 2 * per_process  # the global generation batch
     tables = check_store(out, rounds=rounds, per_process=per_process, drop_fraction=1.0)
     for t in tables:
@@ -230,7 +232,7 @@ def test_grpo_two_processes_filter_globally(tmp_path, flags, rounds, per_process
         stored = torch.tensor(t["influence"], dtype=torch.float64)
         assert torch.allclose(replayed, stored, rtol=1e-4, atol=1e-6 * float(stored.abs().max()))
     if rounds == 3:  # resumed from the checkpoint after round 2, round 3 is redone the same
-        check_resume("multi_cpu", out, [*flags, "--iif_drop_fraction", "1.0", "--save_steps", "2"], GRPO_RECIPE)
+        check_resume("multi_cpu", out, [*flags, "--iif_drop_fraction", "1.0", "--save_steps", "2"], recipe)
     if "--steps_per_generation" in flags:  # some step had no kept completion on some process
         assert any(
             t["kept"][p * per_process : (p + 1) * per_process].count(True) < 32

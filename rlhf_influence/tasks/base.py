@@ -32,7 +32,8 @@ class TaskSpec:
 
     ``settings`` are IIFPPOConfig fields (``total_episodes`` and ``iif_num_heldout_prompts``
     included), ``grpo_settings`` the IIFGRPOConfig fields of the same task under GRPO
-    (``max_steps`` included); the recipes use them as defaults that flags override, the
+    (``max_steps`` included), which RLOO takes too (:meth:`settings_for`); the recipes use them as
+    defaults that flags override, the
     benchmarks start from them. They are known without building the task (no model is loaded).
     """
 
@@ -41,6 +42,15 @@ class TaskSpec:
     settings: dict[str, Any]
     build: Callable[..., EmbeddedTask] = field(repr=False)
     grpo_settings: dict[str, Any] = field(default_factory=dict)  # IIFGRPOConfig fields, as ``settings``
+
+    def settings_for(self, algorithm: str) -> dict[str, Any]:
+        """The task's run settings under ``algorithm``: PPO's, or the group-sampling ones that GRPO
+        and RLOO share (both sample ``num_generations`` completions a prompt from the same fields)."""
+        if algorithm == "ppo":
+            return self.settings
+        if algorithm in ("grpo", "rloo"):
+            return self.grpo_settings
+        raise ValueError(f"no settings for the algorithm {algorithm!r}: 'ppo', 'grpo' or 'rloo'")
 
     @property
     def records_per_round(self) -> int:
