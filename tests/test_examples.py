@@ -39,10 +39,11 @@ def test_iif_vs_ppo_benchmark_smoke(tmp_path):
     assert (tmp_path / "reward_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_iif_vs_grpo_benchmark_smoke(tmp_path):
-    out = run("benchmarks/iif_vs_grpo.py", "--task", "sentiment", "--arms", "grpo", "iif", "--seeds", "0",
-              "--rounds", "2", "--parallel", "1", "--out", str(tmp_path))  # fmt: skip
-    assert "threshold (GRPO's final reward" in out and "| iif |" in out
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_iif_vs_grpo_benchmark_smoke(tmp_path, algorithm):
+    out = run("benchmarks/iif_vs_grpo.py", "--algorithm", algorithm, "--task", "sentiment", "--arms", algorithm, "iif",
+              "--seeds", "0", "--rounds", "2", "--parallel", "1", "--out", str(tmp_path))  # fmt: skip
+    assert f"threshold ({algorithm.upper()}'s final reward" in out and "| iif |" in out
     assert (tmp_path / "reward_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
