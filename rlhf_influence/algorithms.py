@@ -19,7 +19,7 @@ from torch import nn
 
 from .losses import RecordLoss, grpo_record_loss, ppo_record_loss, rloo_record_loss
 from .records import ScoredRecords
-from .store.manifest import TrainingSettings
+from .training_settings import TrainingSettings
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from .records import ScoredRecords
-from .store.manifest import TrainingSettings
 from .targets import (
     clipped_policy_loss,
     clipped_value_loss,
@@ -25,6 +24,7 @@ from .targets import (
     token_logprobs,
     token_logprobs_and_hidden,
 )
+from .training_settings import TrainingSettings
 
 # GRPO loss types whose per-record loss is written here (TRL 1.12's names).
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")

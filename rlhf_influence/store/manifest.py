@@ -13,9 +13,10 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..training_settings import Algorithm, TrainingSettings
+
 FORMAT_VERSION = 1  # the newest manifest layout this package writes and reads
 
-Algorithm = Literal["ppo", "grpo", "rloo"]
 
 
 class StoreError(Exception):
@@ -57,6 +58,8 @@ def _convert(value: Any, hint: Any, name: str, source: str) -> Any:
             return float(value)
         if typing.get_origin(option) is Literal and value in typing.get_args(option):
             return value
+        if option is TrainingSettings and isinstance(value, dict):
+            return _training_from_json(value, source, f"{name}.")
         if dataclasses.is_dataclass(option) and isinstance(value, dict):
             return option.from_json(value, source=source, prefix=f"{name}.")
     raise StoreError(f"{source} is damaged: the field {name!r} holds {value!r}, not {_expected(hint)}")
@@ -79,6 +82,15 @@ def _fields_from_json(cls: type, data: Any, source: str, prefix: str) -> dict[st
     return kwargs
 
 
+def _training_from_json(data: Any, source: str, prefix: str) -> TrainingSettings:
+    """Read the ``training`` object; StoreError naming the field if it is wrong or if a setting its
+    algorithm's replay needs is missing."""
+    settings = TrainingSettings(**_fields_from_json(TrainingSettings, data, source, prefix))
+    for name in settings.missing():
+        raise StoreError(f"{source} is damaged: a {settings.algorithm.upper()} run lacks the field {prefix + name!r}")
+    return settings
+
+
 @dataclass(frozen=True, kw_only=True)
 class StoredGradients:
     """How each record's gradient at the round start was projected and stored (``gradients.safetensors``)."""
@@ -97,58 +109,6 @@ class StoredGradients:
     def from_json(cls, data: Any, *, source: str = "manifest", prefix: str = "") -> StoredGradients:
         """Read the ``stored_gradients`` object; StoreError naming the field if it is wrong."""
         return cls(**_fields_from_json(cls, data, source, prefix))
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainingSettings:
-    """What a replay of a round's policy update needs (the intervention analysis); the fields of the
-    other algorithm are None."""
-
-    algorithm: Algorithm = "ppo"  # the policy update's algorithm (stores before GRPO: "ppo")
-    learning_rate: float  # the optimizer's learning rate
-    per_device_train_batch_size: int  # records per micro-batch (one forward and backward)
-    pad_token_id: int  # the tokenizer's pad id, which marks padding in the stored token ids
-    optimizer: str  # in words, e.g. "AdamW (re-runs start from fresh moments)"
-    # PPO
-    num_ppo_epochs: int | None = None  # passes over the round's kept records
-    mini_batch_size: int | None = None  # records per optimizer step
-    cliprange: float | None = None  # the clipped surrogate's epsilon
-    value_head: str | None = None  # "separate" (TRL's value model) or "shared" (on the policy); None: separate
-    record_loss: str | None = None  # "policy" or "policy_and_value": what the scores differentiate; None: policy
-    # GRPO and RLOO (loss_type, delta and bias_correction_kl: GRPO's alone; RLOO's beta is in the reward)
-    loss_type: str | None = None  # how token losses are averaged (TRL's GRPOConfig.loss_type)
-    epsilon_low: float | None = None  # lower clipping epsilon of the ratio
-    epsilon_high: float | None = None  # upper clipping epsilon of the ratio
-    beta: float | None = None  # KL coefficient
-    num_iterations: int | None = None  # optimisation passes over each generation
-    steps_per_generation: int | None = None  # optimizer steps per generation batch
-    gradient_accumulation_steps: int | None = None  # micro-batches per optimizer step
-    max_completion_length: int | None = None  # longest sampled completion, in tokens
-    num_generations: int | None = None  # completions sampled per prompt
-    delta: float | None = None  # the upper cap of the ratio's two-sided clip (None: none)
-    bias_correction_kl: bool | None = None  # the KL term multiplied by the ratio (None: TRL's default, true)
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Any, *, source: str = "manifest", prefix: str = "") -> TrainingSettings:
-        """Read the ``training`` object; StoreError naming the field if it is wrong or if a PPO
-        setting a replay needs is missing."""
-        settings = cls(**_fields_from_json(cls, data, source, prefix))
-        required = {
-            "ppo": ("num_ppo_epochs", "mini_batch_size", "cliprange"),
-            "grpo": ("loss_type", "epsilon_low", "epsilon_high", "beta", "num_iterations", "steps_per_generation",
-                     "gradient_accumulation_steps", "max_completion_length"),
-            "rloo": ("epsilon_low", "epsilon_high", "beta", "num_iterations", "steps_per_generation",
-                     "gradient_accumulation_steps"),
-        }[settings.algorithm]  # fmt: skip
-        for name in required:
-            if getattr(settings, name) is None:
-                raise StoreError(
-                    f"{source} is damaged: a {settings.algorithm.upper()} run lacks the field {prefix + name!r}"
-                )
-        return settings
 
 
 @dataclass(frozen=True, kw_only=True)

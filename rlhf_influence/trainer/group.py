@@ -52,10 +52,12 @@ from .checkpoint import (
     write_info,
 )
 from .shared import (
+    PhaseTimer,
     StoredRound,
     TrainingGradients,
     adapter_snapshot,
     check_optimizer_state_access,
+    check_policy_has_lora,
     heldout_rows,
     heldout_seed,
     model_files,
@@ -67,7 +69,6 @@ from .shared import (
     score_preconditioner,
     write_round,
 )
-from .trainer import PhaseTimer, check_policy_has_lora
 
 # What TRL's _generate_and_score_completions rebinds for each batch it generates (environments, tools)
 BATCH_BINDINGS = ("environments", "_batch_environments", "_sync_tool_dicts", "_async_tool_dicts")

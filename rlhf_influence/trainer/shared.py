@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from ..capture import TrainingCapture
+from ..errors import NoLoraError
 from ..influence import adam_preconditioner
 from ..influence_filter import InfluenceFilter, Scoring
-from ..lora import LoraLayout, canonical_name
+from ..lora import LoraLayout, canonical_name, find_lora_layout
 from ..records import STORED_PADDING, ScoredRecords
 from ..settings import IIFSettings
 from ..store import AttributionStore, RunManifest, StoredGradients, TrainingSettings
@@ -419,3 +421,42 @@ def write_round(
         store.write_manifest(manifest())
         store.write_model_files(files())
     store.write_round(round_.index, table, round_.metrics, tensors)
+
+
+class PhaseTimer:
+    """Wall time per named phase of a round, logged as time/<phase>_seconds."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[phase] += time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{phase}_seconds": value for phase, value in self.seconds.items()}
+
+
+def check_policy_has_lora(model: nn.Module, peft_config) -> None:
+    """A TypeError or NoLoraError unless the policy will carry LoRA adapters for IIF to score."""
+    if peft_config is not None:
+        from peft import LoraConfig
+
+        if not isinstance(peft_config, LoraConfig):
+            raise TypeError(
+                f"IIF scores LoRA adapters: peft_config must be a peft.LoraConfig, got {type(peft_config).__name__}"
+            )
+        return
+    try:
+        find_lora_layout(model)
+    except NoLoraError as exc:
+        raise NoLoraError(
+            f"IIF scores the policy's LoRA weights, but the policy has none: {exc} Or pass peft_config=LoraConfig(...)."
+        ) from None

@@ -46,7 +46,6 @@ from trl.experimental.utils import first_true_indices, get_reward
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import selective_log_softmax
 
-from ..errors import NoLoraError
 from ..filtering import plan_epoch
 from ..influence_filter import Collectives, InfluenceFilter, Scoring
 from ..kl import KLController, exact_kl
@@ -73,10 +72,12 @@ from .checkpoint import (
 from .config import IIFPPOConfig
 from .rewards import RewardFunction, as_reward_module
 from .shared import (
+    PhaseTimer,
     StoredRound,
     TrainingGradients,
     adapter_snapshot,
     check_optimizer_state_access,
+    check_policy_has_lora,
     gathered_state_dict,
     heldout_rows,
     heldout_seed,
@@ -102,27 +103,6 @@ class Samples:
     queries: torch.Tensor  # [n, context]
     query_responses: torch.Tensor  # [n, context + response]
     logits: torch.Tensor  # [n, response, vocab], temperature applied
-
-
-class PhaseTimer:
-    """Wall time per named phase of a round, logged as time/<phase>_seconds."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, phase: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.seconds[phase] += time.perf_counter() - start
-
-    def metrics(self) -> dict[str, float]:
-        return {f"time/{phase}_seconds": value for phase, value in self.seconds.items()}
 
 
 class IIFPPOTrainer(PPOTrainer):
@@ -972,23 +952,6 @@ class IIFPPOTrainer(PPOTrainer):
         if self.is_deepspeed_enabled:
             return {"load_module_strict": False} if loading else {"exclude_frozen_parameters": True}
         return {}
-
-
-def check_policy_has_lora(model: nn.Module, peft_config) -> None:
-    if peft_config is not None:
-        from peft import LoraConfig
-
-        if not isinstance(peft_config, LoraConfig):
-            raise TypeError(
-                f"IIF scores LoRA adapters: peft_config must be a peft.LoraConfig, got {type(peft_config).__name__}"
-            )
-        return
-    try:
-        find_lora_layout(model)
-    except NoLoraError as exc:
-        raise NoLoraError(
-            f"IIF scores the policy's LoRA weights, but the policy has none: {exc} Or pass peft_config=LoraConfig(...)."
-        ) from None
 
 
 @contextmanager
