@@ -47,7 +47,7 @@ from rlhf_influence import (
     scores_from_factors,
     target_gradients,
 )
-from rlhf_influence.targets import ReturnTarget
+from rlhf_influence.engine.targets import ReturnTarget
 from rlhf_influence.tasks.toy import tiny_causal_lm, toy_lora_config
 
 METHODS = ("floor", "exact", "projected", "scoring", "loop", "vmap")

@@ -46,9 +46,9 @@ import torch
 
 from rlhf_influence.audit.intervention import RoundReplay
 from rlhf_influence.audit.rescore import SnapshotScorer
-from rlhf_influence.capture import capture_factors
-from rlhf_influence.gradients import target_gradients
-from rlhf_influence.targets import ReturnTarget, TokenWeightedLogProb
+from rlhf_influence.engine.capture import capture_factors
+from rlhf_influence.engine.gradients import target_gradients
+from rlhf_influence.engine.targets import ReturnTarget, TokenWeightedLogProb
 from rlhf_influence.tasks import get_task
 
 SCORES = ("raw", "adam", "cosine", "adam_cosine")
@@ -298,7 +298,7 @@ def record_scores(replay: RoundReplay, target_grad: torch.Tensor) -> dict[str, t
 def analyse_behaviour_round(replay: RoundReplay, args, round_index: int) -> dict:
     """The behaviour sign test: re-runs without the top/bottom ``--remove`` records by each score on
     log pi(response | prompt), against random removal; exact and first-order changes."""
-    from rlhf_influence.targets import LogProbTarget
+    from rlhf_influence.engine.targets import LogProbTarget
 
     scorer = replay.scorer
     policy = scorer.policy

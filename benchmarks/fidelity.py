@@ -31,7 +31,7 @@ from scipy.stats import binomtest, spearmanr
 from rlhf_influence import RandomProjector, SketchedProjector
 from rlhf_influence.audit.intervention import InterventionResult, RoundReplay, intervene, intervene_return
 from rlhf_influence.audit.rescore import SnapshotScorer
-from rlhf_influence.targets import LogProbTarget
+from rlhf_influence.engine.targets import LogProbTarget
 
 
 def projection_fidelity(

@@ -2,7 +2,7 @@
 
 Two parts:
 
-  figures   what a LoRA PPO job's model state needs (rlhf_influence.memory.ppo_job_memory: models
+  figures   what a LoRA PPO job's model state needs (rlhf_influence.launch.memory.ppo_job_memory: models
             built on the meta device from their configs, nothing downloaded) for Qwen2.5-shaped
             0.5B, 1.5B and 7B policies and a Llama-2-7B-shaped one, in float32 and bfloat16, with
             each value setting, and which of a 24 GB, 80 GB and 141 GB GPU it fits (model state
@@ -55,7 +55,7 @@ def figures(out: Path, lora_r: int = 16) -> str:
     import torch
     from transformers import AutoConfig
 
-    from rlhf_influence.memory import GIB, ppo_job_memory
+    from rlhf_influence.launch.memory import GIB, ppo_job_memory
 
     lines = [
         f"Model state of a LoRA PPO job (r={lora_r} on q, k, v, o; Adam; reward model of the policy's shape; "

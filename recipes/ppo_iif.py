@@ -48,9 +48,9 @@ from transformers import set_seed
 from trl import ModelConfig
 
 from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
-from rlhf_influence.checks import finite_number_problem, whole_number_problem
-from rlhf_influence.models import ModelLoadError
-from rlhf_influence.recipe_support import (
+from rlhf_influence.engine.checks import finite_number_problem, whole_number_problem
+from rlhf_influence.launch.models import ModelLoadError
+from rlhf_influence.launch.recipe_support import (
     JobArguments,
     check_job_flags,
     check_output_location,
@@ -139,7 +139,7 @@ def job_memory_problem(source: str, dtype, script_args, training_args: IIFPPOCon
     from accelerate.utils import DistributedType
     from transformers import AutoConfig
 
-    from rlhf_influence.memory import free_device_memory, ppo_memory_problem
+    from rlhf_influence.launch.memory import free_device_memory, ppo_memory_problem
 
     state = PartialState()
     if state.distributed_type == DistributedType.DEEPSPEED:

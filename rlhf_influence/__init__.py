@@ -1,13 +1,13 @@
 """rlhf-influence: local data attribution and influence-based filtering for RLHF with LoRA."""
 
-from .capture import RecordFactors, capture_factors
-from .errors import InfluenceError, LossShapeError, NoLoraError, NonFiniteError, UnsupportedLoraError
-from .gradients import per_record_gradients, target_gradients
-from .influence import influence_scores, scores_from_factors
-from .lora import LoraLayout, find_lora_layout
-from .projection import RandomProjector, SketchedProjector
-from .settings import IIFSettings
-from .targets import LogProbTarget, ReturnTarget, encode_pairs, ppo_policy_loss, token_logprobs
+from .engine.capture import RecordFactors, capture_factors
+from .engine.errors import InfluenceError, LossShapeError, NoLoraError, NonFiniteError, UnsupportedLoraError
+from .engine.gradients import per_record_gradients, target_gradients
+from .engine.influence import influence_scores, scores_from_factors
+from .engine.lora import LoraLayout, find_lora_layout
+from .engine.projection import RandomProjector, SketchedProjector
+from .engine.targets import LogProbTarget, ReturnTarget, encode_pairs, ppo_policy_loss, token_logprobs
+from .iif.settings import IIFSettings
 
 __version__ = "0.1.0"
 

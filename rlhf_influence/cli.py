@@ -10,7 +10,7 @@ import sys
 import warnings
 
 from . import __version__
-from .checks import finite_number_problem, whole_number_problem
+from .engine.checks import finite_number_problem, whole_number_problem
 
 JUMP_RULE = (
     "Round k is a jump when its mean reward minus round k-1's exceeds --z standard deviations of all "
@@ -85,7 +85,7 @@ def _show_warning(
     message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning
 ) -> None:
     """This package's warnings as one line on stderr; anything else as Python shows it."""
-    from .errors import UnknownTokenWarning
+    from .engine.errors import UnknownTokenWarning
 
     if issubclass(category, UnknownTokenWarning):
         print(f"rlhf-influence: warning: {terminal_text(message)}", file=sys.stderr)

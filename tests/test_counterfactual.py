@@ -157,7 +157,7 @@ def test_adam_aware_scores_differ_from_raw(tmp_path):
 def test_settings_that_read_adams_moments_are_refused_under_deepspeed():
     from types import SimpleNamespace
 
-    from rlhf_influence.settings import IIFSettings
+    from rlhf_influence.iif.settings import IIFSettings
     from rlhf_influence.trainer.shared import check_optimizer_state_access
 
     deepspeed = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=object()))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_influence.filtering import iif_keep_mask, plan_epoch
+from rlhf_influence.iif.filtering import iif_keep_mask, plan_epoch
 
 
 def reference_keep(scores: list[float], p: float, min_keep: float) -> list[bool]:
@@ -104,7 +104,7 @@ def test_plan_with_filtering_is_equal_across_processes_and_aligned(per_device, a
 
 
 def test_random_control_drops_as_many_records_at_random():
-    from rlhf_influence.filtering import random_keep_mask
+    from rlhf_influence.iif.filtering import random_keep_mask
 
     scores = torch.randn(50, generator=torch.Generator().manual_seed(3))
     decision = iif_keep_mask(scores, 0.5, 0.1)

@@ -337,7 +337,7 @@ def test_reentrant_checkpointing_is_refused():
 def test_training_capture_equals_brute_force_and_leaves_the_step_alone(arch):
     """Factors kept from an ordinary loss.backward() (the training's own) give every record's exact
     gradient; the weights' .grad is what the backward alone gives."""
-    from rlhf_influence.capture import TrainingCapture
+    from rlhf_influence.engine.capture import TrainingCapture
 
     model = tiny_lora_model(arch)
     batch = record_batch(5, padding_side="left", seed=2)

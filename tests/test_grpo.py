@@ -10,8 +10,8 @@ from datasets import Dataset
 from trainer_setup import PROMPTS, Setup, count_positive, seed_everything
 
 from rlhf_influence import IIFGRPOConfig, IIFGRPOTrainer
+from rlhf_influence.engine.targets import ReturnTarget, token_logprobs
 from rlhf_influence.store import AttributionStore
-from rlhf_influence.targets import ReturnTarget, token_logprobs
 
 
 def positive_words(prompts, completions, **kwargs):
@@ -283,7 +283,7 @@ def test_every_audit_command_reads_a_grpo_run(grpo_run, tmp_path, capsys):
     # score: the stored projected gradients rank like exact influence at the snapshot
     from rlhf_influence.audit.intervention import RoundReplay
     from rlhf_influence.audit.rescore import SnapshotScorer
-    from rlhf_influence.targets import LogProbTarget
+    from rlhf_influence.engine.targets import LogProbTarget
 
     scored = score_behaviour(out, 2, "the movie was", "great fun")
     scorer = SnapshotScorer(out)

@@ -13,7 +13,7 @@ from test_grpo import build
 from trainer_setup import Setup, ppo_kwargs, seed_everything
 
 from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
-from rlhf_influence.kl import KLController, exact_kl
+from rlhf_influence.iif.kl import KLController, exact_kl
 
 
 def reference_step(beta: float, kl: float, target: float, records: int, horizon: int) -> float:

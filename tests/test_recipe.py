@@ -208,9 +208,9 @@ def test_gguf_without_the_gguf_package(capsys, tmp_path, monkeypatch):
 
 
 def test_model_too_large_for_memory(capsys, tmp_path, local_model, monkeypatch):
-    import rlhf_influence.models
+    import rlhf_influence.launch.models
 
-    monkeypatch.setattr(rlhf_influence.models, "available_memory_bytes", lambda: 10_000)
+    monkeypatch.setattr(rlhf_influence.launch.models, "available_memory_bytes", lambda: 10_000)
     data = write_prompts(tmp_path / "prompts.jsonl", 400)
     argv = ["--model_name_or_path", str(local_model), "--dataset_name", str(data), "--reward_function", "sentiment",
             "--output_dir", str(tmp_path / "out")]  # fmt: skip
@@ -222,15 +222,15 @@ def test_ppo_job_too_large_for_the_device_names_both_value_settings(capsys, tmp_
     against the device's free memory, from the configs: the message gives the shared head's figure."""
     from transformers import AutoConfig
 
-    import rlhf_influence.memory
-    from rlhf_influence.memory import in_gib, ppo_job_memory
+    import rlhf_influence.launch.memory
+    from rlhf_influence.launch.memory import in_gib, ppo_job_memory
 
     config = AutoConfig.from_pretrained(local_model)
     need = {s: ppo_job_memory(config, torch.float32, value_head=s, lora_r=4, lora_target_modules=["c_attn"],
                               reward_config=False).total for s in ("separate", "shared")}  # fmt: skip
     assert need["shared"] < need["separate"]
     free = (need["shared"] + need["separate"]) // 2  # the shared head fits, the value model does not
-    monkeypatch.setattr(rlhf_influence.memory, "free_device_memory", lambda device: (free, "the test device"))
+    monkeypatch.setattr(rlhf_influence.launch.memory, "free_device_memory", lambda device: (free, "the test device"))
     data = write_prompts(tmp_path / "prompts.jsonl", 48)
     argv = ["--model_name_or_path", str(local_model), "--dataset_name", str(data), "--reward_function", "sentiment",
             "--lora_r", "4", "--lora_target_modules", "c_attn", "--heldout_size", "8", "--per_device_train_batch_size", "8",
@@ -287,7 +287,7 @@ def test_chat_message_prompts_are_tokenised_with_the_template(tmp_path, local_mo
 
 
 def test_split_gguf_path():
-    from rlhf_influence.models import split_gguf_path
+    from rlhf_influence.launch.models import split_gguf_path
 
     assert split_gguf_path("org/model", None) is None
     assert split_gguf_path("/models/x.gguf", None) == ("/models", "x.gguf")

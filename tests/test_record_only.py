@@ -15,7 +15,7 @@ from trainer_setup import train_ppo as train_tiny_ppo
 
 from rlhf_influence import IIFGRPOTrainer, IIFPPOTrainer
 from rlhf_influence.cli import main
-from rlhf_influence.settings import IIFSettings
+from rlhf_influence.iif.settings import IIFSettings
 from rlhf_influence.store import AttributionStore
 
 PROMPT, RESPONSE = "the movie was", "great fun lovely"

@@ -10,8 +10,8 @@ from test_grpo import grpo_kwargs, lora_state, positive_words, text_dataset
 from trainer_setup import PROMPTS, Setup, seed_everything
 
 from rlhf_influence import IIFRLOOConfig, IIFRLOOTrainer
+from rlhf_influence.engine.targets import ReturnTarget
 from rlhf_influence.store import AttributionStore
-from rlhf_influence.targets import ReturnTarget
 
 
 def rloo_kwargs(tmp_path, **overrides) -> dict:

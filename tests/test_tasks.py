@@ -9,7 +9,7 @@ import pytest
 from test_recipe import fails_with
 
 from rlhf_influence import IIFPPOConfig
-from rlhf_influence.models import ModelLoadError
+from rlhf_influence.launch.models import ModelLoadError
 from rlhf_influence.tasks import DEFAULT_TASK, TASKS, get_task, reviews
 
 

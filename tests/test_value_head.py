@@ -10,8 +10,8 @@ from conftest import brute_force_per_record, rel_err
 from trainer_setup import Setup, ppo_kwargs, seed_everything
 
 from rlhf_influence import IIFPPOConfig, IIFPPOTrainer, per_record_gradients
-from rlhf_influence.losses import PolicyAndValueNormaliser, PPORecordLoss
-from rlhf_influence.records import ScoredRecords
+from rlhf_influence.iif.losses import PolicyAndValueNormaliser, PPORecordLoss
+from rlhf_influence.iif.records import ScoredRecords
 from rlhf_influence.trainer.value_head import SharedValueHead, policy_backbone
 
 ONE_STEP = dict(  # one round, one epoch, one micro-batch: one optimizer step
@@ -225,7 +225,7 @@ def test_job_memory_estimate_counts_what_the_models_hold(dtype):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-    from rlhf_influence.memory import ppo_job_memory
+    from rlhf_influence.launch.memory import ppo_job_memory
 
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)  # fmt: skip

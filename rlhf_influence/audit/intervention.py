@@ -4,7 +4,7 @@ From the store: the policy at the round start (its stored adapter), the round's 
 ids, sampling log-probs, advantages) and the run's PPO, GRPO or RLOO settings. The records are scored
 exactly against a target at that snapshot (a behaviour, log pi(response | prompt), or the round's
 own return target: the held-out samples it drew, or its buffer) with the loss the trainer scored
-them with (rlhf_influence.losses); then the round's policy update (PPO: clipped surrogate,
+them with (rlhf_influence.iif.losses); then the round's policy update (PPO: clipped surrogate,
 mini-batches, the run's epochs; GRPO: its loss type over steps_per_generation slices, the run's
 iterations; RLOO: its sequence-level loss over the same slices; AdamW at the run's learning rate) is re-run three ways: on all records, without the k records that most raised the target, and without k random
 records. If attribution is right, removing the top records moves the target least (or down) of
@@ -25,15 +25,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..algorithms import get_algorithm
-from ..gradients import target_gradients
-from ..influence import adam_preconditioner, scores_from_factors
-from ..influence_filter import InfluenceFilter
-from ..projection import RandomProjector
-from ..records import ScoredRecords
-from ..settings import IIFSettings
+from ..engine.gradients import target_gradients
+from ..engine.influence import adam_preconditioner, scores_from_factors
+from ..engine.projection import RandomProjector
+from ..engine.targets import LogProbTarget, ReturnTarget, TokenWeightedLogProb
+from ..iif.algorithms import get_algorithm
+from ..iif.influence_filter import InfluenceFilter
+from ..iif.records import ScoredRecords
+from ..iif.settings import IIFSettings
 from ..store import StoreError
-from ..targets import LogProbTarget, ReturnTarget, TokenWeightedLogProb
 from .rescore import SnapshotScorer
 
 
@@ -146,7 +146,7 @@ class RoundReplay:
 
     def adam_preconditioner(self) -> torch.Tensor | None:
         """Adam's preconditioner at the round start, ``[D]`` in the layout's order, from the stored
-        moments (:func:`~rlhf_influence.influence.adam_preconditioner`); None before the first step."""
+        moments (:func:`~rlhf_influence.engine.influence.adam_preconditioner`); None before the first step."""
         state = self.optimizer_state()
         step = float(state["step"][0])
         if step < 1:

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..algorithms import get_algorithm
-from ..gradients import target_gradients
-from ..lora import find_lora_layout
-from ..projection import RandomProjector, SketchedProjector
+from ..engine.gradients import target_gradients
+from ..engine.lora import find_lora_layout
+from ..engine.projection import RandomProjector, SketchedProjector
+from ..engine.targets import LogProbTarget
+from ..iif.algorithms import get_algorithm
 from ..store import AttributionStore, StoreError
-from ..targets import LogProbTarget
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..training_settings import Algorithm, TrainingSettings
+from ..iif.training_settings import Algorithm, TrainingSettings
 
 FORMAT_VERSION = 1  # the newest manifest layout this package writes and reads
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from ..models import cache_root, publish_directory
+from ..launch.models import cache_root, publish_directory
 from . import sentiment
 from .base import EmbeddedTask, TaskSpec, grpo_run_settings, prompt_dataset, run_settings
 from .rewards import keyword_reward

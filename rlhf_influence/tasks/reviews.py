@@ -23,7 +23,7 @@ import torch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from ..models import ModelLoadError, gguf_checkpoint
+from ..launch.models import ModelLoadError, gguf_checkpoint
 from .base import EmbeddedTask, TaskSpec, grpo_run_settings, prompt_dataset, run_settings
 from .rewards import sentiment_reward
 

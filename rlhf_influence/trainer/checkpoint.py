@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..lora import LoraLayout
-from ..settings import IIFSettings
+from ..engine.lora import LoraLayout
+from ..iif.settings import IIFSettings
 from ..store import AttributionStore, StoreError
 from ..store.writer import plain_base_state
 from .shared import gathered_state_dict

@@ -1,4 +1,4 @@
-"""IIFPPOConfig: TRL's PPOConfig plus the IIF settings (:class:`~rlhf_influence.settings.IIFSettings`)."""
+"""IIFPPOConfig: TRL's PPOConfig plus the IIF settings (:class:`~rlhf_influence.iif.settings.IIFSettings`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from trl.experimental.ppo import PPOConfig
 
-from ..settings import HELDOUT_SAMPLING, RECORD_LOSSES, SCHEDULES, SNAPSHOT_DTYPES, TARGETS, IIFSettings
+from ..iif.settings import HELDOUT_SAMPLING, RECORD_LOSSES, SCHEDULES, SNAPSHOT_DTYPES, TARGETS, IIFSettings
 from .value_head import VALUE_HEADS
 
 __all__ = ["HELDOUT_SAMPLING", "RECORD_LOSSES", "SCHEDULES", "SNAPSHOT_DTYPES", "TARGETS", "VALUE_HEADS", "IIFPPOConfig"]

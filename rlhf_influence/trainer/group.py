@@ -34,13 +34,14 @@ from trl.trainer.utils import (
     use_adapter,
 )
 
-from ..algorithms import get_algorithm
-from ..influence_filter import Collectives, InfluenceFilter, Scoring, micro_batches
-from ..kl import KLController
-from ..lora import find_lora_layout
-from ..records import ScoredRecords
+from ..engine.lora import find_lora_layout
+from ..engine.targets import token_logprobs
+from ..iif.algorithms import get_algorithm
+from ..iif.influence_filter import Collectives, InfluenceFilter, Scoring, micro_batches
+from ..iif.kl import KLController
+from ..iif.records import ScoredRecords
 from ..store import RunManifest, TrainingSettings
-from ..targets import token_logprobs
+from . import shared
 from .checkpoint import (
     CHECKPOINT_PREFIX,
     CheckpointInfo,
@@ -50,24 +51,6 @@ from .checkpoint import (
     save_trained_policy,
     set_aside_redone_rounds,
     write_info,
-)
-from .shared import (
-    PhaseTimer,
-    StoredRound,
-    TrainingGradients,
-    adapter_snapshot,
-    check_optimizer_state_access,
-    check_policy_has_lora,
-    heldout_rows,
-    heldout_seed,
-    model_files,
-    open_store,
-    optimizer_moments,
-    own_random_stream,
-    replay_optimizer,
-    run_manifest,
-    score_preconditioner,
-    write_round,
 )
 
 # What TRL's _generate_and_score_completions rebinds for each batch it generates (environments, tools)
@@ -94,7 +77,7 @@ class GenerationRound:
     started: float  # perf_counter at the round's start: its steps end when the next round starts
     scorings: list[Scoring] = field(default_factory=list)
     optimizer: dict[str, torch.Tensor] | None = None  # the round-start Adam state, when stored
-    collected: TrainingGradients | None = None  # record only, from the training's backward
+    collected: shared.TrainingGradients | None = None  # record only, from the training's backward
     step_rows: list[np.ndarray] = field(default_factory=list)  # each step's local records (-1: padding)
 
 
@@ -107,10 +90,16 @@ class GroupIIFTrainer:
     puts this class before TRL's trainer and sets the class attributes below.
     """
 
-    algorithm: ClassVar[str]  # the spec's name (rlhf_influence.algorithms)
+    algorithm: ClassVar[str]  # the spec's name (rlhf_influence.iif.algorithms)
     config_class: ClassVar[type]  # the IIF config the trainer takes
     # settings a resume must find unchanged, beside the ones every group trainer checks
     checkpoint_settings: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "algorithm" in cls.__dict__:  # TRL's model card names the trainer by these
+            cls._tag_names = ["trl", cls.algorithm, "iif", "rlhf-influence"]
+            cls._name = f"IIF-{cls.algorithm.upper()}"
 
     def __init__(self, model, reward_funcs, args, train_dataset, target_dataset=None,
                  processing_class=None, peft_config=None, **kwargs) -> None:  # fmt: skip
@@ -119,20 +108,13 @@ class GroupIIFTrainer:
         self.iif_target = args.resolved_target(target_dataset is not None)
         if target_dataset is not None and "prompt" not in target_dataset.column_names:
             raise ValueError("target_dataset must have a 'prompt' column, as train_dataset")
-        check_policy_has_lora(model, peft_config)
-        super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            processing_class=processing_class,
-            peft_config=peft_config,
-            **kwargs,
-        )
+        shared.check_policy_has_lora(model, peft_config)
+        super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                         processing_class=processing_class, peft_config=peft_config, **kwargs)  # fmt: skip
         self.target_dataset = target_dataset
         self.layout = find_lora_layout(self.lora_policy)
-        check_optimizer_state_access(args, self.accelerator)
-        self.store = open_store(args, self.accelerator)
+        shared.check_optimizer_state_access(args, self.accelerator)
+        self.store = shared.open_store(args, self.accelerator)
         self.spec = get_algorithm(self.algorithm)
         if args.iif_enabled and self.aux_loss_enabled:
             raise ValueError(
@@ -301,10 +283,10 @@ class GroupIIFTrainer:
         self.store_round()  # the previous round, now that all its scorings are known
         self._rounds += 1
         started = time.perf_counter()
-        timer = PhaseTimer(self.accelerator.device)
+        timer = shared.PhaseTimer(self.accelerator.device)
         snapshot = self.adapter_snapshot() if self.store is not None else None
         moments = (
-            optimizer_moments(self.lora_policy, self.optimizer)
+            shared.optimizer_moments(self.lora_policy, self.optimizer)
             if self.store is not None and self.args.iif_store_optimizer_state
             else None
         )
@@ -318,7 +300,7 @@ class GroupIIFTrainer:
                 target_records, target_rewards = self.sample_heldout_target()
         collected = None
         if self.store is not None and self.args.iif_store_gradients == "training":  # record only, no pass
-            collected = TrainingGradients(self.iif, len(records), self.iif.normaliser(records))
+            collected = shared.TrainingGradients(self.iif, len(records), self.iif.normaliser(records))
             scoring = self.iif.recorded(torch.zeros(len(records), 0))  # every record kept; vectors come later
         else:
             with timer("scoring"):
@@ -341,7 +323,7 @@ class GroupIIFTrainer:
         self._log_scoring(scoring)
 
     # ------------------------------------------------------------------ record only: gradients from TRL's backward
-    def _collecting(self) -> TrainingGradients | None:
+    def _collecting(self) -> shared.TrainingGradients | None:
         """The round's collector while its first pass over its slices runs (``iif_store_gradients='training'``)."""
         round_ = self._round
         if round_ is None or round_.collected is None or not self.model.training:
@@ -425,7 +407,7 @@ class GroupIIFTrainer:
         else the policy with its adapter disabled (TRL's reference adapter where there is one)."""
         policy = self.lora_policy
         logp, ref = [], []
-        with own_random_stream(self.accelerator.device), _no_dropout(policy):
+        with shared.own_random_stream(self.accelerator.device), _no_dropout(policy):
             for idx in micro_batches(len(records), self.args.per_device_train_batch_size):
                 part = records.select(idx)
                 args = (part.input_ids, part.attention_mask, self.args.temperature, False)
@@ -444,10 +426,10 @@ class GroupIIFTrainer:
         scored by TRL as a generation batch (rewards, group-relative advantages), under their own
         seed and without touching TRL's logged metrics or training's random stream."""
         acc = self.accelerator
-        rows = heldout_rows(self.target_dataset, self._rounds, self.args.iif_num_heldout_prompts, acc)
+        rows = shared.heldout_rows(self.target_dataset, self._rounds, self.args.iif_num_heldout_prompts, acc)
         inputs = [dict(row) for row in rows for _ in range(self.num_generations)]
-        seed = heldout_seed(self.args.seed, self._rounds, acc.process_index)
-        with own_random_stream(acc.device, seed), self._trl_state_untouched():
+        seed = shared.heldout_seed(self.args.seed, self._rounds, acc.process_index)
+        with shared.own_random_stream(acc.device, seed), self._trl_state_untouched():
             batch = self._generate_and_score_completions(inputs)
             rewards = self._last_rewards
         return self.scored_records(batch), rewards
@@ -457,10 +439,10 @@ class GroupIIFTrainer:
         policy = self.lora_policy
         keep_gradients = round_start and self.iif.store_projector is not None
         if self.iif_target == "none":  # record only: the store's gradients, nothing scored or dropped
-            with own_random_stream(self.accelerator.device), _no_dropout(policy):
+            with shared.own_random_stream(self.accelerator.device), _no_dropout(policy):
                 return self.iif.record(policy, records)
-        with own_random_stream(self.accelerator.device), _no_dropout(policy):
-            preconditioner = score_preconditioner(self.args, policy, self.optimizer, self.iif.layout)
+        with shared.own_random_stream(self.accelerator.device), _no_dropout(policy):
+            preconditioner = shared.score_preconditioner(self.args, policy, self.optimizer, self.iif.layout)
             return self.iif.score(policy, records, target_records, round_start=round_start,
                                   keep_gradients=keep_gradients, preconditioner=preconditioner)  # fmt: skip
 
@@ -537,7 +519,7 @@ class GroupIIFTrainer:
     # ------------------------------------------------------------------ the store
     def adapter_snapshot(self) -> dict[str, torch.Tensor]:
         """The policy's trainable LoRA weights now, on the CPU, in ``iif_store_snapshot_dtype``."""
-        return adapter_snapshot(self.lora_policy, getattr(torch, self.args.iif_store_snapshot_dtype))
+        return shared.adapter_snapshot(self.lora_policy, getattr(torch, self.args.iif_store_snapshot_dtype))
 
     def store_round(self) -> None:
         """Hand the finished round's completions, rewards, groups, scores, kept flags, projected
@@ -580,7 +562,7 @@ class GroupIIFTrainer:
             if records.old_logprobs is not None
             else torch.full((n,), float("nan")),
         }
-        stored = StoredRound(
+        stored = shared.StoredRound(
             index=round_.index,
             prompts=decode(round_.batch["prompt_ids"], skip_special_tokens=True),
             responses=decode(round_.batch["completion_ids"], skip_special_tokens=True),
@@ -593,8 +575,8 @@ class GroupIIFTrainer:
             target_rewards=round_.target_rewards,
             optimizer=round_.optimizer,
         )
-        write_round(self.store, self.accelerator, self.processing_class.pad_token_id, stored, self._manifest,
-                    lambda: model_files(self.lora_policy, self.processing_class, None))  # fmt: skip
+        shared.write_round(self.store, self.accelerator, self.processing_class.pad_token_id, stored, self._manifest,
+                    lambda: shared.model_files(self.lora_policy, self.processing_class, None))  # fmt: skip
 
     def training_settings(self) -> TrainingSettings:
         """This run's settings as the store keeps them: what scores a completion and what a replay needs."""
@@ -608,7 +590,7 @@ class GroupIIFTrainer:
             learning_rate=args.learning_rate,
             per_device_train_batch_size=args.per_device_train_batch_size,
             pad_token_id=self.processing_class.pad_token_id,
-            optimizer=replay_optimizer(args),
+            optimizer=shared.replay_optimizer(args),
             epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high,
             beta=args.beta,
@@ -621,7 +603,7 @@ class GroupIIFTrainer:
         )
 
     def _manifest(self) -> RunManifest:
-        return run_manifest(
+        return shared.run_manifest(
             self.args, self.iif, self.accelerator, self.training_settings(),
             records_per_round=self.args.generation_batch_size, keep_steps=True, group_size=self.num_generations,
         )  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..settings import IIFSettings
+from ..iif.settings import IIFSettings
 
 
 @dataclass
@@ -55,7 +55,7 @@ class GroupIIFSettings(IIFSettings):
         for name, (bad, wanted) in unsupported.items():
             if bad:
                 raise ValueError(
-                    f"IIF scores each completion with {title}'s policy loss as written in rlhf_influence.losses; "
+                    f"IIF scores each completion with {title}'s policy loss as written in rlhf_influence.iif.losses; "
                     f"{name}={getattr(self, name)!r} changes that loss and is not supported (use {wanted}, or "
                     "iif_enabled=false)"
                 )

@@ -8,8 +8,6 @@ GRPOTrainer's (tested).
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from trl import GRPOTrainer
 
@@ -19,15 +17,9 @@ from .grpo_config import IIFGRPOConfig
 
 
 class IIFGRPOTrainer(GroupIIFTrainer, GRPOTrainer):
-    """GRPO with Iterative Influence-based Filtering, a drop-in for TRL's ``GRPOTrainer``.
+    """GRPO with Iterative Influence-based Filtering, a drop-in for TRL's ``GRPOTrainer``: its
+    arguments plus ``target_dataset`` (held-out prompts), as :class:`GroupIIFTrainer` says."""
 
-    Takes TRL's arguments plus ``target_dataset``: held-out prompts (a ``prompt`` column, as
-    ``train_dataset``) for the held-out return target. The policy must carry LoRA adapters or
-    ``peft_config`` must be a ``LoraConfig``: IIF scores the LoRA weights.
-    """
-
-    _tag_names: ClassVar[list[str]] = ["trl", "grpo", "iif", "rlhf-influence"]
-    _name = "IIF-GRPO"
     algorithm = "grpo"
     config_class = IIFGRPOConfig
     checkpoint_settings = ("loss_type",)

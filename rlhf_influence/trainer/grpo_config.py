@@ -1,4 +1,4 @@
-"""IIFGRPOConfig: TRL's GRPOConfig plus the IIF settings (:class:`~rlhf_influence.settings.IIFSettings`)."""
+"""IIFGRPOConfig: TRL's GRPOConfig plus the IIF settings (:class:`~rlhf_influence.iif.settings.IIFSettings`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from trl import GRPOConfig
 
-from ..losses import GRPO_LOSS_TYPES
+from ..iif.losses import GRPO_LOSS_TYPES
 from .group_config import GroupIIFSettings
 
 

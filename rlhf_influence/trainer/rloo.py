@@ -4,13 +4,11 @@ The round is :class:`~rlhf_influence.trainer.group.GroupIIFTrainer`'s; RLOO adds
 its sequence-level sampling log-prob. A completion's advantage is its reward minus the mean of
 its group's other completions' (the leave-one-out baseline), the KL penalty ``beta`` x the
 sequence's log-ratio to the reference already in the reward; its loss is the sequence's clipped
-ratio (:class:`~rlhf_influence.losses.RLOORecordLoss`). With ``iif_drop_fraction=0`` the weights
+ratio (:class:`~rlhf_influence.iif.losses.RLOORecordLoss`). With ``iif_drop_fraction=0`` the weights
 after training equal TRL's RLOOTrainer's (tested).
 """
 
 from __future__ import annotations
-
-from typing import ClassVar
 
 import torch
 from trl import RLOOTrainer
@@ -21,15 +19,9 @@ from .rloo_config import IIFRLOOConfig
 
 
 class IIFRLOOTrainer(GroupIIFTrainer, RLOOTrainer):
-    """RLOO with Iterative Influence-based Filtering, a drop-in for TRL's ``RLOOTrainer``.
+    """RLOO with Iterative Influence-based Filtering, a drop-in for TRL's ``RLOOTrainer``: its
+    arguments plus ``target_dataset`` (held-out prompts), as :class:`GroupIIFTrainer` says."""
 
-    Takes TRL's arguments plus ``target_dataset``: held-out prompts (a ``prompt`` column, as
-    ``train_dataset``) for the held-out return target. The policy must carry LoRA adapters or
-    ``peft_config`` must be a ``LoraConfig``: IIF scores the LoRA weights.
-    """
-
-    _tag_names: ClassVar[list[str]] = ["trl", "rloo", "iif", "rlhf-influence"]
-    _name = "IIF-RLOO"
     algorithm = "rloo"
     config_class = IIFRLOOConfig
 

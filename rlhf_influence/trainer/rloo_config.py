@@ -1,4 +1,4 @@
-"""IIFRLOOConfig: TRL's RLOOConfig plus the IIF settings (:class:`~rlhf_influence.settings.IIFSettings`)."""
+"""IIFRLOOConfig: TRL's RLOOConfig plus the IIF settings (:class:`~rlhf_influence.iif.settings.IIFSettings`)."""
 
 from __future__ import annotations
 

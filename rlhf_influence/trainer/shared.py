@@ -17,13 +17,13 @@ import torch
 from accelerate.utils import gather_object
 from torch import nn
 
-from ..capture import TrainingCapture
-from ..errors import NoLoraError
-from ..influence import adam_preconditioner
-from ..influence_filter import InfluenceFilter, Scoring
-from ..lora import LoraLayout, canonical_name, find_lora_layout
-from ..records import STORED_PADDING, ScoredRecords
-from ..settings import IIFSettings
+from ..engine.capture import TrainingCapture
+from ..engine.errors import NoLoraError
+from ..engine.influence import adam_preconditioner
+from ..engine.lora import LoraLayout, canonical_name, find_lora_layout
+from ..iif.influence_filter import InfluenceFilter, Scoring
+from ..iif.records import STORED_PADDING, ScoredRecords
+from ..iif.settings import IIFSettings
 from ..store import AttributionStore, RunManifest, StoredGradients, TrainingSettings
 
 # Base models up to this size are copied into the store (tiny and test models); larger ones are

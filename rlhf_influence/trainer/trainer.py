@@ -46,13 +46,13 @@ from trl.experimental.utils import first_true_indices, get_reward
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import selective_log_softmax
 
-from ..filtering import plan_epoch
-from ..influence_filter import Collectives, InfluenceFilter, Scoring
-from ..kl import KLController, exact_kl
-from ..lora import find_lora_layout
-from ..losses import PPORecordLoss
-from ..projection import RandomProjector, SketchedProjector
-from ..records import RolloutBatch
+from ..engine.lora import find_lora_layout
+from ..engine.projection import RandomProjector, SketchedProjector
+from ..iif.filtering import plan_epoch
+from ..iif.influence_filter import Collectives, InfluenceFilter, Scoring
+from ..iif.kl import KLController, exact_kl
+from ..iif.losses import PPORecordLoss
+from ..iif.records import RolloutBatch
 from ..store import RunManifest, TrainingSettings
 from .checkpoint import (
     CHECKPOINT_PREFIX,

@@ -15,8 +15,12 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 from trl import ModelConfig
 
-from .checks import finite_number_problem, whole_number_problem
-from .errors import NoLoraError
+from ..engine.checks import finite_number_problem, whole_number_problem
+from ..engine.errors import NoLoraError
+from ..tasks import get_task
+from ..trainer import IIFPPOConfig
+from ..trainer.progress import RoundProgress
+from ..trainer.rewards import call_reward
 from .models import ModelLoadError
 from .recipe_support import (
     JobArguments,
@@ -33,10 +37,6 @@ from .recipe_support import (
     set_program,
     train,
 )
-from .tasks import get_task
-from .trainer import IIFPPOConfig
-from .trainer.progress import RoundProgress
-from .trainer.rewards import call_reward
 
 
 @dataclass(frozen=True)

@@ -22,15 +22,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .capture import capture_factors
+from ..engine.capture import capture_factors
+from ..engine.influence import scores_from_factors
+from ..engine.lora import LoraLayout
+from ..engine.projection import RandomProjector, SketchedProjector
+from ..engine.targets import ReturnTarget
 from .filtering import FilterDecision, iif_keep_mask, random_keep_mask
-from .influence import scores_from_factors
-from .lora import LoraLayout
 from .losses import RecordLoss
-from .projection import RandomProjector, SketchedProjector
 from .records import ScoredRecords
 from .settings import IIFSettings
-from .targets import ReturnTarget
 
 
 class Collectives:
@@ -147,7 +147,7 @@ class InfluenceFilter:
         ``round_start``: the weights are those the records were sampled with, where the buffer
         target's gradient is the records' own (one pass, not two). ``keep_gradients``: also keep
         the records' projected gradients for the store. ``preconditioner`` ``[D]``: Adam-aware scores,
-        ``<P * grad f, -grad loss_i>`` (:func:`~rlhf_influence.influence.adam_preconditioner`).
+        ``<P * grad f, -grad loss_i>`` (:func:`~rlhf_influence.engine.influence.adam_preconditioner`).
         """
         start = time.perf_counter()
         store_projector = self.store_projector if keep_gradients else None

@@ -33,7 +33,7 @@ def cache_root() -> Path:
 
 def publish_directory(staging: Path, path: Path) -> Path:
     """Rename a fully written ``staging`` directory to ``path`` (atomic; a concurrent writer that won keeps its copy)."""
-    from .store.writer import honour_umask
+    from ..store.writer import honour_umask
 
     honour_umask(staging)  # mkdtemp made it 0700, safetensors its files 0600
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .checks import finite_number_problem, whole_number_problem
+from ..engine.checks import finite_number_problem, whole_number_problem
 from .kl import KL_CONTROLS
 
 SCHEDULES = ("epoch", "round")

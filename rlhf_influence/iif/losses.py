@@ -16,14 +16,14 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
-from .records import ScoredRecords
-from .targets import (
+from ..engine.targets import (
     clipped_policy_loss,
     clipped_value_loss,
     ppo_policy_loss,
     token_logprobs,
     token_logprobs_and_hidden,
 )
+from .records import ScoredRecords
 from .training_settings import TrainingSettings
 
 # GRPO loss types whose per-record loss is written here (TRL 1.12's names).
@@ -122,6 +122,18 @@ class PPORecordLoss:
         return PolicyAndValueNormaliser(policy, num_value_tokens / num_records * micro_batch_size)
 
 
+def records_token_logprobs(model: nn.Module, records: ScoredRecords, temperature: float) -> torch.Tensor:
+    """``[n, T]`` log-probs of the records' tokens under ``model``, with their position convention."""
+    return token_logprobs(
+        model,
+        records.input_ids,
+        records.attention_mask,
+        temperature,
+        positions_from_mask=records.positions_from_mask,
+        position_offset=records.position_offset,
+    )
+
+
 @dataclass(frozen=True)
 class GRPORecordLoss:
     """TRL 1.12 GRPO's policy loss of each completion, for the loss types in ``GRPO_LOSS_TYPES``.
@@ -156,14 +168,7 @@ class GRPORecordLoss:
         return self.loss_type != "grpo" and self.beta == 0.0
 
     def __call__(self, model: nn.Module, records: ScoredRecords, normaliser: float) -> torch.Tensor:
-        logp = token_logprobs(
-            model,
-            records.input_ids,
-            records.attention_mask,
-            self.temperature,
-            positions_from_mask=records.positions_from_mask,
-            position_offset=records.position_offset,
-        )
+        logp = records_token_logprobs(model, records, self.temperature)
         old = logp.detach() if records.old_logprobs is None else records.old_logprobs.to(logp.dtype)
         mask = records.response_mask.to(logp.dtype)
         ratio = torch.exp((logp - old) * mask)
@@ -219,14 +224,7 @@ class RLOORecordLoss:
     scales_like_token_advantages = True  # at ratio 1 the gradient is -A sum_t grad log pi_t / c
 
     def __call__(self, model: nn.Module, records: ScoredRecords, normaliser: float) -> torch.Tensor:
-        logp = token_logprobs(
-            model,
-            records.input_ids,
-            records.attention_mask,
-            self.temperature,
-            positions_from_mask=records.positions_from_mask,
-            position_offset=records.position_offset,
-        )
+        logp = records_token_logprobs(model, records, self.temperature)
         mask = records.response_mask.to(logp.dtype)
         sequence = (logp * mask).sum(dim=1)
         old = sequence.detach() if records.old_logprobs is None else (records.old_logprobs.to(logp.dtype) * mask).sum(1)

@@ -26,7 +26,11 @@ import torch
 from accelerate import PartialState
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from .checks import whole_number_problem
+from ..engine.checks import whole_number_problem
+from ..tasks import DEFAULT_TASK, TASKS, TaskSpec, get_task
+from ..tasks.rewards import REWARD_FUNCTIONS, keyword_reward
+from ..trainer.checkpoint import CheckpointError, complete_checkpoints, resolve_checkpoint
+from ..trainer.rewards import RewardError, import_reward
 from .models import (
     ModelLoadError,
     check_fits_in_memory,
@@ -37,10 +41,6 @@ from .models import (
     require_gguf_package,
     split_gguf_path,
 )
-from .tasks import DEFAULT_TASK, TASKS, TaskSpec, get_task
-from .tasks.rewards import REWARD_FUNCTIONS, keyword_reward
-from .trainer.checkpoint import CheckpointError, complete_checkpoints, resolve_checkpoint
-from .trainer.rewards import RewardError, import_reward
 
 NAMED_REWARDS = (*REWARD_FUNCTIONS, "keywords")  # --reward_function by name; anything else is an import path
 DATA_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
