@@ -282,7 +282,7 @@ BEHAVIOURS = {  # a fixed (prompt, response) per task: the behaviour target's lo
 
 def exact_record_gradients(replay: RoundReplay) -> torch.Tensor:
     """The round's records' exact loss gradients ``[N, D]`` at the loaded weights."""
-    return torch.cat([f.gradients(None) for f in replay.filter.record_factors(replay.scorer.policy, replay.records)])
+    return torch.cat([f.gradients(None) for f in replay.record_scorer.record_factors(replay.scorer.policy, replay.records)])
 
 
 def record_scores(replay: RoundReplay, target_grad: torch.Tensor) -> dict[str, torch.Tensor]:

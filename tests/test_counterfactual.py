@@ -102,8 +102,8 @@ def brute_force_adam_scores(run_dir, round_index: int) -> tuple[torch.Tensor, bo
     replay = RoundReplay(scorer, round_index)
     scorer.load_round(round_index)
     policy, records = scorer.policy, replay.records
-    normaliser = replay.filter.normaliser(records)
-    per_record = brute_force_per_record(policy, lambda model: replay.filter.loss(model, records, normaliser))
+    normaliser = replay.record_scorer.normaliser(records)
+    per_record = brute_force_per_record(policy, lambda model: replay.record_scorer.loss(model, records, normaliser))
     params = [p for p in policy.parameters() if p.requires_grad]
     target = torch.cat([g.flatten() for g in torch.autograd.grad(replay.return_target()(policy).sum(), params)])
     state = replay.optimizer_state()

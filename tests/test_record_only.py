@@ -66,8 +66,8 @@ def test_recorded_gradients_are_the_records_own(ppo_runs):
         replay = RoundReplay(scorer, k)
         scorer.load_round(k)
         records = replay.records
-        normaliser = replay.filter.normaliser(records)
-        loss = replay.filter.loss
+        normaliser = replay.record_scorer.normaliser(records)
+        loss = replay.record_scorer.loss
         exact = brute_force_per_record(scorer.policy, lambda model, r=records, c=normaliser, f=loss: f(model, r, c))
         expected = scorer.projector.project(scorer.layout, exact)
         stored = scorer.store.read_tensors(k, "gradients")["projected"].float()
@@ -186,7 +186,7 @@ def test_gradients_from_the_training_backward(tmp_path):
     for k, calls in zip(scorer.rounds, trainer.first_epoch_calls, strict=True):
         replay = RoundReplay(scorer, k)
         records = replay.records
-        normaliser = replay.filter.normaliser(records)
+        normaliser = replay.record_scorer.normaliser(records)
         stored = scorer.store.read_tensors(k, "gradients")["projected"].float()
         metrics = scorer.store.read_metrics(k)
         assert "time/scoring_seconds" not in metrics  # no pass of its own
@@ -196,7 +196,7 @@ def test_gradients_from_the_training_backward(tmp_path):
                 for name, value in weights.items():
                     params[name].copy_(value)
             part = records.select(torch.as_tensor(idx))
-            loss = replay.filter.loss
+            loss = replay.record_scorer.loss
             exact = brute_force_per_record(scorer.policy, lambda model, r=part, c=normaliser, f=loss: f(model, r, c))
             expected = scorer.projector.project(scorer.layout, exact)
             got = stored[torch.as_tensor(idx)]
@@ -248,13 +248,13 @@ def test_grpo_gradients_from_trls_backward(tmp_path, loss_type):
     for round_index, rows, weights in recorded.first_pass_calls:
         replay = RoundReplay(scorer, round_index)
         records = replay.records
-        normaliser = replay.filter.normaliser(records)
+        normaliser = replay.record_scorer.normaliser(records)
         with torch.no_grad():
             for name, value in weights.items():
                 params[name].copy_(value)
         real = rows[rows >= 0]
         part = records.select(torch.as_tensor(real))
-        loss = replay.filter.loss
+        loss = replay.record_scorer.loss
         exact = brute_force_per_record(scorer.policy, lambda model, r=part, c=normaliser, f=loss: f(model, r, c))
         expected = scorer.projector.project(scorer.layout, exact)
         got = scorer.store.read_tensors(round_index, "gradients")["projected"].float()[torch.as_tensor(real)]

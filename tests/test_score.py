@@ -23,7 +23,7 @@ class ScoresLogProbTarget(IIFPPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.iif.target_gradient = self.log_prob_target_gradient
+        self.iif.scorer.target_gradient = self.log_prob_target_gradient
 
     def log_prob_target_gradient(self, policy, target_records):
         target = LogProbTarget.from_text(self.processing_class, [PROMPT], [RESPONSE])
@@ -160,14 +160,14 @@ class RecordsTargetGradient(IIFPPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        return_target_gradient = self.iif.target_gradient
+        return_target_gradient = self.iif.scorer.target_gradient
 
         def seen(policy, target_records):
             grad = return_target_gradient(policy, target_records)
             self.target_gradients_seen.setdefault(self._round, grad.detach().cpu().clone())
             return grad
 
-        self.iif.target_gradient = seen
+        self.iif.scorer.target_gradient = seen
 
     def build_target_batch(self, batch, round_index, *args):
         self._round = round_index

@@ -305,14 +305,14 @@ def test_non_finite_score_is_kept_counted_and_warned(tmp_path):
     class NanScore(IIFPPOTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            record_scores = self.iif.record_scores
+            record_scores = self.iif.scorer.record_scores
 
             def first_nan(*args):
                 scores, projected = record_scores(*args)
                 scores[0] = float("nan")
                 return scores, projected
 
-            self.iif.record_scores = first_nan
+            self.iif.scorer.record_scores = first_nan
 
     setup = Setup()
     seed_everything(0)

@@ -30,9 +30,9 @@ from ..engine.influence import adam_preconditioner, scores_from_factors
 from ..engine.projection import RandomProjector
 from ..engine.targets import LogProbTarget, ReturnTarget, TokenWeightedLogProb
 from ..iif.algorithms import get_algorithm
-from ..iif.influence_filter import InfluenceFilter
 from ..iif.records import ScoredRecords
-from ..iif.settings import IIFSettings
+from ..iif.scorer import RecordScorer
+from ..iif.target_kinds import target_kind
 from ..store import StoreError
 from .rescore import SnapshotScorer
 
@@ -73,11 +73,10 @@ class RoundReplay:
         self.temperature = scorer.temperature
         self.records = self._stored_records("batch")
         self.loss = self.algorithm.record_loss(settings, self.temperature)  # the re-run: one process, all records
-        self.filter = InfluenceFilter(  # scores as the trainer scored them
-            IIFSettings(),
+        self.record_scorer = RecordScorer(  # scores as the trainer scored them
             scorer.layout,
             self.algorithm.record_loss(settings, self.temperature, manifest.num_processes),
-            target=manifest.target,
+            target_kind(manifest.target),
             micro_batch_size=settings.per_device_train_batch_size,
             temperature=self.temperature,
         )
@@ -92,12 +91,14 @@ class RoundReplay:
         """The return target this round was filtered against, as the trainer built it: the held-out
         samples drawn that round with their own advantages (``heldout_return``), or the round's
         own records with their per-token advantages (``buffer_return``)."""
-        if self.filter.target == "none":
+        kind = self.record_scorer.kind
+        if not kind.scores:
             raise StoreError(
-                "the run recorded no return target (iif_target none): trace a behaviour with --prompt and --response"
+                f"the run recorded no return target (iif_target {kind.name}): trace a behaviour with --prompt and "
+                "--response"
             )
-        if self.filter.target == "buffer_return":
-            return self.filter.return_target(self.records)
+        if not kind.needs_heldout:  # the round's own records
+            return self.record_scorer.return_target(self.records)
         try:
             target_records = self._stored_records("target")
         except StoreError:
@@ -105,7 +106,7 @@ class RoundReplay:
                 f"round {self.round} has no held-out target samples (target.safetensors): the run predates "
                 "storing them"
             ) from None
-        return self.filter.return_target(target_records)
+        return self.record_scorer.return_target(target_records)
 
     def influence(self, target: TokenWeightedLogProb) -> torch.Tensor:
         """Exact influence of every record on ``target`` at the round start, ``[N]``."""
@@ -120,7 +121,7 @@ class RoundReplay:
         policy = self.scorer.policy
         v = target_gradients(policy, target, layout=self.scorer.layout)[None]
         parts: list[list[torch.Tensor]] = [[] for _ in range(1 + len(projectors))]
-        for factors in self.filter.record_factors(policy, self.records):
+        for factors in self.record_scorer.record_factors(policy, self.records):
             for part, projector in zip(parts, (None, *projectors), strict=True):
                 part.append(scores_from_factors(factors, v, projector)[:, 0])
         return [torch.cat(part) for part in parts]

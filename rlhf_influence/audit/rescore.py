@@ -15,7 +15,7 @@ import torch
 
 from ..engine.gradients import target_gradients
 from ..engine.lora import find_lora_layout
-from ..engine.projection import RandomProjector, SketchedProjector
+from ..engine.projection import store_projector
 from ..engine.targets import LogProbTarget
 from ..iif.algorithms import get_algorithm
 from ..store import AttributionStore, StoreError
@@ -46,11 +46,7 @@ class SnapshotScorer:
         self.spec = spec
         self.policy, self.tokenizer = _rebuild_policy(self.store)
         self.layout = find_lora_layout(self.policy)
-        self.projector = (
-            SketchedProjector(spec.sketch_dim, side_dim=spec.dim, seed=spec.seed)
-            if spec.sketch_dim  # None in stores written before the sketch
-            else RandomProjector(spec.dim, seed=spec.seed)
-        )
+        self.projector = store_projector(spec.dim, spec.sketch_dim, spec.seed)  # as the trainer wrote them
         self.temperature = self.store.manifest.temperature
         self.positions_from_mask = get_algorithm(self.store.manifest.algorithm).positions_from_mask
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Protocol
 
 import torch
 
@@ -178,3 +179,21 @@ class SketchedProjector:
             signs = torch.randint(0, 2, (size,), generator=generator) * 2 - 1
             self._cache[key] = (buckets.to(device), signs.to(device=device, dtype=dtype))
         return self._cache[key]
+
+
+class Projector(Protocol):
+    """What scores and the store need of a projection: the projected length of a layout's gradient
+    and the projection of flat gradients ``[n, D]`` (RandomProjector, SketchedProjector)."""
+
+    def output_size(self, layout: LoraLayout) -> int: ...
+
+    def project(self, layout: LoraLayout, vectors: torch.Tensor) -> torch.Tensor: ...
+
+
+def store_projector(side_dim: int, sketch_dim: int | None, seed: int) -> RandomProjector | SketchedProjector:
+    """The store's projection of each record's gradient: ``side_dim`` per LoRA adapter side, folded
+    by a sparse sign sketch to ``sketch_dim`` entries where given (None: stores before the sketch).
+    The trainer writes with it and the audit reads with it, built from the same three numbers."""
+    if sketch_dim:
+        return SketchedProjector(sketch_dim, side_dim=side_dim, seed=seed)
+    return RandomProjector(side_dim, seed=seed)

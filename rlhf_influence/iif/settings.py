@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 from ..engine.checks import finite_number_problem, whole_number_problem
 from .kl import KL_CONTROLS
+from .target_kinds import TARGET_KINDS, target_kind
 
 SCHEDULES = ("epoch", "round")
-TARGETS = ("heldout_return", "buffer_return", "none")
+TARGETS = tuple(TARGET_KINDS)
 HELDOUT_SAMPLING = ("with_rollout", "separate")
 SNAPSHOT_DTYPES = ("float32", "bfloat16")
 SCORES = ("raw", "adam")
@@ -250,7 +251,7 @@ class IIFSettings:
         """The return target a trainer scores against: ``iif_target``, or by default
         ``heldout_return`` when held-out prompts were given and ``buffer_return`` otherwise."""
         target = self.iif_target or ("heldout_return" if has_target_dataset else "buffer_return")
-        if target == "heldout_return" and not has_target_dataset:
+        if target_kind(target).needs_heldout and not has_target_dataset:
             raise ValueError("iif_target='heldout_return' needs a target_dataset of held-out prompts")
         return target
 

@@ -27,6 +27,7 @@ from accelerate import PartialState
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from ..engine.checks import whole_number_problem
+from ..iif.target_kinds import target_kind
 from ..tasks import DEFAULT_TASK, TASKS, TaskSpec, get_task
 from ..tasks.rewards import REWARD_FUNCTIONS, keyword_reward
 from ..trainer.checkpoint import CheckpointError, complete_checkpoints, resolve_checkpoint
@@ -420,7 +421,7 @@ def load_prompts(
 def heldout_target(heldout, training_args):
     """The held-out prompts the target samples from, or None where IIF is off or targets the buffer
     (a note where a round takes more held-out samples than there are prompts)."""
-    wanted = (training_args.iif_target or "heldout_return") == "heldout_return"
+    wanted = target_kind(training_args.iif_target or "heldout_return").needs_heldout
     target = heldout if training_args.iif_enabled and wanted else None
     if (
         target is not None

@@ -37,9 +37,11 @@ from trl.trainer.utils import (
 from ..engine.lora import find_lora_layout
 from ..engine.targets import token_logprobs
 from ..iif.algorithms import get_algorithm
-from ..iif.influence_filter import Collectives, InfluenceFilter, Scoring, micro_batches
+from ..iif.influence_filter import InfluenceFilter, Scoring
 from ..iif.kl import KLController
 from ..iif.records import ScoredRecords
+from ..iif.scorer import Collectives, micro_batches
+from ..iif.target_kinds import target_kind
 from ..store import RunManifest, TrainingSettings
 from . import shared
 from .checkpoint import (
@@ -106,6 +108,7 @@ class GroupIIFTrainer:
         if not isinstance(args, self.config_class):
             raise TypeError(f"args must be an {self.config_class.__name__}, got {type(args).__name__}")
         self.iif_target = args.resolved_target(target_dataset is not None)
+        self.target_kind = target_kind(self.iif_target)
         if target_dataset is not None and "prompt" not in target_dataset.column_names:
             raise ValueError("target_dataset must have a 'prompt' column, as train_dataset")
         shared.check_policy_has_lora(model, peft_config)
@@ -167,7 +170,7 @@ class GroupIIFTrainer:
             return inputs
         if new_round:
             self.start_round(generation_batch)
-        elif args.iif_schedule == "epoch" and self.iif_target != "none" and self._step % args.steps_per_generation == 0:
+        elif args.iif_schedule == "epoch" and self.target_kind.scores and self._step % args.steps_per_generation == 0:
             self.rescore_round()
         return self._buffered_inputs[self._step % args.steps_per_generation]
 
@@ -295,7 +298,7 @@ class GroupIIFTrainer:
             rewards = self._last_rewards
         records = self.scored_records(batch)
         target_records, target_rewards = records, None
-        if self.iif_target == "heldout_return":
+        if self.target_kind.needs_heldout:
             with timer("target_sampling"):
                 target_records, target_rewards = self.sample_heldout_target()
         collected = None
@@ -438,7 +441,7 @@ class GroupIIFTrainer:
         """The filter's scores and decision, with dropout off and training's random stream untouched."""
         policy = self.lora_policy
         keep_gradients = round_start and self.iif.store_projector is not None
-        if self.iif_target == "none":  # record only: the store's gradients, nothing scored or dropped
+        if not self.target_kind.scores:  # record only: the store's gradients, nothing scored or dropped
             with shared.own_random_stream(self.accelerator.device), _no_dropout(policy):
                 return self.iif.record(policy, records)
         with shared.own_random_stream(self.accelerator.device), _no_dropout(policy):

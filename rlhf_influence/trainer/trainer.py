@@ -49,10 +49,12 @@ from trl.trainer.utils import selective_log_softmax
 from ..engine.lora import find_lora_layout
 from ..engine.projection import RandomProjector, SketchedProjector
 from ..iif.filtering import plan_epoch
-from ..iif.influence_filter import Collectives, InfluenceFilter, Scoring
+from ..iif.influence_filter import InfluenceFilter, Scoring
 from ..iif.kl import KLController, exact_kl
 from ..iif.losses import PPORecordLoss
 from ..iif.records import RolloutBatch
+from ..iif.scorer import Collectives
+from ..iif.target_kinds import target_kind
 from ..store import RunManifest, TrainingSettings
 from .checkpoint import (
     CHECKPOINT_PREFIX,
@@ -137,6 +139,7 @@ class IIFPPOTrainer(PPOTrainer):
         if not isinstance(args, IIFPPOConfig):
             raise TypeError(f"args must be an IIFPPOConfig, got {type(args).__name__}")
         self.iif_target = args.resolved_target(target_dataset is not None)
+        self.target_kind = target_kind(self.iif_target)
         if target_dataset is not None and "input_ids" not in target_dataset.column_names:
             raise ValueError("target_dataset must be tokenised like train_dataset (an 'input_ids' column)")
         check_policy_has_lora(model, peft_config)
@@ -285,7 +288,7 @@ class IIFPPOTrainer(PPOTrainer):
             moments = self.optimizer_snapshot() if self.store is not None else None
             collected = self.gradients_from_training(batch)
             for epoch in range(args.num_ppo_epochs):
-                rescore = args.iif_schedule == "epoch" and self.iif_target != "none"
+                rescore = args.iif_schedule == "epoch" and self.target_kind.scores
                 if args.iif_enabled and collected is None and (epoch == 0 or rescore):
                     keep_gradients = epoch == 0 and self.store_projector is not None
                     with timer("scoring"):
@@ -488,7 +491,7 @@ class IIFPPOTrainer(PPOTrainer):
         args = self.args
         return (
             args.iif_enabled
-            and self.iif_target == "heldout_return"
+            and self.target_kind.needs_heldout
             and args.iif_heldout_sampling == "with_rollout"
         )
 
@@ -502,7 +505,7 @@ class IIFPPOTrainer(PPOTrainer):
         rollout, else generated here under their own seed so that training's random stream is
         untouched (``iif_heldout_sampling='separate'``).
         """
-        if self.iif_target in ("buffer_return", "none"):  # none: nothing is scored against it
+        if not self.target_kind.needs_heldout:  # none: nothing is scored against it
             return batch
         if heldout_samples is not None:
             heldout = self.evaluate_samples(heldout_samples)
@@ -539,7 +542,7 @@ class IIFPPOTrainer(PPOTrainer):
         of a round).
         """
         pad_id = self.processing_class.pad_token_id
-        if self.iif_target == "none":  # record only: the store's gradients, nothing scored or dropped
+        if not self.target_kind.scores:  # record only: the store's gradients, nothing scored or dropped
             return self.iif.record(self.unwrapped.policy, batch.scored_records(pad_id))
         return self.iif.score(
             self.unwrapped.policy,  # dropout is disabled in it, as PPOTrainer does
