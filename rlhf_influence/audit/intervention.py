@@ -277,11 +277,10 @@ def intervene(
     replay, remove = _open_round(path, round_index, remove)
     scorer = replay.scorer
     try:
-        target = LogProbTarget.from_text(scorer.tokenizer, [prompt], [response])
+        target = LogProbTarget.from_text(scorer.tokenizer, [prompt], [response], temperature=scorer.temperature,
+                                         positions_from_mask=scorer.positions_from_mask)  # fmt: skip
     except ValueError as exc:
         raise StoreError(f"cannot score this behaviour: {exc}") from None
-    target.temperature = scorer.temperature
-    target.positions_from_mask = scorer.positions_from_mask
     description = f"log p({response!r} | {prompt!r})"
     return counterfactual(replay, target, description, remove, seed, random_draws, prompt, response)
 

@@ -87,11 +87,10 @@ class SnapshotScorer:
                 f"rebuilt policy projects to {self.projector.output_size(self.layout)}"
             )
         try:
-            target = LogProbTarget.from_text(self.tokenizer, list(prompts), list(responses))
+            target = LogProbTarget.from_text(self.tokenizer, list(prompts), list(responses),
+                                             temperature=self.temperature, positions_from_mask=self.positions_from_mask)  # fmt: skip
         except ValueError as exc:
             raise StoreError(f"cannot score this behaviour: {exc}") from None
-        target.temperature = self.temperature
-        target.positions_from_mask = self.positions_from_mask
         target_grad = target_gradients(self.policy, target, layout=self.layout).float()
         influence = -(gradients @ self.projector.project(self.layout, target_grad))
         return [

@@ -97,13 +97,16 @@ class TokenWeightedLogProb:
         attention_mask: torch.Tensor,
         token_weights: torch.Tensor,
         temperature: float = 1.0,
+        *,
+        positions_from_mask: bool = True,
+        position_offset: torch.Tensor | None = None,
     ) -> None:
         self.input_ids = input_ids
         self.attention_mask = attention_mask
         self.token_weights = token_weights
         self.temperature = temperature
-        self.positions_from_mask = True  # as token_logprobs; False: the model's own positions (GRPO)
-        self.position_offset: torch.Tensor | None = None  # [m], with positions_from_mask=False
+        self.positions_from_mask = positions_from_mask  # as token_logprobs; False: the model's own positions (GRPO)
+        self.position_offset = position_offset  # [m], with positions_from_mask=False
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
         logp = token_logprobs(
@@ -126,9 +129,12 @@ class LogProbTarget(TokenWeightedLogProb):
         attention_mask: torch.Tensor,
         response_mask: torch.Tensor,
         temperature: float = 1.0,
+        *,
+        positions_from_mask: bool = True,
     ) -> None:
         _check_layout(input_ids, attention_mask, response_mask)
-        super().__init__(input_ids, attention_mask, response_mask.float(), temperature)
+        super().__init__(input_ids, attention_mask, response_mask.float(), temperature,
+                         positions_from_mask=positions_from_mask)  # fmt: skip
 
     @classmethod
     def from_text(
@@ -137,10 +143,14 @@ class LogProbTarget(TokenWeightedLogProb):
         prompts: Sequence[str],
         responses: Sequence[str],
         device: torch.device | str | None = None,
+        *,
+        temperature: float = 1.0,
+        positions_from_mask: bool = True,
     ) -> LogProbTarget:
         """Tokenise prompt-response pairs (prompt and response tokenised separately)."""
         input_ids, attention_mask, response_mask = encode_pairs(tokenizer, prompts, responses)
-        return cls(input_ids.to(device), attention_mask.to(device), response_mask.to(device))
+        return cls(input_ids.to(device), attention_mask.to(device), response_mask.to(device), temperature,
+                   positions_from_mask=positions_from_mask)  # fmt: skip
 
 
 class ReturnTarget(TokenWeightedLogProb):
@@ -157,6 +167,9 @@ class ReturnTarget(TokenWeightedLogProb):
         response_mask: torch.Tensor,
         advantages: torch.Tensor,
         temperature: float = 1.0,
+        *,
+        positions_from_mask: bool = True,
+        position_offset: torch.Tensor | None = None,
     ) -> None:
         _check_layout(input_ids, attention_mask, response_mask)
         m = input_ids.shape[0]
@@ -169,7 +182,8 @@ class ReturnTarget(TokenWeightedLogProb):
         if not bool(torch.isfinite(advantages).all()):
             raise ValueError("advantages contain NaN or infinite values")
         weights = response_mask.to(advantages.dtype) * advantages / m
-        super().__init__(input_ids, attention_mask, weights, temperature)
+        super().__init__(input_ids, attention_mask, weights, temperature, positions_from_mask=positions_from_mask,
+                         position_offset=position_offset)  # fmt: skip
 
     @classmethod
     def from_buffer(cls, input_ids, attention_mask, response_mask, token_advantages, temperature=1.0):

@@ -116,16 +116,15 @@ class RecordScorer:
             advantages = target_records.advantages
         else:
             advantages = target_records.sequence_advantages()
-        target = ReturnTarget(
+        return ReturnTarget(
             target_records.input_ids,
             target_records.attention_mask,
             target_records.response_mask,
             advantages * weight,
             temperature=self.temperature,
+            positions_from_mask=target_records.positions_from_mask,
+            position_offset=target_records.position_offset,
         )
-        target.positions_from_mask = target_records.positions_from_mask
-        target.position_offset = target_records.position_offset
-        return target
 
     def target_gradient(self, policy: nn.Module, target_records: ScoredRecords) -> torch.Tensor:
         """Gradient of the mean return surrogate over all processes' target records, ``[D]``."""

@@ -1,4 +1,4 @@
-"""What the recipes (recipes/ppo_iif.py, recipes/grpo_iif.py) share, whatever the algorithm.
+"""What the recipes (recipes/ppo_iif.py, recipes/grpo_iif.py, recipes/rloo_iif.py) share, whatever the algorithm.
 
 Flag parsing (an embedded task's settings as defaults that flags override, argparse's and the
 configs' errors as one line), the prompt data of a job on your own model (loading, checks,
@@ -138,7 +138,7 @@ class JobArguments:
 # ---------------------------------------------------------------------------------------------- flags
 # What Hugging Face's checkpoint flags mean in the recipes (their own help speaks of a Trainer's steps).
 CHECKPOINT_HELP = {
-    "save_steps": "Write output_dir/checkpoint-K every this many rounds (PPO) or optimizer steps (GRPO; a "
+    "save_steps": "Write output_dir/checkpoint-K every this many rounds (PPO) or optimizer steps (GRPO, RLOO; a "
     "checkpoint falls at the end of the round its step is in).",
     "save_total_limit": "Keep only the newest this many checkpoints.",
     "save_strategy": "'steps': checkpoints every --save_steps; 'no': none.",
@@ -201,7 +201,7 @@ def _parse(argv, dataclass_types, task_settings, defaults):
     return parser.parse_args_and_config(args)
 
 
-# Every recipe run checkpoints (flags still win): every 20 rounds (PPO) or optimizer steps (GRPO),
+# Every recipe run checkpoints (flags still win): every 20 rounds (PPO) or optimizer steps (GRPO, RLOO),
 # the last 2 kept. Measured on the reviews task (benchmarks/checkpoint_cost.py, 2 CPU cores): a PPO
 # checkpoint is 1.6 GB (the value model's weights and AdamW moments) in about 5 s, a quarter of a
 # round, so every 20 rounds costs about 1.3% of the training time.

@@ -55,9 +55,9 @@ class CheckpointInfo:
     """What a checkpoint is: the run it belongs to, how far it got, and what must match on resume."""
 
     format_version: int
-    algorithm: str  # "ppo" | "grpo"
+    algorithm: str  # "ppo" | "grpo" | "rloo"
     round: int  # rounds completed (and stored, where the run stores)
-    global_step: int  # the trainer's step count (PPO: rounds; GRPO: optimizer steps)
+    global_step: int  # the trainer's step count (PPO: rounds; GRPO and RLOO: optimizer steps)
     output_dir: str  # the run directory, resolved
     num_processes: int
     seed: int
