@@ -44,13 +44,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from rlhf_influence import IIFGRPOConfig, IIFGRPOTrainer
 from rlhf_influence.launch.group_recipe import GroupRecipe, run_recipe
-from rlhf_influence.launch.recipe_support import set_program
+from rlhf_influence.launch.recipe_support import one_line_errors, set_program
 
 RECIPE = GroupRecipe(
     program="grpo_iif.py", title="GRPO", algorithm="grpo", config_class=IIFGRPOConfig, trainer_class=IIFGRPOTrainer
 )
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     return run_recipe(RECIPE, argv)
 

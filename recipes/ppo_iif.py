@@ -60,6 +60,7 @@ from rlhf_influence.launch.recipe_support import (
     load_policy_job,
     load_pretrained,
     load_reward,
+    one_line_errors,
     parse,
     set_program,
     train,
@@ -221,6 +222,7 @@ def check_flags(
     )
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     set_program(PROGRAM)
     script_args, training_args, model_args = parse(

@@ -10,6 +10,7 @@ SIGTERM stop cleanly, and the summary at the end. Every error is one line,
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from accelerate import PartialState
@@ -59,10 +60,28 @@ def program() -> str:
     return _program
 
 
-def fail(message: str) -> None:
-    """A clear one-line error and a non-zero exit, before any training."""
-    print(f"{_program}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+class RecipeError(Exception):
+    """A job the recipe refuses, with the one line that says why (:func:`one_line_errors` prints it)."""
+
+
+def fail(message: str) -> NoReturn:
+    """Refuse the job with a clear one-line message (before any training, or with the rounds so far kept)."""
+    raise RecipeError(message)
+
+
+def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
+    """A recipe's ``main`` whose refusals (:class:`RecipeError`) end the program with their one line,
+    ``<recipe>: error: <why>``, on stderr and exit status 2, as argparse's own errors do."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except RecipeError as exc:
+            print(f"{_program}: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return run
 
 
 def one_line(exc: BaseException) -> str:
