@@ -33,7 +33,7 @@ from ..iif.algorithms import get_algorithm
 from ..iif.records import ScoredRecords
 from ..iif.scorer import RecordScorer
 from ..iif.target_kinds import target_kind
-from ..store import StoreError
+from ..store import StoreError, schema
 from .rescore import SnapshotScorer
 
 
@@ -71,7 +71,7 @@ class RoundReplay:
         self.settings = settings
         self.algorithm = get_algorithm(settings.algorithm)
         self.temperature = scorer.temperature
-        self.records = self._stored_records("batch")
+        self.records = self._stored_records(schema.BATCH)
         self.loss = self.algorithm.record_loss(settings, self.temperature)  # the re-run: one process, all records
         self.record_scorer = RecordScorer(  # scores as the trainer scored them
             scorer.layout,
@@ -82,7 +82,9 @@ class RoundReplay:
         )
 
     def _stored_records(self, name: str) -> ScoredRecords:
-        return self.algorithm.records(self.scorer.store.read_tensors(self.round, name), self.settings.pad_token_id)
+        return self.scorer.store.read_records_tensors(
+            self.round, name, self.settings.pad_token_id, self.algorithm.positions_from_mask
+        )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -100,7 +102,7 @@ class RoundReplay:
         if not kind.needs_heldout:  # the round's own records
             return self.record_scorer.return_target(self.records)
         try:
-            target_records = self._stored_records("target")
+            target_records = self._stored_records(schema.TARGET)
         except StoreError:
             raise StoreError(
                 f"round {self.round} has no held-out target samples (target.safetensors): the run predates "
@@ -143,7 +145,7 @@ class RoundReplay:
             raise StoreError(
                 "the run stored no optimizer state (train with --iif_store_optimizer_state true)"
             )
-        return self.scorer.store.read_tensors(self.round, "optimizer")
+        return self.scorer.store.read_tensors(self.round, schema.OPTIMIZER)
 
     def adam_preconditioner(self) -> torch.Tensor | None:
         """Adam's preconditioner at the round start, ``[D]`` in the layout's order, from the stored

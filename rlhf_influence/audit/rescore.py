@@ -18,7 +18,7 @@ from ..engine.lora import find_lora_layout
 from ..engine.projection import store_projector
 from ..engine.targets import LogProbTarget
 from ..iif.algorithms import get_algorithm
-from ..store import AttributionStore, StoreError
+from ..store import AttributionStore, StoreError, schema
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class SnapshotScorer:
         if round_index not in self.rounds:
             span = f"{self.rounds[0]}..{self.rounds[-1]}" if self.rounds else "none"
             raise StoreError(f"round {round_index} is not in the store (complete rounds: {span})")
-        adapter = self.store.read_tensors(round_index, "adapter")
+        adapter = self.store.read_tensors(round_index, schema.ADAPTER)
         params = dict(self.policy.named_parameters())
         missing = [name for name in adapter if name not in params]
         if missing:
@@ -74,7 +74,7 @@ class SnapshotScorer:
         """Influence of every record of the round on the summed log-probs of the (prompt, response)
         pairs at the round start: which records made these responses more likely."""
         self.load_round(round_index)
-        gradients = self.store.read_tensors(round_index, "gradients")["projected"].float()
+        gradients = self.store.read_tensors(round_index, schema.GRADIENTS)["projected"].float()
         table = self.store.read_records(round_index).to_pydict()
         if gradients.shape[0] != len(table["record"]):
             raise StoreError(

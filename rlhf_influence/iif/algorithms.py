@@ -37,10 +37,6 @@ class AlgorithmSpec:
         ``num_processes``: the run's, to score as the trainer did; 1 to re-run a round in one process."""
         return self.build_loss(training, temperature, num_processes)
 
-    def records(self, tensors: dict[str, torch.Tensor], pad_token_id: int) -> ScoredRecords:
-        """A stored round's records, with this algorithm's position convention."""
-        return ScoredRecords.from_stored(tensors, pad_token_id, positions_from_mask=self.positions_from_mask)
-
     def replay_steps(
         self, training: TrainingSettings, keep: np.ndarray, rng: np.random.Generator
     ) -> Iterator[list[np.ndarray]]:

@@ -85,27 +85,14 @@ class RolloutBatch:
         )
 
 
-# How each stored ``batch`` tensor is padded to one width across processes: (value, on the left).
-# The pad token id stands for ``None``.
-STORED_PADDING = {
-    "queries": (None, True),
-    "prompt_mask": (0, True),
-    "responses": (None, False),
-    "completion_mask": (0, False),
-    "padding_mask": (1, False),
-    "advantages": (0.0, False),
-    "logprobs": (1.0, False),
-    "ref_logprobs": (1.0, False),
-}
-
-
 @dataclass
 class ScoredRecords:
     """The records IIF scores, whatever trainer made them: prompt+response token ids, masks,
     sampling log-probs and advantages, aligned with ``input_ids`` ``[n, T]``.
 
     Built by the PPO trainer (:meth:`RolloutBatch.scored_records`), the GRPO trainer and the audit's
-    replay from the store (:meth:`from_stored`); :meth:`to_stored` is what the store writes.
+    replay from the store (``store.schema.records_from_stored``, which with ``records_to_stored``
+    is the store's layout of them).
     ``old_logprobs`` None means the records were sampled by the weights they are scored at
     (importance ratio 1). ``group`` is the GRPO group (one prompt's completions), None for PPO.
     """
@@ -151,56 +138,3 @@ class ScoredRecords:
         if self.value_mask is None:
             raise ValueError("these records carry no value targets (old values, returns, value mask)")
         return self.value_mask.sum(1)
-
-    def to_stored(self) -> dict[str, torch.Tensor]:
-        """The store's ``batch`` tensors (one process's rows; the trainer gathers them, padding
-        each as :data:`STORED_PADDING` says)."""
-        c = self.context_length
-        stored = {
-            "queries": self.input_ids[:, :c].to(torch.int32),
-            "responses": self.input_ids[:, c:].to(torch.int32),
-            "padding_mask": (~self.response_mask[:, c:]).to(torch.uint8),
-            "prompt_mask": self.attention_mask[:, :c].to(torch.uint8),
-            "completion_mask": self.attention_mask[:, c:].to(torch.uint8),
-            "advantages": self.advantages[:, c:].float(),
-        }
-        if self.old_logprobs is not None:
-            stored["logprobs"] = self.old_logprobs[:, c:].float()
-        if self.ref_logprobs is not None:
-            stored["ref_logprobs"] = self.ref_logprobs[:, c:].float()
-        if self.group is not None:
-            stored["group"] = self.group.to(torch.int64)
-        if self.position_offset is not None:
-            stored["position_offset"] = self.position_offset.to(torch.int64)
-        return stored
-
-    @classmethod
-    def from_stored(
-        cls, tensors: dict[str, torch.Tensor], pad_token_id: int, positions_from_mask: bool = True
-    ) -> ScoredRecords:
-        """The records of a stored round. Stores written before the attention masks were kept take
-        TRL's PPO convention: every non-pad token is attended."""
-        queries, responses = tensors["queries"].long(), tensors["responses"].long()
-        c = queries.shape[1]
-        input_ids = torch.cat([queries, responses], dim=1)
-        response_mask = torch.nn.functional.pad(tensors["padding_mask"] == 0, (c, 0), value=False)
-        if "prompt_mask" in tensors:
-            attention_mask = torch.cat([tensors["prompt_mask"], tensors["completion_mask"]], dim=1).bool()
-        else:
-            attention_mask = input_ids != pad_token_id
-
-        def aligned(name: str) -> torch.Tensor | None:
-            return torch.nn.functional.pad(tensors[name].float(), (c, 0)) if name in tensors else None
-
-        return cls(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            response_mask=response_mask,
-            advantages=aligned("advantages"),
-            context_length=c,
-            old_logprobs=aligned("logprobs"),
-            ref_logprobs=aligned("ref_logprobs"),
-            group=tensors["group"].long() if "group" in tensors else None,
-            positions_from_mask=positions_from_mask,
-            position_offset=tensors["position_offset"].long() if "position_offset" in tensors else None,
-        )

@@ -21,6 +21,7 @@ SNAPSHOT_DTYPES = ("float32", "bfloat16")
 SCORES = ("raw", "adam")
 STORED_GRADIENTS = ("snapshot", "training")
 RECORD_LOSSES = ("policy", "policy_and_value")
+STORE_DIR = "attribution"  # the store's folder under a run's output_dir
 
 
 @dataclass
@@ -245,7 +246,7 @@ class IIFSettings:
     @property
     def attribution_dir(self) -> str:
         """Where the attribution store is written (``iif_store_dir`` or <output_dir>/attribution)."""
-        return self.iif_store_dir or os.path.join(self.output_dir, "attribution")
+        return self.iif_store_dir or os.path.join(self.output_dir, STORE_DIR)
 
     def resolved_target(self, has_target_dataset: bool) -> str:
         """The return target a trainer scores against: ``iif_target``, or by default

@@ -29,6 +29,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 from ..engine.checks import whole_number_problem
 from ..iif.target_kinds import target_kind
+from ..store.schema import MANIFEST_FILE, STORE_DIR
 from ..tasks import DEFAULT_TASK, TASKS, TaskSpec, get_task
 from ..tasks.rewards import REWARD_FUNCTIONS, keyword_reward
 from ..trainer.checkpoint import CheckpointError, complete_checkpoints, resolve_checkpoint
@@ -302,8 +303,8 @@ def check_output_location(training_args) -> None:
         if path.exists() and not path.is_dir():
             fail(f"--output_dir: {path} is a file, not a directory")
     for parent in out.parents:
-        if (parent / "attribution" / "manifest.json").is_file() or (
-            parent.name == "attribution" and (parent / "manifest.json").is_file()
+        if (parent / STORE_DIR / MANIFEST_FILE).is_file() or (
+            parent.name == STORE_DIR and (parent / MANIFEST_FILE).is_file()
         ):
             fail(f"--output_dir {out} lies inside the run {parent}; choose a directory outside it")
     try:

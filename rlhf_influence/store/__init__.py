@@ -1,5 +1,6 @@
 """The attribution store: one directory per run, one atomically written folder per round."""
 
+from . import schema
 from .manifest import FORMAT_VERSION, RunManifest, StoredGradients, StoreError, TrainingSettings
 from .writer import AttributionStore
 
@@ -10,4 +11,5 @@ __all__ = [
     "StoreError",
     "StoredGradients",
     "TrainingSettings",
+    "schema",
 ]

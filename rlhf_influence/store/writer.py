@@ -1,15 +1,8 @@
-"""Write a run's attribution: a manifest, and per round a Parquet table and metrics JSON.
-
-Layout::
-
-    RUN/attribution/
-      manifest.json            format version, what the run scored and how
-      round_000001/
-        records.parquet        one row per record: prompt, response, reward, influence, kept ...
-        metrics.json           the round's logged metrics
+"""The attribution store: writes and reads a run's rounds in the layout of :mod:`.schema`.
 
 Each round is written under a temporary name and renamed into place, so a killed run leaves
-only whole rounds. No pickle anywhere: Parquet and JSON are readable without this package.
+only whole rounds. No pickle anywhere: Parquet, JSON and safetensors are readable without this
+package.
 """
 
 from __future__ import annotations
@@ -26,23 +19,20 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..iif.records import ScoredRecords
 from .manifest import RunManifest, StoreError
-
-ROUND_PREFIX = "round_"
-TEMPORARY_PREFIXES = (f".{ROUND_PREFIX}", ".manifest.json.tmp-")  # names written before their rename
-
-
-# The records table's columns every reader relies on: (type test, what it should be).
-RECORD_COLUMNS = {
-    "record": (pa.types.is_integer, "integers"),
-    "prompt": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "text"),
-    "response": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "text"),
-    "reward": (pa.types.is_floating, "floats"),
-    "influence": (pa.types.is_floating, "floats"),
-    "kept": (pa.types.is_boolean, "true/false"),
-}
-# Named tensors the readers need in each round file, with their number of dimensions.
-TENSOR_DIMS = {"gradients": {"projected": 2}, "batch": {"queries": 2, "responses": 2, "advantages": 2}}
+from .schema import (
+    MANIFEST_FILE,
+    METRICS_FILE,
+    MODEL_INFO_FILE,
+    RECORD_COLUMNS,
+    RECORDS_FILE,
+    ROUND_PREFIX,
+    STORE_DIR,
+    TEMPORARY_PREFIXES,
+    TENSOR_DIMS,
+    records_from_stored,
+)
 
 
 def current_umask() -> int:
@@ -102,9 +92,9 @@ class AttributionStore:
         path = Path(path)
         if not path.is_dir():
             raise StoreError(f"{path} is not a directory")
-        if not (path / "manifest.json").is_file() and (path / "attribution" / "manifest.json").is_file():
-            path = path / "attribution"
-        manifest_path = path / "manifest.json"
+        if not (path / MANIFEST_FILE).is_file() and (path / STORE_DIR / MANIFEST_FILE).is_file():
+            path = path / STORE_DIR
+        manifest_path = path / MANIFEST_FILE
         if not manifest_path.is_file():
             raise StoreError(f"{path} is not an rlhf-influence run (no attribution/manifest.json)")
         try:
@@ -137,7 +127,7 @@ class AttributionStore:
     @property
     def run_dir(self) -> Path:
         """The run's directory: the store's parent when the store is the run's ``attribution`` folder."""
-        return self.path.parent if self.path.name == "attribution" else self.path
+        return self.path.parent if self.path.name == STORE_DIR else self.path
 
     def round_dir(self, round_index: int) -> Path:
         return self.path / f"{ROUND_PREFIX}{round_index:06d}"
@@ -179,9 +169,9 @@ class AttributionStore:
         text = json.dumps(manifest.to_json(), indent=2, sort_keys=True, default=str)
         RunManifest.from_json(json.loads(text), source="the manifest to write")  # reads back, or StoreError
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.path / f".manifest.json.tmp-{os.getpid()}"
+        tmp = self.path / f".{MANIFEST_FILE}.tmp-{os.getpid()}"
         tmp.write_text(text)
-        os.replace(tmp, self.path / "manifest.json")
+        os.replace(tmp, self.path / MANIFEST_FILE)
         self._manifest = manifest
 
     def write_model_files(self, files: dict[str, Any]) -> None:
@@ -197,7 +187,7 @@ class AttributionStore:
             "base_model_saved": base is not None,
             "base_model_reference": files.get("base_model_reference"),
         }
-        (self.path / "model.json").write_text(json.dumps(info, indent=2))
+        (self.path / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2))
 
     def write_round(
         self,
@@ -214,10 +204,10 @@ class AttributionStore:
         tmp = self.path / f".{final.name}.tmp-{os.getpid()}-{time.time_ns()}"
         tmp.mkdir(parents=True)
         try:
-            pq.write_table(pa.table(records), tmp / "records.parquet")
+            pq.write_table(pa.table(records), tmp / RECORDS_FILE)
             for name, named in (tensors or {}).items():
                 save_file({k: v.contiguous() for k, v in named.items()}, str(tmp / f"{name}.safetensors"))
-            (tmp / "metrics.json").write_text(
+            (tmp / METRICS_FILE).write_text(
                 json.dumps({"round": round_index, **metrics}, indent=2, sort_keys=True)
             )
             honour_umask(tmp)
@@ -229,7 +219,7 @@ class AttributionStore:
 
     def read_records(self, round_index: int) -> pa.Table:
         """The records table of a round, checked against :data:`RECORD_COLUMNS` (StoreError if damaged)."""
-        path = self.round_dir(round_index) / "records.parquet"
+        path = self.round_dir(round_index) / RECORDS_FILE
         try:
             table = pq.read_table(path)
         except (OSError, pa.ArrowException) as exc:
@@ -264,8 +254,15 @@ class AttributionStore:
                 raise StoreError(f"round {round_index}: {path} lacks a {dims}-D tensor {key!r}")
         return tensors
 
+    def read_records_tensors(
+        self, round_index: int, name: str, pad_token_id: int, positions_from_mask: bool
+    ) -> ScoredRecords:
+        """The records a round stored in ``name`` (``batch``: the round's; ``target``: the held-out
+        target's), with the algorithm's position convention."""
+        return records_from_stored(self.read_tensors(round_index, name), pad_token_id, positions_from_mask)
+
     def read_metrics(self, round_index: int) -> dict[str, Any]:
-        path = self.round_dir(round_index) / "metrics.json"
+        path = self.round_dir(round_index) / METRICS_FILE
         try:
             metrics = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
@@ -278,7 +275,7 @@ class AttributionStore:
 
     def read_model_info(self) -> dict[str, Any]:
         """model.json: whether the base model was saved, or what it is called (StoreError if damaged)."""
-        path = self.path / "model.json"
+        path = self.path / MODEL_INFO_FILE
         if not path.is_file():
             raise StoreError(
                 f"{self.path} keeps no model files (model.json); the run predates stored snapshots"

@@ -37,6 +37,7 @@ from torch import nn
 from ..engine.lora import LoraLayout
 from ..iif.settings import IIFSettings
 from ..store import AttributionStore, StoreError
+from ..store.schema import RECORDS_FILE
 from ..store.writer import plain_base_state
 from .shared import gathered_state_dict
 
@@ -112,7 +113,7 @@ def base_model_name(policy: nn.Module) -> str:
 
 def round_digest(store: AttributionStore, round_index: int) -> str:
     """A digest of a stored round's records table (which run and round it is)."""
-    data = (store.round_dir(round_index) / "records.parquet").read_bytes()
+    data = (store.round_dir(round_index) / RECORDS_FILE).read_bytes()
     return hashlib.sha256(data).hexdigest()[:16]
 
 

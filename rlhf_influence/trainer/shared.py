@@ -22,9 +22,10 @@ from ..engine.errors import NoLoraError
 from ..engine.influence import adam_preconditioner
 from ..engine.lora import LoraLayout, canonical_name, find_lora_layout
 from ..iif.influence_filter import InfluenceFilter, Scoring
-from ..iif.records import STORED_PADDING, ScoredRecords
+from ..iif.records import ScoredRecords
 from ..iif.settings import IIFSettings
-from ..store import AttributionStore, RunManifest, StoredGradients, TrainingSettings
+from ..store import AttributionStore, RunManifest, StoredGradients, TrainingSettings, schema
+from ..store.schema import STORED_PADDING, records_to_stored
 
 # Base models up to this size are copied into the store (tiny and test models); larger ones are
 # referenced by name, as loaded.
@@ -342,9 +343,9 @@ def run_manifest(
 
 def gather_records(accelerator, records: ScoredRecords, pad_token_id: int) -> dict[str, torch.Tensor]:
     """The records' stored tensors (token ids, masks, sampling log-probs, advantages, groups) over
-    all processes, each padded to one width as :data:`STORED_PADDING` says."""
+    all processes, each padded to one width as :data:`~rlhf_influence.store.schema.STORED_PADDING` says."""
     gathered = {}
-    stored = records.to_stored()
+    stored = records_to_stored(records)
     for name, local in stored.items():
         local = local.to(accelerator.device)
         if local.dim() > 1:
@@ -396,9 +397,9 @@ def write_round(
     projected = round_.scorings[0].projected
     if projected is not None:
         projected = acc.gather(projected.to(acc.device)).cpu()
-    tensors = {"batch": gather_records(acc, round_.records, pad_token_id)}
+    tensors = {schema.BATCH: gather_records(acc, round_.records, pad_token_id)}
     if round_.target is not None:
-        tensors["target"] = {
+        tensors[schema.TARGET] = {
             **gather_records(acc, round_.target, pad_token_id),
             "last_token_advantages": acc.gather(round_.target.sequence_advantages().float()).cpu(),
             "scores": round_.target_rewards.float().cpu(),
@@ -412,12 +413,12 @@ def write_round(
         **columns,
     }
     if projected is not None:
-        tensors["gradients"] = {"projected": projected}
+        tensors[schema.GRADIENTS] = {"projected": projected}
     if round_.snapshot is not None:
-        tensors["adapter"] = round_.snapshot
+        tensors[schema.ADAPTER] = round_.snapshot
     if round_.optimizer is not None:
-        tensors["optimizer"] = round_.optimizer
-    if not (store.path / "manifest.json").exists():
+        tensors[schema.OPTIMIZER] = round_.optimizer
+    if not (store.path / schema.MANIFEST_FILE).exists():
         store.write_manifest(manifest())
         store.write_model_files(files())
     store.write_round(round_.index, table, round_.metrics, tensors)
