@@ -3,10 +3,10 @@
 from .config import IIFPPOConfig
 from .grpo import IIFGRPOTrainer
 from .grpo_config import IIFGRPOConfig
+from .ppo import IIFPPOTrainer
 from .rewards import RewardFunction
 from .rloo import IIFRLOOTrainer
 from .rloo_config import IIFRLOOConfig
-from .trainer import IIFPPOTrainer
 
 __all__ = [
     "IIFGRPOConfig",

@@ -5,6 +5,10 @@ A round reads as the steps of :meth:`IIFPPOTrainer.train`:
     rollout -> rewards and advantages -> target -> [score -> filter -> PPO epoch] x epochs
     -> log -> store
 
+The rollout, its rewards and advantages and the target's records are ``ppo_rollout.PPORollout``;
+the PPO epoch is ``ppo_optimisation.PPOOptimisation``; this module holds the round loop, the
+scoring hand-off, the metrics, the store hand-off and the checkpoints.
+
 Everything PPO does (generation, KL-penalised rewards, GAE, whitening, clipped policy and value
 losses, the missing-EOS penalty) keeps TRL 1.12's semantics; with ``iif_drop_fraction=0`` the
 weights after training equal TRL's own PPOTrainer's. Influence is the attribution engine's:
@@ -21,36 +25,21 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import nn
-from transformers import GenerationConfig
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from trl.experimental.ppo import PPOTrainer
-from trl.experimental.ppo.ppo_trainer import (
-    INVALID_LOGPROB,
-    batch_generation,
-    forward,
-    masked_mean,
-    masked_whiten,
-    truncate_response,
-)
-from trl.experimental.utils import first_true_indices, get_reward
-from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import selective_log_softmax
 
 from ..engine.lora import find_lora_layout
 from ..engine.projection import RandomProjector, SketchedProjector
-from ..iif.filtering import plan_epoch
 from ..iif.influence_filter import InfluenceFilter, Scoring
-from ..iif.kl import KLController, exact_kl
+from ..iif.kl import KLController
 from ..iif.losses import PPORecordLoss
 from ..iif.records import RolloutBatch
 from ..iif.scorer import Collectives
@@ -72,6 +61,8 @@ from .checkpoint import (
     write_info,
 )
 from .config import IIFPPOConfig
+from .ppo_optimisation import PPOOptimisation
+from .ppo_rollout import PPORollout
 from .rewards import RewardFunction, as_reward_module
 from .shared import (
     PhaseTimer,
@@ -81,12 +72,9 @@ from .shared import (
     check_optimizer_state_access,
     check_policy_has_lora,
     gathered_state_dict,
-    heldout_rows,
-    heldout_seed,
     model_files,
     open_store,
     optimizer_moments,
-    own_random_stream,
     replay_optimizer,
     run_manifest,
     score_preconditioner,
@@ -95,19 +83,9 @@ from .shared import (
 from .value_head import SharedValueHead, policy_and_value_wrapper
 
 RESUMED_STATE = ("global_step", "episode", "epoch", "log_history")  # TRL's trainer state a checkpoint keeps
-PPO_STATS = ("approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")
 
 
-@dataclass
-class Samples:
-    """Prompts, prompt+response token ids and the sampling logits of one generation."""
-
-    queries: torch.Tensor  # [n, context]
-    query_responses: torch.Tensor  # [n, context + response]
-    logits: torch.Tensor  # [n, response, vocab], temperature applied
-
-
-class IIFPPOTrainer(PPOTrainer):
+class IIFPPOTrainer(PPORollout, PPOOptimisation, PPOTrainer):
     """PPO with Iterative Influence-based Filtering, a drop-in for TRL's ``PPOTrainer``.
 
     Takes TRL's arguments plus ``target_dataset`` (held-out prompts, tokenised like
@@ -221,22 +199,6 @@ class IIFPPOTrainer(PPOTrainer):
             self._unwrapped_of = model
         return self._unwrapped
 
-    @contextmanager
-    def null_ref_context(self):
-        """The reference policy: the LoRA policy with its adapter disabled (or the ref adapter).
-
-        TRL 1.12 reaches ``self.model.policy`` on the DDP wrapper, which has no ``policy``; this
-        unwraps first.
-        """
-        policy = self.unwrapped.policy
-        use_disable = self.is_peft_model and not self.ref_adapter_name
-        with policy.disable_adapter() if use_disable else nullcontext():
-            if self.ref_adapter_name:
-                policy.set_adapter(self.ref_adapter_name)
-            yield
-            if self.ref_adapter_name:
-                policy.set_adapter(self.model_adapter_name or "default")
-
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """The policy's LoRA adapter and the tokenizer in ``output_dir`` (PEFT's format), gathered
         under ZeRO-3; the main process writes, every process must call it. (TRL's own goes through
@@ -309,224 +271,6 @@ class IIFPPOTrainer(PPOTrainer):
         if args.save_final_model:
             self.save_final_model()
 
-    # ------------------------------------------------------------------ step 1: rollout
-    @torch.no_grad()
-    def rollout(self, queries: torch.Tensor) -> RolloutBatch:
-        """Sample responses and compute log-probs, reference log-probs, values and rewards."""
-        return self.evaluate_samples(self.sample(queries))
-
-    @torch.no_grad()
-    def sample(self, queries: torch.Tensor, chunk_size: int | None = None) -> Samples:
-        """Responses to ``queries`` from the current policy, with the sampling logits, generated in
-        chunks of ``local_rollout_forward_batch_size`` prompts (or ``chunk_size``)."""
-        args = self.args
-        with unwrap_model_for_generation(
-            self.model,
-            self.accelerator,
-            gather_deepspeed3_params=args.ds3_gather_for_generation,
-            generation_kwargs=self._generation_kwargs(),
-        ) as unwrapped:
-            query_responses, logits = batch_generation(
-                unwrapped.policy,
-                queries,
-                chunk_size or args.local_rollout_forward_batch_size,
-                self.processing_class.pad_token_id,
-                self._generation_config(),
-            )
-        return Samples(queries, query_responses, logits)
-
-    @torch.no_grad()
-    def sample_with_heldout(
-        self, queries: torch.Tensor, heldout_queries: torch.Tensor
-    ) -> tuple[Samples, Samples]:
-        """The round's prompts and the held-out target's prompts sampled in one batched generation.
-
-        Token by token generation costs little more for more prompts at once (on a GPU almost
-        nothing; 5.2 s instead of 2 x 3.7 s for 16 + 16 SmolLM2 prompts on a 2-core CPU), so the
-        held-out prompts join the round's generation chunks: each chunk takes its share of them.
-        Both sets are left-padded to one width for the call and cut back after it.
-        """
-        pad_id = self.processing_class.pad_token_id
-        width = max(queries.shape[1], heldout_queries.shape[1])
-        step = self.args.local_rollout_forward_batch_size
-        share = math.ceil(len(heldout_queries) / math.ceil(len(queries) / step))
-        both = torch.cat(
-            [
-                torch.nn.functional.pad(q, (width - q.shape[1], 0), value=pad_id)
-                for q in (queries, heldout_queries)
-            ]
-        )
-        together = self.sample(both, chunk_size=step + share)
-        n = len(queries)
-        train_columns = slice(width - queries.shape[1], None)
-        heldout_columns = slice(width - heldout_queries.shape[1], None)
-        return (
-            Samples(queries, together.query_responses[:n, train_columns], together.logits[:n]),
-            Samples(heldout_queries, together.query_responses[n:, heldout_columns], together.logits[n:]),
-        )
-
-    @torch.no_grad()
-    def evaluate_samples(self, samples: Samples) -> RolloutBatch:
-        """Log-probs, reference log-probs, values and rewards of sampled responses: a rollout batch."""
-        args = self.args
-        pad_id = self.processing_class.pad_token_id
-        queries, query_responses, sampling_logits = samples.queries, samples.query_responses, samples.logits
-        context_length = queries.shape[1]
-        parts = defaultdict(list)
-        step = args.local_rollout_forward_batch_size
-        for start in range(0, queries.shape[0], step):
-            query = queries[start : start + step]
-            query_response = query_responses[start : start + step]
-            response = query_response[:, context_length:]
-            logits = sampling_logits[start : start + step]
-            parts["logprobs"].append(selective_log_softmax(logits, response))
-            ref_logits = self._reference_logits(query_response, context_length)
-            parts["ref_logprobs"].append(selective_log_softmax(ref_logits, response))
-
-            postprocessed = response
-            if self.stop_token_id is not None:
-                postprocessed = truncate_response(self.stop_token_id, pad_id, response)
-            parts["postprocessed_responses"].append(postprocessed)
-            sequence_lengths = first_true_indices(postprocessed == pad_id) - 1
-            parts["sequence_lengths"].append(sequence_lengths)
-            positions = torch.arange(response.shape[1], device=response.device)
-            parts["exact_kl"].append(
-                exact_kl(logits, ref_logits, positions[None] <= sequence_lengths[:, None])
-            )
-            del ref_logits
-
-            value_model = self.unwrapped.value_model
-            full_value, _, _ = get_reward(value_model, query_response, pad_id, context_length)
-            parts["values"].append(full_value[:, context_length - 1 : -1].squeeze(-1))
-            parts["scores"].append(self._reward(query, postprocessed))
-        del sampling_logits
-        merged = {k: torch.cat(v, 0) for k, v in parts.items()}
-
-        if args.missing_eos_penalty is not None:
-            has_eos = torch.any(
-                merged["postprocessed_responses"] == self.processing_class.eos_token_id, dim=-1
-            )
-            merged["scores"][~has_eos] -= args.missing_eos_penalty
-
-        response_length = query_responses.shape[1] - context_length
-        positions = torch.arange(response_length, device=queries.device).repeat(queries.shape[0], 1)
-        padding_mask = positions > merged["sequence_lengths"].unsqueeze(1)
-        padding_mask_p1 = positions > (merged["sequence_lengths"] + 1).unsqueeze(1)
-        return RolloutBatch(
-            queries=queries,
-            query_responses=query_responses,
-            responses=query_responses[:, context_length:],
-            postprocessed_responses=merged["postprocessed_responses"],
-            logprobs=torch.masked_fill(merged["logprobs"], padding_mask, INVALID_LOGPROB),
-            ref_logprobs=torch.masked_fill(merged["ref_logprobs"], padding_mask, INVALID_LOGPROB),
-            values=torch.masked_fill(merged["values"], padding_mask_p1, 0),
-            scores=merged["scores"],
-            sequence_lengths=merged["sequence_lengths"],
-            padding_mask=padding_mask,
-            padding_mask_p1=padding_mask_p1,
-            exact_kl=merged["exact_kl"],
-        )
-
-    def _reference_logits(self, query_response, context_length) -> torch.Tensor:
-        """The reference policy's logits at the response positions, temperature applied."""
-        pad_id = self.processing_class.pad_token_id
-        if self.ref_model is None:
-            with self.null_ref_context():
-                ref_output = forward(self.unwrapped.policy, query_response, pad_id)
-        else:
-            ref_output = forward(self.ref_model, query_response, pad_id)
-        ref_logits = ref_output.logits[:, context_length - 1 : -1]
-        ref_logits /= self.args.temperature + 1e-7
-        return ref_logits
-
-    def _reward(self, query: torch.Tensor, postprocessed: torch.Tensor) -> torch.Tensor:
-        if isinstance(self._reward_module, RewardFunction):
-            prompts = self.processing_class.batch_decode(query, skip_special_tokens=True)
-            completions = self.processing_class.batch_decode(postprocessed, skip_special_tokens=True)
-            return self._reward_module(prompts, completions).to(query.device)
-        pad_id = self.processing_class.pad_token_id
-        _, score, _ = get_reward(
-            self.reward_model, torch.cat((query, postprocessed), 1), pad_id, query.shape[1]
-        )
-        return score
-
-    @property
-    def _reward_module(self) -> nn.Module:
-        return getattr(self.reward_model, "module", self.reward_model)
-
-    # ------------------------------------------------------------------ step 2: rewards and advantages
-    @torch.no_grad()
-    def compute_rewards_and_advantages(self, batch: RolloutBatch) -> None:
-        """KL-penalised per-token rewards, GAE advantages and returns; advantages whitened."""
-        args = self.args
-        log_ratio = batch.ref_logprobs - batch.logprobs
-        kl = -log_ratio if args.kl_estimator == "k1" else (log_ratio.exp() - 1) - log_ratio
-        batch.kl = kl
-        batch.non_score_reward = -self.kl_controller.value * kl
-        rewards = batch.non_score_reward.clone()
-        rows = torch.arange(rewards.size(0), device=rewards.device)
-        last = batch.sequence_lengths + 1
-        last = torch.where(last < rewards.size(1), last, batch.sequence_lengths)
-        rewards[rows, last] += batch.scores
-        if args.whiten_rewards:
-            rewards = masked_whiten(rewards, mask=~batch.padding_mask_p1, shift_mean=False)
-            rewards = torch.masked_fill(rewards, batch.padding_mask_p1, 0)
-
-        gae = 0
-        reversed_advantages = []
-        length = rewards.shape[1]
-        for t in reversed(range(length)):
-            next_value = batch.values[:, t + 1] if t < length - 1 else 0.0
-            delta = rewards[:, t] + args.gamma * next_value - batch.values[:, t]
-            gae = delta + args.gamma * args.lam * gae
-            reversed_advantages.append(gae)
-        advantages = torch.stack(reversed_advantages[::-1], axis=1)
-        batch.returns = advantages + batch.values
-        advantages = masked_whiten(advantages, ~batch.padding_mask)
-        batch.advantages = torch.masked_fill(advantages, batch.padding_mask, 0)
-
-    # ------------------------------------------------------------------ step 3: the target
-    @property
-    def _heldout_sampled_with_rollout(self) -> bool:
-        args = self.args
-        return (
-            args.iif_enabled
-            and self.target_kind.needs_heldout
-            and args.iif_heldout_sampling == "with_rollout"
-        )
-
-    def build_target_batch(
-        self, batch: RolloutBatch, round_index: int, heldout_samples: Samples | None = None
-    ) -> RolloutBatch:
-        """The records the return target is measured on this round.
-
-        buffer_return: the round's own records. heldout_return: held-out prompts with responses
-        sampled now from the current policy: ``heldout_samples`` when they were generated with the
-        rollout, else generated here under their own seed so that training's random stream is
-        untouched (``iif_heldout_sampling='separate'``).
-        """
-        if not self.target_kind.needs_heldout:  # none: nothing is scored against it
-            return batch
-        if heldout_samples is not None:
-            heldout = self.evaluate_samples(heldout_samples)
-            self.compute_rewards_and_advantages(heldout)
-            return heldout
-        queries = self._heldout_queries(round_index)
-        device = self.accelerator.device
-        with own_random_stream(
-            device, heldout_seed(self.args.seed, round_index, self.accelerator.process_index)
-        ):
-            heldout = self.rollout(queries.to(device))
-        self.compute_rewards_and_advantages(heldout)
-        return heldout
-
-    def _heldout_queries(self, round_index: int) -> torch.Tensor:
-        rows = heldout_rows(
-            self.target_dataset, round_index, self.args.iif_num_heldout_prompts, self.accelerator
-        )
-        features = [{"input_ids": row["input_ids"]} for row in rows]
-        return self.data_collator(features)["input_ids"]
-
     # ------------------------------------------------------------------ step 4: score and filter
     def score_and_filter(
         self,
@@ -561,127 +305,6 @@ class IIFPPOTrainer(PPOTrainer):
             return None
         records = batch.scored_records(self.processing_class.pad_token_id)
         return TrainingGradients(self.iif, len(records), self.iif.normaliser(records))
-
-    # ------------------------------------------------------------------ step 5: one PPO epoch
-    def ppo_epoch(
-        self,
-        batch: RolloutBatch,
-        keep_local: np.ndarray | None,
-        stats: dict[str, list[float]],
-        collected: TrainingGradients | None = None,
-    ) -> None:
-        """Mini-batch PPO over the kept records (all when ``keep_local`` is None), the same number
-        of micro-batches on every process; ``collected`` keeps each record's gradient from the backward."""
-        args = self.args
-        if keep_local is None:
-            keep_local = np.ones(args.local_batch_size, dtype=bool)
-        with self._advantages_whitened_over(batch, keep_local if args.iif_whiten_after_filter else None):
-            self._run_epoch_plan(batch, keep_local, stats, collected)
-
-    @contextmanager
-    def _advantages_whitened_over(self, batch: RolloutBatch, keep_local: np.ndarray | None):
-        """With ``keep_local``: the kept records' advantages whitened anew over the kept records
-        alone, for this epoch's optimisation only (scoring keeps the round's whitening)."""
-        if keep_local is None or keep_local.all() or not keep_local.any():
-            yield
-            return
-        original = batch.advantages
-        rows = torch.as_tensor(np.flatnonzero(keep_local), device=original.device)
-        rewhitened = original.clone()
-        kept = masked_whiten(original[rows], ~batch.padding_mask[rows])
-        rewhitened[rows] = torch.masked_fill(kept, batch.padding_mask[rows], 0)
-        batch.advantages = rewhitened
-        try:
-            yield
-        finally:
-            batch.advantages = original
-
-    def _run_epoch_plan(
-        self,
-        batch: RolloutBatch,
-        keep_local: np.ndarray,
-        stats: dict[str, list[float]],
-        collected: TrainingGradients | None = None,
-    ) -> None:
-        args = self.args
-        order = np.random.permutation(args.local_batch_size)
-        kept_order = order[keep_local[order]]
-        kept = torch.tensor([len(kept_order)], device=self.accelerator.device)
-        max_kept = int(self.accelerator.gather(kept).max())
-        plan = plan_epoch(
-            kept_order,
-            max_kept,
-            local_mini_batch_size=args.local_mini_batch_size,
-            per_device_batch_size=args.per_device_train_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            num_mini_batches=args.num_mini_batches,
-            keep_steps=args.iif_keep_steps,
-        )
-        for mini_batch in plan:
-            for micro in mini_batch:
-                with self.accelerator.accumulate(self.model):
-                    real = len(micro) > 0
-                    recording = collected is not None and real
-                    with collected.recording(micro) if recording else nullcontext():
-                        loss, micro_stats = self._ppo_loss(batch, micro if real else np.array([0]))
-                        if not real:  # keeps collectives in step on a process with no record left
-                            loss = loss * 0.0
-                        self.accelerator.backward(loss)
-                    if recording:  # the policy loss is a masked mean over the micro-batch's response tokens
-                        tokens = float((~batch.padding_mask[micro]).sum())
-                        collected.collect(micro, tokens, self.accelerator.gradient_accumulation_steps)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad()
-                if real:
-                    for key, value in micro_stats.items():
-                        stats[key].append(value)
-
-    def _ppo_loss(self, batch: RolloutBatch, idx: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
-        """TRL's PPO loss on the micro-batch ``idx``: clipped policy loss + vf_coef * clipped value loss."""
-        args = self.args
-        pad_id = self.processing_class.pad_token_id
-        context = batch.context_length
-        advantage = batch.advantages[idx]
-        padding = batch.padding_mask[idx]
-        padding_p1 = batch.padding_mask_p1[idx]
-        old_values = batch.values[idx]
-        returns = batch.returns[idx]
-
-        output, value_logits = forward(self.model, batch.query_responses[idx], pad_id)
-        logits = output.logits[:, context - 1 : -1]
-        logits /= args.temperature + 1e-7
-        new_logprobs = selective_log_softmax(logits, batch.responses[idx])
-        new_logprobs = torch.masked_fill(new_logprobs, padding, INVALID_LOGPROB)
-        values = value_logits[:, context - 1 : -1].squeeze(-1)
-        values = torch.masked_fill(values, padding_p1, 0)
-        values_clipped = torch.clamp(
-            values, old_values - args.cliprange_value, old_values + args.cliprange_value
-        )
-        vf_losses = torch.max(torch.square(values - returns), torch.square(values_clipped - returns))
-        vf_loss = 0.5 * masked_mean(vf_losses, ~padding_p1)
-        vf_clipfrac = masked_mean(
-            (torch.square(values_clipped - returns) > torch.square(values - returns)).float(), ~padding_p1
-        )
-
-        log_ratio = new_logprobs - batch.logprobs[idx]
-        ratio = torch.exp(log_ratio)
-        pg_losses = -advantage * ratio
-        pg_losses_clipped = -advantage * torch.clamp(ratio, 1.0 - args.cliprange, 1.0 + args.cliprange)
-        pg_loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), ~padding)
-        loss = pg_loss + args.vf_coef * vf_loss
-        with torch.no_grad():
-            probs = torch.nn.functional.softmax(logits, dim=-1)
-            entropy = torch.logsumexp(logits, dim=-1) - torch.sum(probs * logits, dim=-1)
-            stats = {
-                "approxkl": float(0.5 * (log_ratio**2).mean()),
-                "pg_clipfrac": float(masked_mean((pg_losses_clipped > pg_losses).float(), ~padding)),
-                "pg_loss": float(pg_loss),
-                "vf_loss": float(vf_loss),
-                "vf_clipfrac": float(vf_clipfrac),
-                "entropy": float(entropy.mean()),
-                "ratio": float(ratio.mean()),
-            }
-        return loss, stats
 
     # ------------------------------------------------------------------ step 6: log and store
     @torch.no_grad()
@@ -805,21 +428,6 @@ class IIFPPOTrainer(PPOTrainer):
         return model_files(self.unwrapped.policy, self.processing_class, self.model_adapter_name)
 
     # ------------------------------------------------------------------ trainer bookkeeping (as TRL)
-    def _generation_kwargs(self) -> dict:
-        # pad finished sequences with the tokenizer's pad id, which the rollout reads as the end
-        # (the model's own generation config may name another, e.g. its eos)
-        return {
-            "pad_token_id": self.processing_class.pad_token_id,
-            "max_new_tokens": self.args.response_length,
-            "temperature": self.args.temperature + 1e-7,
-            "top_k": 0.0,
-            "top_p": 1.0,
-            "do_sample": True,
-        }
-
-    def _generation_config(self) -> GenerationConfig:
-        return GenerationConfig(**self._generation_kwargs())
-
     def _begin_training(self) -> None:
         args = self.args
         self.model.train()
