@@ -137,7 +137,7 @@ def analyse_round(replay: RoundReplay, task, args, round_index: int) -> dict:
     policy, tokenizer, layout = scorer.policy, scorer.tokenizer, scorer.layout
     pad, temperature = tokenizer.pad_token_id, scorer.temperature
     spec = get_task(args.task)
-    length = spec.settings["response_length"]
+    length = spec.settings_for("ppo")["response_length"]
     t0 = time.time()
     scorer.load_round(round_index)
     theta0 = flat_trainable(policy)

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="default: the algorithm's own (no record dropped), iif, random")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument(
-        "--task", choices=[t for t, s in TASKS.items() if s.grpo_settings], default="keywords"
+        "--task", choices=[t for t, s in TASKS.items() if "grpo" in s.settings], default="keywords"
     )
     parser.add_argument("--rounds", type=int, default=None, help="default: the task's own (keywords 100)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (each uses one thread)")

@@ -79,7 +79,7 @@ def results_dir(task: str) -> Path:
 
 def records_per_round(task: str, arm: str) -> int:
     """The task's records per round; ppo_matched adds as many as the held-out target samples."""
-    settings = get_task(task).settings
+    settings = get_task(task).settings_for("ppo")
     batch = settings["per_device_train_batch_size"]
     return batch + settings["iif_num_heldout_prompts"] if arm == "ppo_matched" else batch
 

@@ -97,7 +97,7 @@ def worker(
     cuda = torch.cuda.is_available()
     # the recipe's precision: bf16 on a CUDA device that has it, float32 elsewhere (--set bf16=false)
     device_defaults = {"use_cpu": not cuda, "bf16": cuda and torch.cuda.is_bf16_supported()}
-    settings = {**spec.settings, **device_defaults, **overrides, **ARMS[arm]}
+    settings = {**spec.settings_for("ppo"), **device_defaults, **overrides, **ARMS[arm]}
     per_round = settings["per_device_train_batch_size"] * settings.get("gradient_accumulation_steps", 1)
     run_dir = out.parent / f"{arm}-run"
     settings.update(

@@ -68,7 +68,7 @@ def worker(algorithm: str, arm: str, task_name: str, rounds: int, seed: int, out
 
     clock = round_clock()
     if algorithm == "ppo":
-        settings = {**spec.settings, **common, **ARMS[arm]}
+        settings = {**spec.settings_for("ppo"), **common, **ARMS[arm]}
         settings["total_episodes"] = settings["per_device_train_batch_size"] * rounds
         trainer = IIFPPOTrainer(
             args=IIFPPOConfig(**settings), processing_class=task.tokenizer, model=task.policy, ref_model=None,
@@ -80,7 +80,7 @@ def worker(algorithm: str, arm: str, task_name: str, rounds: int, seed: int, out
         def reward(prompts, completions, **kwargs):
             return task.reward(prompts, completions)
 
-        settings = {**spec.grpo_settings, **common, **ARMS[arm], "max_steps": rounds}
+        settings = {**spec.settings_for("grpo"), **common, **ARMS[arm], "max_steps": rounds}
         trainer = IIFGRPOTrainer(
             model=task.policy, reward_funcs=[reward], args=IIFGRPOConfig(**settings),
             train_dataset=task.train_dataset.select_columns(["prompt"]), processing_class=task.tokenizer,

@@ -102,7 +102,7 @@ def worker(setting: str, task_name: str, rounds: int, seed: int, out: Path) -> d
     np.random.seed(seed)
     task = spec.build(seed=seed, value_model=setting == "separate")
     run_dir = out / f"{setting}-run"
-    settings = {**spec.settings, "output_dir": str(run_dir), "report_to": "none", "save_strategy": "no", "seed": seed,
+    settings = {**spec.settings_for("ppo"), "output_dir": str(run_dir), "report_to": "none", "save_strategy": "no", "seed": seed,
                 "disable_tqdm": True, "use_cpu": not torch.cuda.is_available(), "bf16": False,
                 "iif_enabled": False, "value_head": setting}  # fmt: skip
     settings["total_episodes"] = settings["per_device_train_batch_size"] * rounds

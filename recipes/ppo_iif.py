@@ -226,7 +226,7 @@ def check_flags(
 def main(argv: list[str] | None = None) -> int:
     set_program(PROGRAM)
     script_args, training_args, model_args = parse(
-        argv, (RecipeArguments, IIFPPOConfig, ModelConfig), lambda spec: spec.settings, device_defaults()
+        argv, (RecipeArguments, IIFPPOConfig, ModelConfig), lambda spec: spec.settings_for("ppo"), device_defaults()
     )
     check_flags(script_args, training_args, model_args, argv)
     check_output_location(training_args)

@@ -49,7 +49,7 @@ def test_embedded_default_trains_and_stores_rounds_by_group(tmp_path, capsys):
     assert "mean reward per round: " in printed and f"audit it:      rlhf-influence audit {out}" in printed
     store = AttributionStore.open(out)
     assert store.rounds() == [1, 2, 3]
-    settings = get_task("sentiment").grpo_settings
+    settings = get_task("sentiment").settings_for("grpo")
     per_round, group = settings["per_device_train_batch_size"], settings["num_generations"]
     assert store.manifest.algorithm == "grpo" and store.manifest.records_per_round == per_round
     for r in store.rounds():
@@ -125,7 +125,7 @@ def test_embedded_task_flags_override_the_tasks_grpo_settings(tmp_path):
     )
     assert (training_args.per_device_train_batch_size, training_args.num_generations) == (12, 4)
     assert (training_args.learning_rate, training_args.max_steps) == (0.001, 5)
-    assert training_args.max_completion_length == get_task("sentiment").grpo_settings["max_completion_length"]
+    assert training_args.max_completion_length == get_task("sentiment").settings_for("grpo")["max_completion_length"]
 
 
 @pytest.fixture(scope="module")

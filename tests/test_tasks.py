@@ -26,11 +26,30 @@ def test_registry_finds_every_task_module():
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_settings_make_a_valid_run(name, tmp_path):
     spec = get_task(name)
-    settings = {**spec.settings, "output_dir": str(tmp_path)}
+    settings = {**spec.settings_for("ppo"), "output_dir": str(tmp_path)}
     config = IIFPPOConfig(**settings, use_cpu=True, bf16=False)
     assert config.total_episodes == spec.rounds * spec.records_per_round
     assert spec.records_per_round % config.num_mini_batches == 0
     assert config.iif_num_heldout_prompts >= 1 and config.report_to == []
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_one_settings_table_keyed_by_every_algorithm(name, tmp_path):
+    """Each task's settings are one table with a row per algorithm spec, each a valid config of that
+    algorithm's trainer, writing to a folder of its own."""
+    from rlhf_influence import IIFGRPOConfig, IIFRLOOConfig
+    from rlhf_influence.iif.algorithms import ALGORITHMS
+
+    spec = get_task(name)
+    assert sorted(spec.settings) == sorted(ALGORITHMS)
+    configs = {"ppo": IIFPPOConfig, "grpo": IIFGRPOConfig, "rloo": IIFRLOOConfig}
+    for algorithm, config_class in configs.items():
+        settings = spec.settings_for(algorithm)
+        assert algorithm in settings["output_dir"]
+        config_class(**{**settings, "output_dir": str(tmp_path / algorithm)}, use_cpu=True)
+    assert spec.settings_for("grpo")["max_steps"] == spec.settings_for("rloo")["max_steps"] == spec.rounds
+    with pytest.raises(ValueError, match=rf"the task '{name}' has no settings for the algorithm 'dpo'; it has ppo"):
+        spec.settings_for("dpo")
 
 
 def test_noisy_sentiment_flips_the_sign_of_a_fifth_of_the_rewards():

@@ -28,39 +28,41 @@ class EmbeddedTask:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A task by name: a one-line summary, its run's settings, and how to build it.
+    """A task by name: a one-line summary, its run settings per algorithm, and how to build it.
 
-    ``settings`` are IIFPPOConfig fields (``total_episodes`` and ``iif_num_heldout_prompts``
-    included), ``grpo_settings`` the IIFGRPOConfig fields of the same task under GRPO
-    (``max_steps`` included), which RLOO takes too (:meth:`settings_for`); the recipes use them as
-    defaults that flags override, the
-    benchmarks start from them. They are known without building the task (no model is loaded).
+    ``settings`` is one table keyed by algorithm name (``ppo``, ``grpo``, ``rloo``): for PPO the
+    IIFPPOConfig fields (``total_episodes`` and ``iif_num_heldout_prompts`` included), for GRPO and
+    RLOO their config's fields (``max_steps`` included; the two share their values, since both
+    sample ``num_generations`` completions a prompt). The recipes use them as defaults that flags
+    override, the benchmarks start from them. They are known without building the task (no model
+    is loaded).
     """
 
     name: str
     summary: str
-    settings: dict[str, Any]
+    settings: dict[str, dict[str, Any]]  # algorithm -> its config's fields
     build: Callable[..., EmbeddedTask] = field(repr=False)
-    grpo_settings: dict[str, Any] = field(default_factory=dict)  # IIFGRPOConfig fields, as ``settings``
 
     def settings_for(self, algorithm: str) -> dict[str, Any]:
-        """The task's run settings under ``algorithm``: PPO's, or the group-sampling ones that GRPO
-        and RLOO share (both sample ``num_generations`` completions a prompt from the same fields)."""
-        if algorithm == "ppo":
-            return self.settings
-        if algorithm in ("grpo", "rloo"):
-            return self.grpo_settings
-        raise ValueError(f"no settings for the algorithm {algorithm!r}: 'ppo', 'grpo' or 'rloo'")
+        """The task's run settings under ``algorithm`` (ValueError naming the ones it has)."""
+        try:
+            return self.settings[algorithm]
+        except KeyError:
+            raise ValueError(
+                f"the task {self.name!r} has no settings for the algorithm {algorithm!r}; it has "
+                f"{', '.join(self.settings)}"
+            ) from None
 
     @property
     def records_per_round(self) -> int:
-        return self.settings["per_device_train_batch_size"] * self.settings.get(
-            "gradient_accumulation_steps", 1
-        )
+        """Records a PPO round samples."""
+        ppo = self.settings_for("ppo")
+        return ppo["per_device_train_batch_size"] * ppo.get("gradient_accumulation_steps", 1)
 
     @property
     def rounds(self) -> int:
-        return self.settings["total_episodes"] // self.records_per_round
+        """The task's length in rounds (PPO's batches; GRPO's and RLOO's generation batches)."""
+        return self.settings_for("ppo")["total_episodes"] // self.records_per_round
 
 
 def run_settings(
@@ -88,15 +90,22 @@ def prompt_dataset(tokenizer, prompts: list[str]) -> Dataset:
 GRPO_COMMON_SETTINGS = {**COMMON_SETTINGS, "bf16": False, "gradient_checkpointing": False}
 
 
-def grpo_run_settings(
+GROUP_ALGORITHMS = ("grpo", "rloo")  # the algorithms that sample groups of completions a prompt
+
+
+def group_run_settings(
     output_dir: str, training: dict[str, Any], steps: int, heldout_prompts: int
-) -> dict[str, Any]:
-    """A task's full GRPO run settings: the shared ones, its GRPO settings, its length (optimizer
-    steps; one generation batch each with the defaults) and held-out prompts."""
+) -> dict[str, dict[str, Any]]:
+    """A task's full GRPO and RLOO run settings, keyed by algorithm: the shared ones, the task's
+    group-sampling settings, its length (optimizer steps; one generation batch each with the
+    defaults) and held-out prompts. ``output_dir`` names ``{algorithm}``, e.g. ``runs/{algorithm}_iif``."""
     return {
-        **GRPO_COMMON_SETTINGS,
-        "output_dir": output_dir,
-        **training,
-        "max_steps": steps,
-        "iif_num_heldout_prompts": heldout_prompts,
+        algorithm: {
+            **GRPO_COMMON_SETTINGS,
+            "output_dir": output_dir.format(algorithm=algorithm),
+            **training,
+            "max_steps": steps,
+            "iif_num_heldout_prompts": heldout_prompts,
+        }
+        for algorithm in GROUP_ALGORITHMS
     }

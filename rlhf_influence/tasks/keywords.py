@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from ..launch.models import cache_root, publish_directory
 from . import sentiment
-from .base import EmbeddedTask, TaskSpec, grpo_run_settings, prompt_dataset, run_settings
+from .base import EmbeddedTask, TaskSpec, group_run_settings, prompt_dataset, run_settings
 from .rewards import keyword_reward
 from .toy import tiny_causal_lm, toy_lora_config, word_tokenizer
 
@@ -189,11 +189,13 @@ SPEC = TaskSpec(
     name="keywords",
     summary="a tiny GPT-2 pre-trained here for a few seconds on a generated corpus where the rewarded colour "
     "words are rare; reward = colour words per completion; PPO needs 40-60 rounds to plateau",
-    settings=run_settings(
-        "runs/ppo_iif_keywords", TRAINING, rounds=ROUNDS, heldout_prompts=sentiment.HELDOUT_PROMPTS
-    ),
+    settings={
+        "ppo": run_settings(
+            "runs/ppo_iif_keywords", TRAINING, rounds=ROUNDS, heldout_prompts=sentiment.HELDOUT_PROMPTS
+        ),
+        **group_run_settings(
+            "runs/{algorithm}_iif_keywords", GRPO_TRAINING, ROUNDS, sentiment.GRPO_HELDOUT_PROMPTS
+        ),
+    },
     build=build,
-    grpo_settings=grpo_run_settings(
-        "runs/grpo_iif_keywords", GRPO_TRAINING, ROUNDS, sentiment.GRPO_HELDOUT_PROMPTS
-    ),
 )

