@@ -43,8 +43,8 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from rlhf_influence import IIFGRPOConfig, IIFGRPOTrainer
+from rlhf_influence.launch.errors import one_line_errors, set_program
 from rlhf_influence.launch.group_recipe import GroupRecipe, run_recipe
-from rlhf_influence.launch.recipe_support import one_line_errors, set_program
 
 RECIPE = GroupRecipe(
     program="grpo_iif.py", title="GRPO", algorithm="grpo", config_class=IIFGRPOConfig, trainer_class=IIFGRPOTrainer

@@ -49,22 +49,18 @@ from trl import ModelConfig
 
 from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
 from rlhf_influence.engine.checks import finite_number_problem, whole_number_problem
-from rlhf_influence.launch.models import ModelLoadError
-from rlhf_influence.launch.recipe_support import (
+from rlhf_influence.launch.data import heldout_target
+from rlhf_influence.launch.errors import fail, one_line_errors, set_program
+from rlhf_influence.launch.flags import (
     JobArguments,
     check_job_flags,
     check_output_location,
     device_defaults,
-    fail,
-    heldout_target,
-    load_policy_job,
-    load_pretrained,
-    load_reward,
-    one_line_errors,
     parse,
-    set_program,
-    train,
 )
+from rlhf_influence.launch.jobs import load_policy_job, load_pretrained, load_reward
+from rlhf_influence.launch.models import ModelLoadError
+from rlhf_influence.launch.run import train
 from rlhf_influence.tasks import get_task
 from rlhf_influence.trainer.progress import RoundProgress
 

@@ -114,8 +114,8 @@ def test_embedded_task_flags_override_the_tasks_grpo_settings(tmp_path):
     config.write_text(f"output_dir: {tmp_path / 'out'}\nlearning_rate: 0.001\nmax_steps: 7\n")
     from trl import ModelConfig
 
+    from rlhf_influence.launch.flags import parse
     from rlhf_influence.launch.group_recipe import RecipeArguments, recipe_config
-    from rlhf_influence.launch.recipe_support import parse
 
     _, training_args, _ = parse(
         ["--config", str(config), "--per_device_train_batch_size", "12", "--max_steps", "5"],

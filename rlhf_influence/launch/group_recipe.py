@@ -21,22 +21,12 @@ from ..tasks import get_task
 from ..trainer import IIFPPOConfig
 from ..trainer.progress import RoundProgress
 from ..trainer.rewards import call_reward
+from .data import heldout_target
+from .errors import fail, one_line, set_program
+from .flags import JobArguments, check_job_flags, check_output_location, device_defaults, parse
+from .jobs import load_policy_job, load_pretrained, load_reward
 from .models import ModelLoadError
-from .recipe_support import (
-    JobArguments,
-    check_job_flags,
-    check_output_location,
-    device_defaults,
-    fail,
-    heldout_target,
-    load_policy_job,
-    load_pretrained,
-    load_reward,
-    one_line,
-    parse,
-    set_program,
-    train,
-)
+from .run import train
 
 
 @dataclass(frozen=True)
