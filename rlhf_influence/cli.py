@@ -102,6 +102,17 @@ def _behaviour(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--response", required=required, help="the response text whose likelihood is traced")
 
 
+def _adam(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adam",
+        action="store_true",
+        help="Adam-aware scores: the behaviour's gradient multiplied by Adam's preconditioner at the round start "
+        "(1 / (sqrt(v_hat) + eps), from the moments the run stored), the direction Adam moved the weights along for "
+        "each record. Needs a run trained with --iif_store_optimizer_state true; rounds before Adam's first step "
+        "have no second moment and are left out",
+    )
+
+
 def _responses(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--responses",
@@ -162,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--top", type=whole_number(1), default=10, help="records listed on each side (default 10)"
     )
+    _adam(score)
     _json(score)
 
     diagnose = commands.add_parser(
@@ -194,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     formation.add_argument(
         "--rounds", type=whole_number(1), nargs="+", help="only these rounds (default: all)"
     )
+    _adam(formation)
     _json(formation)
 
     intervene = commands.add_parser(
@@ -341,15 +354,19 @@ def run_diagnose(args) -> int:
 def run_formation(args) -> int:
     from .audit.analyses import formation
 
-    result = formation(args.run, args.prompt, args.response, top=args.top, rounds=args.rounds)
+    result = formation(args.run, args.prompt, args.response, top=args.top, rounds=args.rounds, adam=args.adam)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    if result.get("rounds_before_adam"):
+        print(f"note: rounds {', '.join(map(str, result['rounds_before_adam']))} start before Adam's first step "
+              "(no second moment yet) and have no Adam-aware scores")  # fmt: skip
     from rich.console import Console
     from rich.table import Table
 
     table = Table(
         title=f"records making {args.response!r} more likely after {args.prompt!r}, by round"
+        + (" (Adam-aware)" if args.adam else "")
     )  # repr: escaped
     for name, justify in (("round", "right"), ("positive", "right"), ("influence", "right"), ("reward", "right"),
                           ("prompt", "left"), ("response", "left")):  # fmt: skip
@@ -397,14 +414,14 @@ def run_score(args) -> int:
 
     from .audit.rescore import score_behaviour
 
-    scored = score_behaviour(args.run, args.round, args.prompt, args.response)
+    scored = score_behaviour(args.run, args.round, args.prompt, args.response, adam=args.adam)
     ranked = sorted(scored, key=lambda r: -r.influence)
     if args.json:
-        print(json.dumps({"round": args.round, "prompt": args.prompt, "response": args.response,
+        print(json.dumps({"round": args.round, "prompt": args.prompt, "response": args.response, "adam": args.adam,
                           "records": [asdict(r) for r in ranked]}, indent=2))  # fmt: skip
         return 0
     print_records(
-        f"round {args.round}: influence on log p({args.response!r} | {args.prompt!r})",
+        f"round {args.round}: {'Adam-aware ' if args.adam else ''}influence on log p({args.response!r} | {args.prompt!r})",
         [("toward", ranked[: args.top], "green"), ("away", ranked[::-1][: args.top], "red")],
     )
     return 0

@@ -140,6 +140,35 @@ def test_formation_follows_the_exact_influence_of_each_round(run_dir, capsys):
     assert "records making 'great fun lovely' more likely" in capsys.readouterr().out
 
 
+def test_adam_aware_scores_from_the_store_agree_with_the_trainers_exact_ones(tmp_path, run_dir, capsys):
+    """A run scored exactly and Adam-aware by the trainer (its live optimizer's second moment) against
+    the behaviour: the store's Adam-aware scores (its stored moments, the projected gradients) rank
+    the records as the trainer's did, better than the store's raw scores do. Round 1 precedes Adam's
+    first step: refused by name, left out (and listed) by formation; a run without moments is refused."""
+    run = train_scoring_run(tmp_path, iif_score="adam", iif_store_optimizer_state=True)
+    from rlhf_influence.store import AttributionStore
+
+    store = AttributionStore.open(run)
+    assert store.manifest.score == "adam" and store.manifest.optimizer_state
+    for round_index in (2, 3):
+        exact = store.read_records(round_index).to_pydict()["influence"]  # the trainer's, Adam-aware
+        adam = [r.influence for r in score_behaviour(run, round_index, PROMPT, RESPONSE, adam=True)]
+        raw = [r.influence for r in score_behaviour(run, round_index, PROMPT, RESPONSE)]
+        rho_adam, rho_raw = spearmanr(exact, adam).statistic, spearmanr(exact, raw).statistic
+        assert rho_adam >= 0.8 and rho_adam > rho_raw + 0.05, (round_index, rho_adam, rho_raw)
+    with pytest.raises(StoreError, match="round 1 starts before Adam's first step"):
+        score_behaviour(run, 1, PROMPT, RESPONSE, adam=True)
+    args = ["formation", str(run), "--prompt", PROMPT, "--response", RESPONSE, "--adam", "--json"]
+    capsys.readouterr()  # the training's own logs
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["adam"] and out["rounds_before_adam"] == [1] and [r["round"] for r in out["rounds"]] == [2, 3]
+    assert main(["score", str(run), "--round", "1", "--prompt", PROMPT, "--response", RESPONSE, "--adam"]) == 2
+    assert "leave out --adam for it" in capsys.readouterr().err
+    assert main(["score", str(run_dir), "--round", "2", "--prompt", PROMPT, "--response", RESPONSE, "--adam"]) == 2
+    assert "--iif_store_optimizer_state true" in capsys.readouterr().err
+
+
 def test_intervention_without_top_records_moves_the_behaviour_least(run_dir, capsys):
     from rlhf_influence.audit.intervention import intervene
 

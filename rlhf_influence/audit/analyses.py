@@ -79,14 +79,25 @@ class FormationRound:
     top_records: list[ScoredRecord] = field(default_factory=list)
 
 
-def formation(path, prompt: str, response: str, top: int = 5, rounds: list[int] | None = None) -> dict:
-    """Per round: the records that pushed the model toward saying ``response`` to ``prompt``."""
+def formation(
+    path, prompt: str, response: str, top: int = 5, rounds: list[int] | None = None, adam: bool = False
+) -> dict:
+    """Per round: the records that pushed the model toward saying ``response`` to ``prompt``.
+    ``adam``: Adam-aware scores; the rounds before Adam's first step have none and are listed as
+    ``rounds_before_adam`` (only when they were not asked for by name: then they are an error)."""
     scorer = SnapshotScorer(path)
     chosen = rounds or scorer.rounds
+    before_adam = []
+    if adam and not rounds:
+        before_adam = [k for k in chosen if scorer.adam_preconditioner(k) is None]
+        chosen = [k for k in chosen if k not in before_adam]
     out = []
     for k in chosen:
-        scored = scorer.score(k, prompt, response)
+        scored = scorer.score(k, prompt, response, adam=adam)
         ranked = sorted(scored, key=lambda r: -r.influence)
         positive = sum(r.influence > 0 for r in scored) / len(scored)
         out.append(FormationRound(k, positive, sum(r.influence for r in scored), ranked[:top]))
-    return {"prompt": prompt, "response": response, "rounds": [asdict(r) for r in out]}
+    result = {"prompt": prompt, "response": response, "adam": adam, "rounds": [asdict(r) for r in out]}
+    if adam:
+        result["rounds_before_adam"] = before_adam
+    return result

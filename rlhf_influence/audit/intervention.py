@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..engine.gradients import target_gradients
-from ..engine.influence import adam_preconditioner, scores_from_factors
+from ..engine.influence import scores_from_factors
 from ..engine.projection import RandomProjector
 from ..engine.targets import LogProbTarget, ReturnTarget, TokenWeightedLogProb
 from ..iif.algorithms import get_algorithm
@@ -150,13 +150,7 @@ class RoundReplay:
     def adam_preconditioner(self) -> torch.Tensor | None:
         """Adam's preconditioner at the round start, ``[D]`` in the layout's order, from the stored
         moments (:func:`~rlhf_influence.engine.influence.adam_preconditioner`); None before the first step."""
-        state = self.optimizer_state()
-        step = float(state["step"][0])
-        if step < 1:
-            return None
-        _, _, beta2, eps, _ = state["hyperparameters"].tolist()
-        v = torch.cat([state[f"exp_avg_sq/{name}"].flatten() for name in self.scorer.layout.param_names])
-        return adam_preconditioner(v, step, beta2, eps)
+        return self.scorer.adam_preconditioner(self.round)
 
     def optimizer(self, moments: str = "stored") -> torch.optim.AdamW:
         """AdamW over the policy's trainable weights: with ``moments='stored'`` in the state the run had at

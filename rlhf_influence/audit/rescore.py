@@ -5,6 +5,12 @@ adapter at the round start. ``score_behaviour`` rebuilds the policy at that snap
 the gradient of the log-prob target log pi(response | prompt) there, projects it with the
 same seed, and dots it with every stored record gradient: which records pushed the model
 toward (positive) or away from (negative) saying ``response`` to ``prompt``.
+
+With ``adam=True`` the scores are Adam-aware: a run that kept Adam's round-start moments
+(``--iif_store_optimizer_state true``) has the behaviour's gradient multiplied by Adam's
+preconditioner at the round start before it is projected, ``<P(S * grad f), P grad loss_i>``
+estimating ``<S * grad f, grad loss_i>``: the direction Adam actually moved the weights along for
+each record (LESS, Bergson), from the same stored vectors, nothing re-computed per record.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.gradients import target_gradients
+from ..engine.influence import adam_preconditioner
 from ..engine.lora import find_lora_layout
 from ..engine.projection import store_projector
 from ..engine.targets import LogProbTarget
@@ -66,13 +73,31 @@ class SnapshotScorer:
             for name, value in adapter.items():
                 params[name].copy_(value)  # a bfloat16 snapshot is widened to the policy's dtype
 
-    def score(self, round_index: int, prompt: str, response: str) -> list[ScoredRecord]:
-        """Influence of every record of the round on log pi(response | prompt) at the round start."""
-        return self.score_pairs(round_index, [prompt], [response])
+    def score(self, round_index: int, prompt: str, response: str, adam: bool = False) -> list[ScoredRecord]:
+        """Influence of every record of the round on log pi(response | prompt) at the round start
+        (``adam``: Adam-aware, from the stored moments)."""
+        return self.score_pairs(round_index, [prompt], [response], adam=adam)
 
-    def score_pairs(self, round_index: int, prompts: list[str], responses: list[str]) -> list[ScoredRecord]:
+    def adam_preconditioner(self, round_index: int) -> torch.Tensor | None:
+        """Adam's preconditioner at round ``round_index``'s start, ``[D]`` in the layout's order, from
+        the stored moments; None before Adam's first step (StoreError if the run kept no moments)."""
+        return stored_adam_preconditioner(self.store, round_index, self.layout.param_names)
+
+    def score_pairs(
+        self, round_index: int, prompts: list[str], responses: list[str], adam: bool = False
+    ) -> list[ScoredRecord]:
         """Influence of every record of the round on the summed log-probs of the (prompt, response)
-        pairs at the round start: which records made these responses more likely."""
+        pairs at the round start: which records made these responses more likely. ``adam``: the
+        behaviour's gradient preconditioned as Adam's next step would (StoreError before Adam's
+        first step, where there is no second moment yet, and on a run that kept no moments)."""
+        preconditioner = None
+        if adam:
+            preconditioner = self.adam_preconditioner(round_index)
+            if preconditioner is None:
+                raise StoreError(
+                    f"round {round_index} starts before Adam's first step: there is no second moment to "
+                    "precondition by yet, so its scores can only be raw (leave out --adam for it)"
+                )
         self.load_round(round_index)
         gradients = self.store.read_tensors(round_index, schema.GRADIENTS)["projected"].float()
         table = self.store.read_records(round_index).to_pydict()
@@ -92,6 +117,8 @@ class SnapshotScorer:
         except ValueError as exc:
             raise StoreError(f"cannot score this behaviour: {exc}") from None
         target_grad = target_gradients(self.policy, target, layout=self.layout).float()
+        if preconditioner is not None:
+            target_grad = target_grad * preconditioner.to(target_grad)
         influence = -(gradients @ self.projector.project(self.layout, target_grad))
         return [
             ScoredRecord(
@@ -106,9 +133,30 @@ class SnapshotScorer:
         ]
 
 
-def score_behaviour(path, round_index: int, prompt: str, response: str) -> list[ScoredRecord]:
-    """Influence of every record of round ``round_index`` on log pi(response | prompt), from the store."""
-    return SnapshotScorer(path).score(round_index, prompt, response)
+def score_behaviour(path, round_index: int, prompt: str, response: str, adam: bool = False) -> list[ScoredRecord]:
+    """Influence of every record of round ``round_index`` on log pi(response | prompt), from the store
+    (``adam``: Adam-aware, see the module's note)."""
+    return SnapshotScorer(path).score(round_index, prompt, response, adam=adam)
+
+
+def stored_adam_preconditioner(
+    store: AttributionStore, round_index: int, param_names: list[str]
+) -> torch.Tensor | None:
+    """Adam's preconditioner at a round's start from its stored moments, ``[D]`` in the order of
+    ``param_names`` (:func:`~rlhf_influence.engine.influence.adam_preconditioner`); None before
+    Adam's first step. StoreError if the run kept no moments."""
+    if not store.manifest.optimizer_state:
+        raise StoreError("the run stored no optimizer state (train with --iif_store_optimizer_state true)")
+    state = store.read_tensors(round_index, schema.OPTIMIZER)
+    step = float(state["step"][0])
+    if step < 1:
+        return None
+    _, _, beta2, eps, _ = state["hyperparameters"].tolist()
+    missing = [name for name in param_names if f"exp_avg_sq/{name}" not in state]
+    if missing:
+        raise StoreError(f"round {round_index}: the stored optimizer state lacks {missing[0]}")
+    v = torch.cat([state[f"exp_avg_sq/{name}"].flatten().float() for name in param_names])
+    return adam_preconditioner(v, step, beta2, eps)
 
 
 def _rebuild_policy(store: AttributionStore):
