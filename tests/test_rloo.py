@@ -194,6 +194,16 @@ def rloo_run(tmp_path_factory):
     return out, trainer
 
 
+def test_records_table_has_the_schemas_and_the_specs_columns(rloo_run):
+    from rlhf_influence.iif.algorithms import get_algorithm
+    from rlhf_influence.store import AttributionStore, schema
+
+    store = AttributionStore.open(rloo_run[0])
+    expected = {*schema.RECORD_COLUMNS, *schema.ATTRIBUTION_COLUMNS, *get_algorithm("rloo").record_columns}
+    assert "group" in expected
+    assert set(store.read_records(1).column_names) == expected
+
+
 def test_replay_from_disk_reproduces_the_trainers_scores(rloo_run):
     from rlhf_influence.audit.intervention import RoundReplay
     from rlhf_influence.audit.rescore import SnapshotScorer

@@ -95,6 +95,16 @@ def test_score_from_a_sketched_bfloat16_store_agrees_with_exact_scoring(tmp_path
         assert rho >= 0.7, rho
 
 
+def test_records_table_has_the_schemas_and_the_specs_columns(run_dir):
+    from rlhf_influence.iif.algorithms import get_algorithm
+    from rlhf_influence.store import AttributionStore, schema
+
+    store = AttributionStore.open(run_dir)
+    expected = {*schema.RECORD_COLUMNS, *schema.ATTRIBUTION_COLUMNS, *get_algorithm("ppo").record_columns}
+    assert "group" not in expected
+    assert set(store.read_records(1).column_names) == expected
+
+
 def test_score_cli_json_and_errors(run_dir, capsys):
     assert (
         main(["score", str(run_dir), "--round", "2", "--prompt", PROMPT, "--response", RESPONSE, "--json"])

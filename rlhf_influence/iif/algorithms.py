@@ -21,6 +21,8 @@ from .losses import RecordLoss, grpo_record_loss, ppo_record_loss, rloo_record_l
 from .records import ScoredRecords
 from .training_settings import TrainingSettings
 
+TRAINER_COLUMNS = ("reward", "advantage_mean", "advantage_last", "logprob")  # every algorithm's
+
 
 @dataclass(frozen=True)
 class AlgorithmSpec:
@@ -31,6 +33,13 @@ class AlgorithmSpec:
     grouped: bool  # records are groups of one prompt's completions (GRPO, RLOO), not PPO's rollouts
     positions_from_mask: bool  # TRL's PPO takes position ids from the attention mask; GRPO and RLOO leave them to the model
     build_loss: Callable[[TrainingSettings, float, int], RecordLoss]
+
+    @property
+    def record_columns(self) -> tuple[str, ...]:
+        """The per-record columns its trainer adds to the store's records table beside the
+        attribution ones: the reward, the advantage (mean over the response and at its last token;
+        a group's completion has one), the sampling log-prob, and the group where records come in groups."""
+        return (*TRAINER_COLUMNS, "group") if self.grouped else TRAINER_COLUMNS
 
     def record_loss(self, training: TrainingSettings, temperature: float, num_processes: int = 1) -> RecordLoss:
         """A record's loss for a run with these settings (the trainer's, or a stored run's manifest).

@@ -52,13 +52,11 @@ RECORD_COLUMNS = {
     "influence": (pa.types.is_floating, "floats"),
     "kept": (pa.types.is_boolean, "true/false"),
 }
-# The columns a trainer adds per record beside them (each trainer writes those it has).
-OPTIONAL_RECORD_COLUMNS = (
+# The columns beside them: the attribution ones every trainer writes (the decision per scoring
+# and per process), and each algorithm's own (``AlgorithmSpec.record_columns``: reward, advantages,
+# sampling log-prob, group).
+ATTRIBUTION_COLUMNS = (
     "process",  # the process that sampled the record
-    "advantage_mean",  # mean per-token advantage (PPO) or the completion's advantage (GRPO, RLOO)
-    "advantage_last",
-    "logprob",  # the response's log-prob at sampling
-    "group",  # the prompt group of a GRPO/RLOO completion
     "rank",  # 1 = most helpful
     "influence_by_scoring",  # one entry per scoring of the round (per epoch, or once)
     "kept_by_scoring",

@@ -567,6 +567,7 @@ class GroupIIFTrainer:
         }
         stored = shared.StoredRound(
             index=round_.index,
+            algorithm=self.algorithm,
             prompts=decode(round_.batch["prompt_ids"], skip_special_tokens=True),
             responses=decode(round_.batch["completion_ids"], skip_special_tokens=True),
             columns=columns,

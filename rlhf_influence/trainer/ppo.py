@@ -385,6 +385,7 @@ class IIFPPOTrainer(PPORollout, PPOOptimisation, PPOTrainer):
         )  # the held-out return target's samples
         stored = StoredRound(
             index=round_index,
+            algorithm="ppo",
             prompts=decode(batch.queries, skip_special_tokens=True),
             responses=decode(batch.postprocessed_responses, skip_special_tokens=True),
             columns={

@@ -21,6 +21,7 @@ from ..engine.capture import TrainingCapture
 from ..engine.errors import NoLoraError
 from ..engine.influence import adam_preconditioner
 from ..engine.lora import LoraLayout, canonical_name, find_lora_layout
+from ..iif.algorithms import get_algorithm
 from ..iif.influence_filter import InfluenceFilter, Scoring
 from ..iif.records import ScoredRecords
 from ..iif.settings import IIFSettings
@@ -368,6 +369,7 @@ class StoredRound:
     """One round as a trainer hands it to the store: this process's part, gathered by :func:`write_round`."""
 
     index: int
+    algorithm: str  # whose spec names the columns (AlgorithmSpec.record_columns)
     prompts: list[str]  # this process's records, decoded
     responses: list[str]
     columns: dict[str, torch.Tensor]  # per-record values of this process's records [n]: reward, advantages...
@@ -393,6 +395,9 @@ def write_round(
     round-start adapter and held-out target; the manifest and model files with the first round."""
     acc = accelerator
     prompts, responses = gather_object(round_.prompts), gather_object(round_.responses)
+    own = get_algorithm(round_.algorithm).record_columns
+    if sorted(round_.columns) != sorted(own):
+        raise ValueError(f"a {round_.algorithm} round's own record columns are {sorted(own)}, got {sorted(round_.columns)}")
     columns = {k: acc.gather(v.to(acc.device)).cpu().tolist() for k, v in round_.columns.items()}
     projected = round_.scorings[0].projected
     if projected is not None:
@@ -412,6 +417,9 @@ def write_round(
         "response": responses,
         **columns,
     }
+    missing = {*schema.RECORD_COLUMNS, *schema.ATTRIBUTION_COLUMNS} - set(table)
+    if missing:
+        raise ValueError(f"the records table lacks the store's columns {sorted(missing)}")
     if projected is not None:
         tensors[schema.GRADIENTS] = {"projected": projected}
     if round_.snapshot is not None:
