@@ -240,3 +240,46 @@ def test_group_trainers_on_two_processes_filter_globally(tmp_path, algorithm, fl
             for p in (0, 1)
         )
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "algorithm, flags",
+    [
+        # 2 micro-batches of 8 a process, accumulated into one step an epoch: all at the round start
+        pytest.param("ppo", ["--total_episodes", "64", "--per_device_train_batch_size", "8",
+                             "--gradient_accumulation_steps", "2", "--num_mini_batches", "1", "--num_ppo_epochs", "2",
+                             "--value_head", "separate"], id="ppo"),
+        # 2 slices of 16 completions a process accumulated into the generation batch's one step
+        pytest.param("grpo", ["--max_steps", "2", "--per_device_train_batch_size", "16",
+                              "--gradient_accumulation_steps", "2"], id="grpo"),
+    ],
+)  # fmt: skip
+def test_gradients_from_the_training_backward_on_two_processes(tmp_path, algorithm, flags):
+    """A record-only run on 2 processes (DDP over gloo) with gradients from the training's own
+    backward and gradient accumulation: every stored vector is its own record's. No adapter side of
+    the toy is wider than the store's projection here (256), so the stored vectors are the exact
+    gradients (in float16); a behaviour scored against them equals its exact influence, recomputed in one
+    process from the stored records at the stored round-start weights."""
+    from rlhf_influence import LogProbTarget
+    from rlhf_influence.audit.intervention import RoundReplay
+    from rlhf_influence.audit.rescore import SnapshotScorer
+
+    out = tmp_path / algorithm
+    recipe = str(ROOT / "recipes" / f"{algorithm}_iif.py")
+    launch("multi_cpu", out, *flags, "--iif_target", "none", "--iif_store_gradients", "training",
+           "--iif_store_projection_dim", "256", recipe=recipe, timeout=400)  # fmt: skip
+    manifest = json.loads((out / "attribution" / "manifest.json").read_text())
+    assert (manifest["num_processes"], manifest["target"]) == (2, "none")
+    assert manifest["stored_gradients"]["taken"] == "training"
+    scorer = SnapshotScorer(out)
+    assert scorer.rounds == [1, 2]
+    target = LogProbTarget.from_text(scorer.tokenizer, ["the movie was"], ["great fun lovely"],
+                                     temperature=scorer.temperature, positions_from_mask=scorer.positions_from_mask)  # fmt: skip
+    for round_index in scorer.rounds:
+        table = scorer.store.read_records(round_index).to_pydict()
+        assert sorted(set(table["process"])) == [0, 1]
+        exact = RoundReplay(scorer, round_index).influence(target).double()
+        stored = torch.tensor([r.influence for r in scorer.score(round_index, "the movie was", "great fun lovely")],
+                              dtype=torch.float64)  # fmt: skip
+        assert torch.allclose(stored, exact, rtol=1e-2, atol=1e-2 * float(exact.abs().max())), round_index

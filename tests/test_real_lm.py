@@ -229,3 +229,29 @@ def test_recipe_starts_from_a_gguf_file(tmp_path, checkpoint):
     info = json.loads((store.path / "model.json").read_text())
     assert info["base_model_reference"] == str(checkpoint)  # the cached conversion, loadable later
     assert (store.path / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_record_only_reviews_run_names_english_responses(tmp_path, checkpoint, capsys):
+    """A record-only reviews run (no target, gradients from the training's own backward) through the
+    recipe: `score` and `formation` trace a behaviour to records whose responses are sentences."""
+    out = tmp_path / "record-only"
+    argv = ["--embedded_task", "reviews", "--output_dir", str(out), "--total_episodes", "32",
+            "--num_ppo_epochs", "1", "--response_length", "12", "--iif_target", "none",
+            "--iif_store_gradients", "training", "--value_head", "separate", "--disable_tqdm", "true",
+            "--save_strategy", "no"]  # fmt: skip
+    assert recipe_main()(argv) == 0
+    capsys.readouterr()
+    manifest = json.loads((out / "attribution" / "manifest.json").read_text())
+    assert (manifest["target"], manifest["stored_gradients"]["taken"]) == ("none", "training")
+    assert cli_main(["score", str(out), "--round", "2", "--prompt", BEHAVIOUR_PROMPT,
+                     "--response", BEHAVIOUR_RESPONSE, "--top", "4", "--json"]) == 0  # fmt: skip
+    records = json.loads(capsys.readouterr().out)["records"]
+    assert len(records) == 16
+    top = [r["response"] for r in records[:4]]
+    assert all(len(re.findall(r"[A-Za-z]{3,}", r)) >= 2 for r in top), top  # words, not token salad
+    assert cli_main(["formation", str(out), "--prompt", BEHAVIOUR_PROMPT, "--response", BEHAVIOUR_RESPONSE,
+                     "--json"]) == 0  # fmt: skip
+    formation = json.loads(capsys.readouterr().out)
+    assert [r["round"] for r in formation["rounds"]] == [1, 2]
+    assert cli_main(["audit", str(out), "--json", "--responses", "0"]) == 0
+    assert [r["round"] for r in json.loads(capsys.readouterr().out)["rounds"]] == [1, 2]

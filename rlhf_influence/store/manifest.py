@@ -93,7 +93,7 @@ def _training_from_json(data: Any, source: str, prefix: str) -> TrainingSettings
 
 @dataclass(frozen=True, kw_only=True)
 class StoredGradients:
-    """How each record's gradient at the round start was projected and stored (``gradients.safetensors``)."""
+    """How each record's gradient was taken, projected and stored (``gradients.safetensors``)."""
 
     projection: str  # in words: per LoRA adapter side, then a sketch when it folds
     dim: int  # the random projection's size per LoRA adapter side
@@ -101,6 +101,8 @@ class StoredGradients:
     seed: int  # seed of the projection (and the sketch)
     dtype: str  # precision of the stored vectors: "float16" or "float32"
     size: int  # entries stored per record
+    taken: Literal["snapshot", "training"] = "snapshot"  # in a pass at the round start, or from the
+    # optimisation's own backward (iif_store_gradients: each record's first trained step, at its weights)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -313,6 +313,7 @@ def run_manifest(
             seed=projector.seed,
             dtype=args.iif_store_dtype,
             size=projector.output_size(iif.layout),
+            taken=args.iif_store_gradients,
         )
     return RunManifest(
         algorithm=training.algorithm,
