@@ -82,7 +82,30 @@ def test_real_job_from_local_files_trains(tmp_path, local_model):
             "--total_episodes", "16", "--response_length", "4", "--lora_r", "4", "--lora_target_modules", "c_attn",
             "--output_dir", str(out), "--disable_tqdm", "true", "--report_to", "none"]  # fmt: skip
     assert recipe_main()(argv) == 0
-    assert AttributionStore(out / "attribution").rounds() == [1, 2]
+    store = AttributionStore.open(out)
+    assert store.rounds() == [1, 2]
+    # a job on your own model drops nothing unless asked (the evidence: README, When IIF helps)
+    assert store.manifest.drop_fraction == 0.0
+    assert all(all(store.read_records(r).to_pydict()["kept"]) for r in store.rounds())
+
+
+def test_own_model_jobs_filter_only_when_asked(tmp_path):
+    """--iif_drop_fraction defaults to 0 for a job on your own model (every recipe), to the task's own
+    setting for an embedded task; the flag wins either way."""
+    from trl import ModelConfig
+
+    from rlhf_influence import IIFPPOConfig
+    from rlhf_influence.launch.flags import JobArguments, parse
+
+    def drop_fraction(*flags: str) -> float:
+        _, training_args, _ = parse([*flags, "--output_dir", str(tmp_path)], (JobArguments, IIFPPOConfig, ModelConfig),
+                                    lambda spec: spec.settings_for("ppo"), {"use_cpu": True})  # fmt: skip
+        return training_args.iif_drop_fraction
+
+    own = ("--model_name_or_path", str(tmp_path / "model"))
+    assert drop_fraction(*own) == 0.0
+    assert drop_fraction(*own, "--iif_drop_fraction", "1") == 1.0
+    assert drop_fraction() == 1.0  # the embedded default task: its own (the paper's p)
 
 
 def test_real_job_with_a_shared_value_head_loads_no_value_model(tmp_path, local_model, monkeypatch):
