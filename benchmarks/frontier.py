@@ -103,6 +103,29 @@ def wins(summary: dict, arm: str, other: str) -> str:
     return f"{sum(a > b for a, b in both)} of {len(both)} seeds (of {len(pairs)}; the others did not reach PPO's KL)"
 
 
+def at_kl_levels(results: dict, levels: list[float]) -> tuple[dict, list[str]]:
+    """Each run's smoothed reward where its smoothed KL first reaches each of ``levels`` (per arm,
+    per seed; None where it never does), and a table with the seeds on which IIF is higher."""
+    found = {
+        level: {arm: {seed: reward_at_kl(c["objective/scores"], c["objective/kl"], level) for seed, c in by_seed.items()}
+                for arm, by_seed in results.items()}
+        for level in levels
+    }  # fmt: skip
+    lines = ["| KL | " + " | ".join(NAMES[a] for a in ARMS) + " | IIF higher than PPO | than random |",
+             "|---" * (len(ARMS) + 3) + "|"]  # fmt: skip
+
+    def higher(level: float, other: str) -> str:
+        pairs = [(v, found[level][other].get(s)) for s, v in found[level]["iif"].items()]
+        both = [(a, b) for a, b in pairs if a is not None and b is not None]
+        return f"{sum(a > b for a, b in both)} of {len(both)}"
+
+    for level in levels:
+        cells = [", ".join("never" if v is None else f"{v:.3f}" for _, v in sorted(found[level][a].items()))
+                 for a in ARMS]  # fmt: skip
+        lines.append(f"| {level:g} | " + " | ".join(cells) + f" | {higher(level, 'ppo')} | {higher(level, 'random')} |")
+    return found, lines
+
+
 def plot(all_results: dict, path: Path, task: str) -> None:
     import matplotlib
 
@@ -136,6 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="default: the task's own (keywords 100, reviews 30)")
     parser.add_argument("--kl", nargs="+", default=list(KL_SETTINGS), choices=list(KL_SETTINGS))
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (each uses one thread)")
+    parser.add_argument(
+        "--kl_levels", type=float, nargs="*", default=[],
+        help="also each run's reward where its KL first reaches these levels (e.g. 0.5 0.75 1.0: levels every "
+        "run reaches, where PPO's final KL leaves some runs out)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/frontier_<task>")
     parser.add_argument("--flags", default="", help="recipe flags for every arm, e.g. --flags='--value_head shared'")
     parser.add_argument(
@@ -172,6 +200,10 @@ def main(argv: list[str] | None = None) -> None:
         kl_level = statistics.median(statistics.fmean(c["objective/kl"][-10:]) for c in ppo)
         summary = summarise(results, threshold, kl_level)
         saved[setting] = {"threshold": threshold, "kl_level": kl_level, "summary": summary}
+        levels_table = []
+        if args.kl_levels:
+            saved[setting]["reward_at_kl_levels"], levels_table = at_kl_levels(results, args.kl_levels)
+            levels_table = ["Reward at KL levels (per seed, in seed order):\n", *levels_table, ""]
         report += [
             f"## {args.task}, {setting} KL coefficient: {len(args.seeds)} seeds, {args.rounds} rounds",
             f"Flags for every arm: `{args.flags or '(none)'}`; for IIF only: "
@@ -183,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
             f"- IIF's reward at PPO's final KL is higher than PPO's on {wins(summary, 'iif', 'ppo')}, and than "
             f"random filtering's on {wins(summary, 'iif', 'random')}.",
             "",
+            *levels_table,
         ]
     args.out.mkdir(parents=True, exist_ok=True)
     flags = {"flags": args.flags, "iif_flags": args.iif_flags}
