@@ -49,9 +49,14 @@ def test_iif_vs_grpo_benchmark_smoke(tmp_path, algorithm):
 
 def test_frontier_benchmark_smoke(tmp_path):
     out = run("benchmarks/frontier.py", "--task", "sentiment", "--seeds", "0", "--rounds", "2", "--kl", "adaptive",
-              "--parallel", "2", "--out", str(tmp_path))  # fmt: skip
+              "--parallel", "2", "--kl_levels", "0", "--out", str(tmp_path))  # fmt: skip
     assert "sentiment, adaptive KL coefficient: 1 seeds, 2 rounds" in out and "| random filter |" in out
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Reward at KL levels" in out and "| 0 | " in out  # every run starts at KL 0
+    import json
+
+    levels = json.loads((tmp_path / "summary.json").read_text())["adaptive"]["reward_at_kl_levels"]
+    assert all(v is not None for arm in levels["0.0"].values() for v in arm.values())
 
 
 def test_checkpoint_cost_benchmark_smoke(tmp_path):
