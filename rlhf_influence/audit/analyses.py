@@ -17,7 +17,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from ..store import AttributionStore, StoreError
-from .rescore import ScoredRecord, SnapshotScorer
+from .rescore import BeforeAdamStepError, ScoredRecord, SnapshotScorer
 
 
 @dataclass
@@ -86,14 +86,15 @@ def formation(
     ``adam``: Adam-aware scores; the rounds before Adam's first step have none and are listed as
     ``rounds_before_adam`` (only when they were not asked for by name: then they are an error)."""
     scorer = SnapshotScorer(path)
-    chosen = rounds or scorer.rounds
-    before_adam = []
-    if adam and not rounds:
-        before_adam = [k for k in chosen if scorer.adam_preconditioner(k) is None]
-        chosen = [k for k in chosen if k not in before_adam]
-    out = []
-    for k in chosen:
-        scored = scorer.score(k, prompt, response, adam=adam)
+    out, before_adam = [], []
+    for k in rounds or scorer.rounds:
+        try:
+            scored = scorer.score(k, prompt, response, adam=adam)
+        except BeforeAdamStepError:
+            if rounds:  # asked for by name
+                raise
+            before_adam.append(k)
+            continue
         ranked = sorted(scored, key=lambda r: -r.influence)
         positive = sum(r.influence > 0 for r in scored) / len(scored)
         out.append(FormationRound(k, positive, sum(r.influence for r in scored), ranked[:top]))

@@ -34,7 +34,7 @@ from ..iif.records import ScoredRecords
 from ..iif.scorer import RecordScorer
 from ..iif.target_kinds import target_kind
 from ..store import StoreError, schema
-from .rescore import SnapshotScorer
+from .rescore import SnapshotScorer, stored_optimizer_state
 
 
 @dataclass
@@ -141,11 +141,7 @@ class RoundReplay:
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """Adam's stored round-start state: ``exp_avg/<name>``, ``exp_avg_sq/<name>``, ``step``,
         ``hyperparameters`` (lr, beta1, beta2, eps, weight_decay)."""
-        if not self.has_optimizer_state:
-            raise StoreError(
-                "the run stored no optimizer state (train with --iif_store_optimizer_state true)"
-            )
-        return self.scorer.store.read_tensors(self.round, schema.OPTIMIZER)
+        return stored_optimizer_state(self.scorer.store, self.round)
 
     def adam_preconditioner(self) -> torch.Tensor | None:
         """Adam's preconditioner at the round start, ``[D]`` in the layout's order, from the stored

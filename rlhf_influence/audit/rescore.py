@@ -28,6 +28,10 @@ from ..iif.algorithms import get_algorithm
 from ..store import AttributionStore, StoreError, schema
 
 
+class BeforeAdamStepError(StoreError):
+    """An Adam-aware score asked of a round that starts before Adam's first step (no second moment yet)."""
+
+
 @dataclass(frozen=True)
 class ScoredRecord:
     record: int
@@ -94,7 +98,7 @@ class SnapshotScorer:
         if adam:
             preconditioner = self.adam_preconditioner(round_index)
             if preconditioner is None:
-                raise StoreError(
+                raise BeforeAdamStepError(
                     f"round {round_index} starts before Adam's first step: there is no second moment to "
                     "precondition by yet, so its scores can only be raw (leave out --adam for it)"
                 )
@@ -139,15 +143,21 @@ def score_behaviour(path, round_index: int, prompt: str, response: str, adam: bo
     return SnapshotScorer(path).score(round_index, prompt, response, adam=adam)
 
 
+def stored_optimizer_state(store: AttributionStore, round_index: int) -> dict[str, torch.Tensor]:
+    """Adam's stored state at a round's start: ``exp_avg/<name>``, ``exp_avg_sq/<name>``, ``step``,
+    ``hyperparameters`` (lr, beta1, beta2, eps, weight_decay). StoreError if the run kept none."""
+    if not store.manifest.optimizer_state:
+        raise StoreError("the run stored no optimizer state (train with --iif_store_optimizer_state true)")
+    return store.read_tensors(round_index, schema.OPTIMIZER)
+
+
 def stored_adam_preconditioner(
     store: AttributionStore, round_index: int, param_names: list[str]
 ) -> torch.Tensor | None:
     """Adam's preconditioner at a round's start from its stored moments, ``[D]`` in the order of
     ``param_names`` (:func:`~rlhf_influence.engine.influence.adam_preconditioner`); None before
     Adam's first step. StoreError if the run kept no moments."""
-    if not store.manifest.optimizer_state:
-        raise StoreError("the run stored no optimizer state (train with --iif_store_optimizer_state true)")
-    state = store.read_tensors(round_index, schema.OPTIMIZER)
+    state = stored_optimizer_state(store, round_index)
     step = float(state["step"][0])
     if step < 1:
         return None

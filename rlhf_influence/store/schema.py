@@ -11,7 +11,7 @@ Layout::
         gradients.safetensors    "projected" [N, D']: each record's stored gradient
         adapter.safetensors      the LoRA weights at the round start
         optimizer.safetensors    Adam's round-start moments (iif_store_optimizer_state)
-        batch.safetensors        the records' tensors (BATCH_TENSORS), padded as STORED_PADDING says
+        batch.safetensors        the records' tensors (records_to_stored), padded as STORED_PADDING says
         target.safetensors       the held-out target's records, with their rewards (heldout_return)
 
 The writer (:class:`~rlhf_influence.store.writer.AttributionStore`) writes and reads exactly this;
@@ -24,9 +24,7 @@ import pyarrow as pa
 import torch
 
 from ..iif.records import ScoredRecords
-from ..iif.settings import STORE_DIR
-
-__all__ = ["STORE_DIR"]  # plus everything below; STORE_DIR is the settings' default folder name
+from ..iif.settings import STORE_DIR as STORE_DIR  # the store's folder in a run (the settings' default)
 
 MANIFEST_FILE = "manifest.json"
 MODEL_INFO_FILE = "model.json"

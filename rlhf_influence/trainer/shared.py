@@ -26,7 +26,6 @@ from ..iif.influence_filter import InfluenceFilter, Scoring
 from ..iif.records import ScoredRecords
 from ..iif.settings import IIFSettings
 from ..store import AttributionStore, RunManifest, StoredGradients, TrainingSettings, schema
-from ..store.schema import STORED_PADDING, records_to_stored
 
 # Base models up to this size are copied into the store (tiny and test models); larger ones are
 # referenced by name, as loaded.
@@ -347,11 +346,11 @@ def gather_records(accelerator, records: ScoredRecords, pad_token_id: int) -> di
     """The records' stored tensors (token ids, masks, sampling log-probs, advantages, groups) over
     all processes, each padded to one width as :data:`~rlhf_influence.store.schema.STORED_PADDING` says."""
     gathered = {}
-    stored = records_to_stored(records)
+    stored = schema.records_to_stored(records)
     for name, local in stored.items():
         local = local.to(accelerator.device)
         if local.dim() > 1:
-            pad, first = STORED_PADDING.get(name, (0, False))
+            pad, first = schema.STORED_PADDING.get(name, (0, False))
             pad = pad_token_id if pad is None else pad
             local = accelerator.pad_across_processes(local, dim=1, pad_index=pad, pad_first=first)
         gathered[name] = accelerator.gather(local).cpu()
