@@ -10,6 +10,10 @@
 #             SmolLM2-135M-Instruct in float32, bf16 autocast and bf16 weights (exits 1 on a miss)
 #   overhead  benchmarks/overhead.py --task reviews: plain PPO, the round and epoch schedules and
 #             the buffer target, a few rounds each in bf16: time per round, its split, peak memory
+#             ($OVERHEAD_ARMS picks the IIF arms, default "iif_round iif_epoch iif_round_buffer")
+#   record    benchmarks/record_cost.py --task reviews: what recording the attribution store costs,
+#             plain PPO and GRPO against record-only runs (snapshot and training-pass gradients; GRPO
+#             also without the store's KL curve), bf16
 #   bench     benchmarks/bench_engine.py --model smollm2: exact, projected and scoring against the
 #             floor (one forward+backward) and the peers (loop, vmap), float32; bf16 without peers
 #   efficacy  benchmarks/iif_vs_ppo.py --task reviews: PPO, IIF (round schedule) and the random
@@ -33,12 +37,12 @@ while [ $# -gt 0 ]; do
         --smoke) smoke=1 ;;
         --budget) budget=$2; shift ;;
         -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
-        env|engine|overhead|bench|efficacy) steps+=("$1") ;;
+        env|engine|overhead|record|bench|efficacy) steps+=("$1") ;;
         *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
-[ ${#steps[@]} -eq 0 ] && steps=(env engine overhead bench efficacy)
+[ ${#steps[@]} -eq 0 ] && steps=(env engine overhead record bench efficacy)
 python=${PYTHON:-python3}
 export HF_HUB_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results/gpu_check}
@@ -74,10 +78,10 @@ step() {
 }
 
 if [ $smoke -eq 1 ]; then
-    model=tiny task=sentiment rounds=2 seeds=(0) bench_grid=(--batch-sizes 4 --seq-lens 8 --hidden 32 --layers 1
+    model=tiny task=sentiment rounds=2 record_rounds=3 seeds=(0) bench_grid=(--batch-sizes 4 --seq-lens 8 --hidden 32 --layers 1
         --vocab 64 --repeats 1) bf16_grid=("${bench_grid[@]}") efficacy_rounds=2
 else
-    model=smollm2 task=reviews rounds=6 seeds=(0 1 2) bench_grid=(--model smollm2 --rank 16 --batch-sizes 16 64 256
+    model=smollm2 task=reviews rounds=6 record_rounds=10 seeds=(0 1 2) bench_grid=(--model smollm2 --rank 16 --batch-sizes 16 64 256
         --seq-lens 64 256 --repeats 3) bf16_grid=(--model smollm2 --rank 16 --batch-sizes 16 64 256 --seq-lens 64 256
         512 --repeats 3) efficacy_rounds=30
 fi
@@ -91,7 +95,11 @@ for s in "${steps[@]}"; do
             \"accelerate\", accelerate.__version__)'" ;;
         engine) step engine 150 "$python" benchmarks/engine_check.py --model $model --out "$results" ;;
         overhead) step overhead 200 "$python" benchmarks/overhead.py --task $task --rounds $rounds \
-            --arms iif_round iif_epoch iif_round_buffer --out "$results/overhead" ;;
+            --arms ${OVERHEAD_ARMS:-iif_round iif_epoch iif_round_buffer} --out "$results/overhead" ;;
+        record) step record 300 bash -c "$python benchmarks/record_cost.py --task $task --rounds $record_rounds \
+            --algorithms ppo --arms plain record_snapshot record_training --out $results/record_ppo;
+            $python benchmarks/record_cost.py --task $task --rounds $record_rounds --algorithms grpo \
+            --arms plain record_training_nokl record_training record_snapshot --out $results/record_grpo" ;;
         bench) step bench 150 bash -c "$python benchmarks/bench_engine.py ${bench_grid[*]} --out $results/bench_engine_float32 &&
             $python benchmarks/bench_engine.py ${bf16_grid[*]} --dtype bfloat16 --no-peers --out $results/bench_engine_bf16" ;;
         efficacy) step efficacy 100000 "$python" benchmarks/iif_vs_ppo.py --task $task --arms ppo iif_round random_round \

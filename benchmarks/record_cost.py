@@ -48,7 +48,7 @@ DEFAULT_ARMS = ("plain", "record_snapshot", "record_training")
 ALGORITHMS = ("ppo", "grpo")
 
 
-def worker(algorithm: str, arm: str, task_name: str, rounds: int, seed: int, out: Path) -> dict:
+def worker(algorithm: str, arm: str, task_name: str, rounds: int, seed: int, out: Path, precision: str) -> dict:
     """Run one arm in this process; its round times, memory and store size."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -63,8 +63,11 @@ def worker(algorithm: str, arm: str, task_name: str, rounds: int, seed: int, out
     np.random.seed(seed)
     task = spec.build(seed=seed)
     run_dir = out / f"{algorithm}-{arm}-run"
+    cuda = torch.cuda.is_available()
+    # the recipes' precision: bf16 on a CUDA device that has it, float32 elsewhere; --precision overrides
+    bf16 = precision == "bf16" or (precision == "auto" and cuda and torch.cuda.is_bf16_supported())
     common = {"output_dir": str(run_dir), "report_to": "none", "save_strategy": "no", "seed": seed,
-              "disable_tqdm": True, "use_cpu": not torch.cuda.is_available(), "bf16": False}  # fmt: skip
+              "disable_tqdm": True, "use_cpu": not cuda, "bf16": bf16}  # fmt: skip
 
     clock = round_clock()
     if algorithm == "ppo":
@@ -103,23 +106,37 @@ def worker(algorithm: str, arm: str, task_name: str, rounds: int, seed: int, out
         "phases": phases,  # mean seconds of each timed phase of a round, after the first
         "round_seconds": [b - a for a, b in zip(clock.marks, clock.marks[1:], strict=False)],
         "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "gpu_peak": torch.cuda.max_memory_allocated() if cuda else None,
+        "precision": "bf16" if bf16 else "float32",
         "store_bytes": size,
     }
 
 
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
+
+
 def summarise(results: dict, args) -> str:
-    lines = [f"Task {args.task}, {args.rounds} rounds, seed {args.seed}, {platform.processor() or platform.machine()}, "
-             f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}; mean round after the first.", "",
-             "| algorithm | arm | round (s) | x plain | peak RSS (MiB) | x plain | store per round (MiB) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    first = next(iter(next(iter(results.values())).values()))
+    gpu = first.get("gpu_peak") is not None
+    lines = [f"Task {args.task}, {args.rounds} rounds, seed {args.seed}, {device_name()}, "
+             f"{first.get('precision', 'float32')}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}; mean round after the first.", "",
+             "| algorithm | arm | round (s) | x plain | peak RSS (MiB) | x plain |"
+             + (" peak GPU (MiB) | x plain |" if gpu else "") + " store per round (MiB) |",
+             "|---|---|---|---|---|---|" + ("---|---|" if gpu else "") + "---|"]  # fmt: skip
     for algorithm, arms in results.items():
         base = arms["plain"]
         base_round = statistics.fmean(base["round_seconds"][1:])
         for arm, r in arms.items():
             mean = statistics.fmean(r["round_seconds"][1:])
+            gpu_cells = f" {r['gpu_peak'] / 2**20:.0f} | {r['gpu_peak'] / base['gpu_peak']:.3f} |" if gpu else ""
             lines.append(
                 f"| {algorithm} | {arm} | {mean:.2f} | {mean / base_round:.3f} | {r['peak'] / 2**20:.0f} | "
-                f"{r['peak'] / base['peak']:.3f} | {r['store_bytes'] / 2**20 / args.rounds:.2f} |"
+                f"{r['peak'] / base['peak']:.3f} |{gpu_cells} {r['store_bytes'] / 2**20 / args.rounds:.2f} |"
             )
     lines += ["", "Timed phases of a round (mean seconds after the first; what the trainer logs as time/*):", ""]
     for algorithm, arms in results.items():
@@ -141,29 +158,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS),
                         help="plain first: the ratios are to it")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/record_cost_<task>")
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bf16"),
+                        help="auto: bf16 on a CUDA device that has it (the recipes' default), float32 elsewhere")
     parser.add_argument("--worker", nargs=2, metavar=("ALGORITHM", "ARM"), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     out = args.out or ROOT / "benchmarks" / "results" / f"record_cost_{args.task}"
     out.mkdir(parents=True, exist_ok=True)
     if args.worker:
-        result = worker(*args.worker, args.task, args.rounds, args.seed, out)
+        result = worker(*args.worker, args.task, args.rounds, args.seed, out, args.precision)
         args.result.write_text(json.dumps(result))
         return
     results: dict = {}
+    failed: list[str] = []
     for algorithm in args.algorithms:
         results[algorithm] = {}
         for arm in args.arms:
             path = out / f"{algorithm}-{arm}.json"
             cmd = [sys.executable, __file__, "--task", args.task, "--rounds", str(args.rounds), "--seed", str(args.seed),
-                   "--out", str(out), "--worker", algorithm, arm, "--result", str(path)]  # fmt: skip
+                   "--out", str(out), "--precision", args.precision, "--worker", algorithm, arm,
+                   "--result", str(path)]  # fmt: skip
             print(f"{algorithm} {arm} ...", flush=True)
-            subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if done.returncode != 0:  # say why, and go on with the other arms
+                print(f"{algorithm} {arm} failed (exit {done.returncode}):\n" + "\n".join(done.stderr.splitlines()[-30:]))
+                failed.append(f"{algorithm}/{arm}")
+                continue
             results[algorithm][arm] = json.loads(path.read_text())
+    results = {algorithm: arms for algorithm, arms in results.items() if "plain" in arms}
     (out / "summary.json").write_text(json.dumps(results, indent=2))
-    text = summarise(results, args)
-    (out / "table.md").write_text(text)
-    print(text)
+    if results:
+        text = summarise(results, args)
+        (out / "table.md").write_text(text)
+        print(text)
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
