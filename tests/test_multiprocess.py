@@ -283,3 +283,26 @@ def test_gradients_from_the_training_backward_on_two_processes(tmp_path, algorit
         stored = torch.tensor([r.influence for r in scorer.score(round_index, "the movie was", "great fun lovely")],
                               dtype=torch.float64)  # fmt: skip
         assert torch.allclose(stored, exact, rtol=1e-2, atol=1e-2 * float(exact.abs().max())), round_index
+
+
+@pytest.mark.slow
+def test_step_schedule_on_two_processes_equals_the_round_schedule(tmp_path):
+    """iif_schedule='step' on 2 processes (DDP over gloo) with 2 accumulated slices a step: each
+    process takes its dropped completions' shares out of the averaged gradient; the decisions,
+    scores and trained weights are the round schedule's (to float rounding)."""
+    recipe = str(ROOT / "recipes" / "grpo_iif.py")
+    flags = ["--max_steps", "3", "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "2",
+             "--iif_drop_fraction", "1.0"]  # fmt: skip
+    for schedule in ("round", "step"):
+        launch("multi_cpu", tmp_path / schedule, *flags, "--iif_schedule", schedule, recipe=recipe, timeout=400)
+    by_round = check_store(tmp_path / "round", rounds=3, per_process=32, drop_fraction=1.0)
+    in_step = check_store(tmp_path / "step", rounds=3, per_process=32, drop_fraction=1.0)
+    for expected, got in zip(by_round, in_step, strict=True):
+        assert got["kept"] == expected["kept"] and got["response"] == expected["response"]
+        scores = torch.tensor(expected["influence"])
+        assert torch.allclose(torch.tensor(got["influence"]), scores, rtol=1e-4, atol=1e-5 * float(scores.abs().max()))
+    assert any(not all(t["kept"]) for t in in_step)
+    expected, got = trained_weights(tmp_path / "round"), trained_weights(tmp_path / "step")
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        assert torch.allclose(got[name].float(), tensor.float(), atol=1e-5), name

@@ -14,7 +14,7 @@ from ..engine.checks import finite_number_problem, whole_number_problem
 from .kl import KL_CONTROLS
 from .target_kinds import TARGET_KINDS, target_kind
 
-SCHEDULES = ("epoch", "round")
+SCHEDULES = ("epoch", "round", "step")
 TARGETS = tuple(TARGET_KINDS)
 HELDOUT_SAMPLING = ("with_rollout", "separate")
 SNAPSHOT_DTYPES = ("float32", "bfloat16")
@@ -83,7 +83,11 @@ class IIFSettings:
             "default); 'epoch': re-score with the current weights before every PPO epoch. Measured in "
             "benchmarks/ on a real LM (SmolLM2-135M, 2 PPO epochs): 'round' costs 1.1-1.2x a plain PPO round "
             "on 2 CPU cores (0.93-0.99x with 4 PPO epochs) and 1.35x on an H100, 'epoch' 1.45-1.6x; 'epoch' "
-            "trained no better on any task and made the one collapsed run (benchmarks/README.md).",
+            "trained no better on any task and made the one collapsed run (benchmarks/README.md). 'step' (GRPO "
+            "and RLOO, one optimizer step a generation batch): the round schedule's update without its scoring pass: "
+            "the first step trains on every completion, hooks keep each one's exact gradient, and before clipping "
+            "and the optimizer step the dropped ones' are taken out of the step's gradient (costs the LoRA weights' "
+            "size per completion in device memory until the step; the store's vectors come from that backward).",
             "choices": list(SCHEDULES),
         },
     )
@@ -287,8 +291,11 @@ class IIFSettings:
         if self.iif_target == "none":
             if self.iif_score != "raw":
                 raise ValueError("iif_target='none' scores nothing: iif_score applies only with a target")
-            if self.iif_schedule == "epoch":
-                raise ValueError("iif_target='none' records once a round: iif_schedule='epoch' applies only with a target")
+            if self.iif_schedule != "round":
+                raise ValueError(
+                    f"iif_target='none' records once a round and drops nothing: iif_schedule={self.iif_schedule!r} "
+                    "applies only with a target (for gradients from the training's backward: iif_store_gradients='training')"
+                )
             if self.iif_filter == "random":
                 raise ValueError("iif_target='none' drops nothing, so there is no random control: iif_filter='influence'")
             if not self.iif_store or self.iif_store_projection_dim == 0:
@@ -300,7 +307,8 @@ class IIFSettings:
             raise ValueError(f"iif_record_loss must be one of {RECORD_LOSSES}, got {self.iif_record_loss!r}")
         if self.iif_store_gradients not in STORED_GRADIENTS:
             raise ValueError(f"iif_store_gradients must be one of {STORED_GRADIENTS}, got {self.iif_store_gradients!r}")
-        if self.iif_store_gradients == "training" and (self.iif_target != "none" or not self.iif_enabled):
+        in_step = self.iif_schedule == "step"  # its stored gradients come from the training's backward anyway
+        if self.iif_store_gradients == "training" and (not self.iif_enabled or (self.iif_target != "none" and not in_step)):
             raise ValueError(
                 "iif_store_gradients='training' is for record-only runs (iif_target='none'): with a target, the "
                 "scoring pass at the round start yields the stored gradients at no extra cost"

@@ -37,6 +37,11 @@ class IIFPPOConfig(PPOConfig, IIFSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_iif_settings()
+        if self.iif_schedule == "step":
+            raise ValueError(
+                "iif_schedule='step' is GRPO's and RLOO's (one optimizer step a round, at the weights that sampled "
+                "it); PPO's epochs take several steps at moving weights: use 'round' or 'epoch'"
+            )
         if str(getattr(self.save_strategy, "value", self.save_strategy)) not in ("steps", "no"):
             raise ValueError(
                 f"save_strategy={self.save_strategy!r} is the Trainer's; IIF-PPO checkpoints every save_steps rounds "

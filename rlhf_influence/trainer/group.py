@@ -7,7 +7,10 @@ runs the round's steps:
     -> the kept completions, in TRL's shuffled order, cut into its steps_per_generation slices
 
 then TRL's own optimisation steps run on each slice; with ``iif_schedule='epoch'`` the records
-are scored again before each of the ``num_iterations`` passes. The round is stored when the
+are scored again before each of the ``num_iterations`` passes. With ``iif_schedule='step'`` the
+round's first pass trains on every completion and the decision is taken inside its optimizer
+step, from the gradients its own backward gave (:mod:`rlhf_influence.iif.in_step`): the round
+schedule's update without the records' scoring pass. The round is stored when the
 next one begins (or training ends), with every scoring it had. ``GroupIIFTrainer`` holds all of
 it and sits before TRL's trainer in a subclass (``IIFGRPOTrainer``, ``IIFRLOOTrainer``), which
 names its algorithm, its config and what its generation batch holds. With
@@ -37,6 +40,7 @@ from trl.trainer.utils import (
 from ..engine.lora import find_lora_layout
 from ..engine.targets import token_logprobs
 from ..iif.algorithms import get_algorithm
+from ..iif.in_step import InStepRound, add_to_gradients
 from ..iif.influence_filter import InfluenceFilter, Scoring
 from ..iif.kl import KLController
 from ..iif.records import ScoredRecords
@@ -80,6 +84,7 @@ class GenerationRound:
     scorings: list[Scoring] = field(default_factory=list)
     optimizer: dict[str, torch.Tensor] | None = None  # the round-start Adam state, when stored
     collected: shared.TrainingGradients | None = None  # record only, from the training's backward
+    in_step: InStepRound | None = None  # iif_schedule='step': until its decision, in the first pass's last step
     step_rows: list[np.ndarray] = field(default_factory=list)  # each step's local records (-1: padding)
 
 
@@ -117,6 +122,11 @@ class GroupIIFTrainer:
         self.target_dataset = target_dataset
         self.layout = find_lora_layout(self.lora_policy)
         shared.check_optimizer_state_access(args, self.accelerator)
+        if args.iif_enabled and args.iif_schedule == "step" and getattr(self.accelerator.state, "deepspeed_plugin", None):
+            raise ValueError(
+                "iif_schedule='step' edits each LoRA weight's gradient before the optimizer step, which DeepSpeed "
+                "keeps partitioned: run with DDP or one process, or use iif_schedule='round'"
+            )
         self.store = shared.open_store(args, self.accelerator)
         self.spec = get_algorithm(self.algorithm)
         if args.iif_enabled and self.aux_loss_enabled:
@@ -129,7 +139,7 @@ class GroupIIFTrainer:
         self._rounds = 0
         self._last_rewards: torch.Tensor | None = None
         self._checkpoint_pending = False  # --save_steps fell inside a round: checkpoint when it ends
-        self._pending: tuple[np.ndarray, float] | None = None  # a recorded step's rows, until its backward
+        self._pending: tuple[Any, np.ndarray, float] | None = None  # a recorded step's collector, rows, divisor
         self.kl_controller = KLController.from_settings(
             args.beta, args.kl_control, args.kl_target, args.kl_horizon
         )
@@ -302,9 +312,14 @@ class GroupIIFTrainer:
             with timer("target_sampling"):
                 target_records, target_rewards = self.sample_heldout_target()
         collected = None
+        in_step = None
         if self.store is not None and self.args.iif_store_gradients == "training":  # record only, no pass
             collected = shared.TrainingGradients(self.iif, len(records), self.iif.normaliser(records))
             scoring = self.iif.recorded(torch.zeros(len(records), 0))  # every record kept; vectors come later
+        elif self.args.iif_schedule == "step":  # the target now; the records' scores in the step
+            with timer("scoring"):
+                in_step = self.in_step_round(records, target_records)
+            scoring = self.iif.recorded(torch.zeros(len(records), 0))  # the first pass trains on every record
         else:
             with timer("scoring"):
                 scoring = self.score(records, target_records, round_start=True)
@@ -319,19 +334,64 @@ class GroupIIFTrainer:
             index=self._rounds, batch=batch, shuffled=shuffled, records=records, target_records=target_records,
             rewards=rewards, target_rewards=target_rewards, snapshot=snapshot,
             metrics={**metrics, **timer.metrics()}, started=started,
-            scorings=[scoring], optimizer=moments, collected=collected,
+            scorings=[] if in_step else [scoring], optimizer=moments, collected=collected, in_step=in_step,
         )  # fmt: skip
         self._buffered_inputs = self.kept_steps(shuffled, scoring.keep_local)
         self._round.step_rows = self._step_rows
+        if in_step is None:
+            self._log_scoring(scoring)
+
+    # ------------------------------------------------------------------ iif_schedule='step': the decision in the step
+    def in_step_round(self, records: ScoredRecords, target_records: ScoredRecords) -> InStepRound:
+        """The round's in-step filter, with the target's gradient at the round start (none for the
+        buffer target, whose gradient the records' own give in the step)."""
+        policy, iif = self.lora_policy, self.iif
+        normaliser = iif.normaliser(records)
+        with shared.own_random_stream(self.accelerator.device), _no_dropout(policy):
+            preconditioner = shared.score_preconditioner(self.args, policy, self.optimizer, iif.layout)
+            if self.target_kind.round_start_shortcut and iif.loss.scales_like_token_advantages:
+                return InStepRound(iif, len(records), normaliser, None, preconditioner)
+            target = iif.scorer.target_gradient(policy, target_records)
+        if preconditioner is not None:
+            target = target * preconditioner.to(target)
+        return InStepRound(iif, len(records), normaliser, target)
+
+    def filter_in_step(self) -> None:
+        """After the first pass's last backward, before clipping and the optimizer step: score every
+        completion from its share of the gradient, decide over all processes' completions, and turn
+        the step's gradient into the kept completions' (their own slices' normalisers); the later
+        passes (``num_iterations``) train on the kept slices, as the round schedule's do."""
+        round_, start = self._round, time.perf_counter()
+        in_step, round_.in_step = round_.in_step, None
+        scoring = in_step.scoring()
+        steps = self.kept_steps(round_.shuffled, scoring.keep_local)
+        kept_divisors = np.ones(len(round_.records))
+        for step, rows in zip(steps, self._step_rows, strict=True):
+            kept_divisors[rows[rows >= 0]] = self.slice_divisor(step, len(rows))
+        delta = self.iif.collectives.sum(in_step.correction(scoring.keep_local, kept_divisors))
+        add_to_gradients(self.iif.layout, delta / self.accelerator.num_processes)  # .grad: the processes' mean
+        self._buffered_inputs, round_.step_rows = steps, self._step_rows
+        round_.scorings.append(scoring)
+        seconds = time.perf_counter() - start + in_step.seconds
+        round_.metrics["time/scoring_seconds"] = round_.metrics.get("time/scoring_seconds", 0.0) + seconds
         self._log_scoring(scoring)
 
+    def slice_divisor(self, inputs: dict, rows: int) -> float:
+        """What TRL divides a slice's summed loss by (its ``rows``, padding included)."""
+        mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
+        return self.iif.loss.slice_normaliser(max(float(mask.sum()), 1.0), float(inputs["num_items_in_batch"]), rows)
+
     # ------------------------------------------------------------------ record only: gradients from TRL's backward
-    def _collecting(self) -> shared.TrainingGradients | None:
-        """The round's collector while its first pass over its slices runs (``iif_store_gradients='training'``)."""
+    def _collecting(self) -> shared.TrainingGradients | InStepRound | None:
+        """The round's collector while its first pass over its slices runs (``iif_store_gradients='training'``,
+        or ``iif_schedule='step'`` until its decision)."""
         round_ = self._round
-        if round_ is None or round_.collected is None or not self.model.training:
+        if round_ is None or not self.model.training:
             return None
-        return round_.collected if self._step % self._steps_per_round < self.args.steps_per_generation else None
+        collector = round_.collected if round_.collected is not None else round_.in_step
+        if collector is None:
+            return None
+        return collector if self._step % self._steps_per_round < self.args.steps_per_generation else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         collected = self._collecting()
@@ -340,18 +400,18 @@ class GroupIIFTrainer:
         rows = self._round.step_rows[self._step % self.args.steps_per_generation]
         with collected.recording(rows):  # the hooks' output-gradient hooks fire in TRL's backward, after this
             output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
-        divisor = self.iif.loss.slice_normaliser(max(float(mask.sum()), 1.0), float(inputs["num_items_in_batch"]), len(rows))
-        self._pending = (rows, divisor)
+        self._pending = (collected, rows, self.slice_divisor(inputs, len(rows)))
         return output
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._pending = None
         output = super().training_step(model, inputs, num_items_in_batch)
         if self._pending is not None:  # after TRL's backward: each record's gradient of TRL's slice loss
-            rows, divisor = self._pending
-            self._round.collected.collect(rows, divisor)
+            collector, rows, divisor = self._pending
             self._pending = None
+            collector.collect(rows, divisor)
+            if isinstance(collector, InStepRound) and collector.complete:  # the step's last backward: decide
+                self.filter_in_step()
         return output
 
     def rescore_round(self) -> None:
@@ -529,6 +589,13 @@ class GroupIIFTrainer:
         gradients, round-start adapter and held-out samples to the store (the main process writes)."""
         round_, self._round = self._round, None
         if round_ is None:
+            return
+        if round_.in_step is not None:
+            warnings.warn(
+                f"round {round_.index} ended before its first pass's optimizer step (max_steps inside a round): "
+                "nothing was decided, and it is not stored",
+                stacklevel=2,
+            )
             return
         if round_.collected is not None:  # record only: the vectors its first pass's backward gave
             if not round_.collected.complete:

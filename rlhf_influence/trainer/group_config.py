@@ -12,7 +12,8 @@ class GroupIIFSettings(IIFSettings):
     """IIFSettings as a group trainer takes them; a record is one completion.
 
     A round is one generation batch. ``iif_schedule='round'`` scores it once, before its first
-    optimisation step; ``'epoch'`` re-scores it before each of its ``num_iterations`` passes.
+    optimisation step; ``'epoch'`` re-scores it before each of its ``num_iterations`` passes;
+    ``'step'`` decides inside its first optimizer step, from that step's own backward.
     The held-out target samples ``num_generations`` completions for each of
     ``iif_num_heldout_prompts`` prompts. Dropped completions leave TRL's step count as it is:
     each step trains on the kept completions of its slice of the generation batch.
@@ -50,6 +51,14 @@ class GroupIIFSettings(IIFSettings):
             raise ValueError(f"iif_keep_steps=false (fewer optimizer steps) is PPO's; {title} keeps TRL's step count")
         if self.iif_heldout_sampling != "separate":
             raise ValueError(f"iif_heldout_sampling='with_rollout' is PPO's; {title} samples the held-out target apart")
+        if self.iif_schedule == "step" and self.steps_per_generation != self.gradient_accumulation_steps:
+            raise ValueError(
+                f"iif_schedule='step' decides inside a round's one optimizer step: it needs steps_per_generation "
+                f"({self.steps_per_generation}) == gradient_accumulation_steps ({self.gradient_accumulation_steps})"
+            )
+        if self.iif_schedule == "step" and getattr(self, "fp16", False):
+            raise ValueError("iif_schedule='step' edits the step's gradient, which fp16's loss scaling scales and "
+                             "skips: use bf16 or float32")  # fmt: skip
         if self.iif_whiten_after_filter:
             raise ValueError(f"iif_whiten_after_filter is PPO's; {title}'s advantages are group-relative already")
         for name, (bad, wanted) in unsupported.items():

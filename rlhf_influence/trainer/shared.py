@@ -312,7 +312,7 @@ def run_manifest(
             seed=projector.seed,
             dtype=args.iif_store_dtype,
             size=projector.output_size(iif.layout),
-            taken=args.iif_store_gradients,
+            taken="training" if args.iif_schedule == "step" else args.iif_store_gradients,
         )
     return RunManifest(
         algorithm=training.algorithm,

@@ -1,0 +1,145 @@
+"""IIF inside the optimizer step (``iif_schedule='step'``): the round's filter without its scoring pass.
+
+The round schedule scores every record in a forward and backward of its own before the update,
+then trains on the kept ones. Where a round is one optimizer step at the weights that sampled it
+(GRPO and RLOO with ``steps_per_generation == gradient_accumulation_steps``), the training's own
+backward over all records already holds what that pass computes:
+
+    train on every record, hooks keep each one's exact gradient (its share of ``.grad``)
+    -> each record's influence on the target -> the drop decision over all processes' records
+    -> before clipping and the optimizer step: the dropped records' shares taken out of ``.grad``,
+       the kept ones' put on the normaliser their own slices would have had
+
+which is the round schedule's gradient (so its update), one pass cheaper. Each record's share
+costs ``D`` floats (the LoRA weights' count) on the device until the step. No TRL here: the
+trainer says which records a micro-step held and what its loss was divided by.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import AbstractContextManager
+
+import numpy as np
+import torch
+
+from ..engine.capture import TrainingCapture
+from ..engine.lora import LoraLayout
+from .influence_filter import InfluenceFilter, Scoring
+
+
+class InStepRound:
+    """One round of the in-step filter: the records' shares of the step's gradient, their scores,
+    the decision and the correction that turns the step's gradient into the kept records' one.
+
+    ``normaliser``: the scorer's (all processes' records, :meth:`InfluenceFilter.normaliser`), so
+    the scores equal the round schedule's. ``target_gradient`` ``[D]``: the target's gradient at the
+    round start (preconditioned for Adam-aware scores), or None for a target whose gradient the
+    records' own give there (the buffer target: ``grad f = -(c/M) sum_i g_i``).
+    ``preconditioner`` ``[D]`` applies to that derived target only.
+    """
+
+    def __init__(
+        self,
+        filter_: InfluenceFilter,
+        num_records: int,
+        normaliser: float,
+        target_gradient: torch.Tensor | None,
+        preconditioner: torch.Tensor | None = None,
+    ) -> None:
+        self.filter = filter_
+        self.capture = TrainingCapture(filter_.layout)
+        self.normaliser = normaliser
+        self.target_gradient = target_gradient
+        self.preconditioner = preconditioner
+        self.shares: list[torch.Tensor | None] = [None] * num_records  # [D] each: its part of .grad
+        self.divisors = np.zeros(num_records)  # what each record's slice loss was divided by
+        self.stored: list[torch.Tensor | None] = [None] * num_records  # the store's projected vectors
+        self.seconds = 0.0
+
+    def recording(self, records: np.ndarray) -> AbstractContextManager:
+        """Around one micro-step's forward and backward over the local ``records`` (-1: padding)."""
+        return self.capture.recording(len(records))
+
+    def collect(self, records: np.ndarray, loss_divisor: float) -> None:
+        """After the micro-step's backward (its slice loss divided by ``loss_divisor``): keep each
+        record's share of the gradient and, for the store, its projected gradient on the scorer's
+        normaliser."""
+        start = time.perf_counter()
+        factors = self.capture.factors(1.0)
+        shares = factors.gradients(None)
+        projector = self.filter.store_projector
+        projected = None
+        if projector is not None:
+            projected = (factors.gradients(projector) * (loss_divisor / self.normaliser)).to(self.filter.store_dtype)
+            projected = projected.cpu()
+        self.capture.clear()
+        for i, record in enumerate(records):
+            if record < 0:
+                continue
+            record = int(record)
+            if self.shares[record] is not None:
+                raise RuntimeError(f"record {record} was trained on twice before the in-step decision")
+            self.shares[record], self.divisors[record] = shares[i], loss_divisor
+            if projected is not None:
+                self.stored[record] = projected[i]
+        self.seconds += time.perf_counter() - start
+
+    @property
+    def complete(self) -> bool:
+        """Whether every local record has been trained on (the step's gradient is whole)."""
+        return all(share is not None for share in self.shares)
+
+    def scoring(self) -> Scoring:
+        """Every record's influence on the target, from its share of the gradient, and the decision
+        over all processes' records (the filter's rule, random control included)."""
+        start = time.perf_counter()
+        filter_ = self.filter
+        collectives = filter_.collectives
+        shares = torch.stack(self.shares)
+        scale = torch.as_tensor(self.divisors / self.normaliser, dtype=shares.dtype, device=shares.device)
+        gradients = shares * scale[:, None]  # each record's loss gradient on the scorer's normaliser
+        target = self.target_gradient
+        if target is None:  # the buffer target at the round start: from the records' own gradients
+            total = len(self.shares) * collectives.num_processes
+            target = -(self.normaliser / total) * collectives.sum(gradients.sum(dim=0)).to(gradients)
+            if self.preconditioner is not None:
+                target = target * self.preconditioner.to(target)
+        target = target.to(gradients)
+        projector = filter_.scorer.projector
+        if projector is not None:  # the scoring projection, as the round schedule scores
+            layout = filter_.layout
+            local = -(projector.project(layout, gradients) @ projector.project(layout, target[None]).T)[:, 0]
+        else:
+            local = -(gradients @ target)
+        scoring = filter_.decide(collectives.gather(local).cpu().double(), len(self.shares))
+        if filter_.store_projector is not None:
+            scoring.projected = torch.stack(self.stored)
+        scoring.seconds = self.seconds + time.perf_counter() - start
+        return scoring
+
+    def correction(self, keep_local: np.ndarray, kept_divisors: np.ndarray) -> torch.Tensor:
+        """This process's change to its gradient ``[D]``: minus each dropped record's share, and each
+        kept record's share rescaled from its slice's divisor to ``kept_divisors`` (the divisor of
+        the slice it lands in once the dropped records are gone)."""
+        keep = torch.as_tensor(keep_local, dtype=torch.bool)
+        ratio = torch.as_tensor(self.divisors / np.where(keep_local, kept_divisors, 1.0))
+        coefficients = torch.where(keep, ratio - 1.0, torch.full_like(ratio, -1.0))
+        shares = torch.stack(self.shares)
+        return coefficients.to(shares) @ shares
+
+
+def add_to_gradients(layout: LoraLayout, delta: torch.Tensor) -> None:
+    """Add ``delta`` ``[D]`` (in the layout's order) to the LoRA weights' ``.grad``."""
+    for linear in layout.linears:
+        weight = linear.module.weight
+        part = delta[linear.weight_offset : linear.weight_offset + linear.weight_numel].view_as(weight)
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        weight.grad.add_(part.to(weight.grad))
+        if linear.bias_offset is not None:
+            bias = linear.module.bias
+            part = delta[linear.bias_offset : linear.bias_offset + linear.out_features]
+            if bias.grad is None:
+                bias.grad = torch.zeros_like(bias)
+            bias.grad.add_(part.to(bias.grad))
