@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import test_grpo
 import test_rloo
+import torch
 from test_grpo import lora_state
 
 from rlhf_influence import IIFGRPOConfig, IIFPPOConfig
