@@ -10,6 +10,13 @@ embedded task with its own settings (`--task`, default the real LM `reviews`):
                     optimisation's own backward, no pass of their own
   record_training_nokl  the same with iif_store_kl=false (GRPO: no KL curve; --arms to run it)
 
+and, to compare IIF's own cost (GRPO and RLOO; --arms to run them):
+
+  iif_round         IIF with the task's target (held-out on the embedded tasks), p=1, round schedule:
+                    the records scored in a forward and backward of their own before the step
+  iif_step          the same decision and update with iif_schedule='step': scored from the step's
+                    own backward, no pass over the records
+
 A round's time is the wall time between the trainer's step callbacks (PPO: one a round; GRPO: one a
 round with the task's settings, one optimizer step a generation batch), everything included. Mean
 over the rounds after the first, as ratios to `plain`; peak resident memory of each process. The
@@ -43,6 +50,8 @@ ARMS = {
     "record_training": {"iif_target": "none", "iif_store_gradients": "training"},
     # GRPO: without the store's KL curve, which costs a policy and a reference forward when beta=0
     "record_training_nokl": {"iif_target": "none", "iif_store_gradients": "training", "iif_store_kl": False},
+    "iif_round": {"iif_drop_fraction": 1.0, "iif_schedule": "round"},
+    "iif_step": {"iif_drop_fraction": 1.0, "iif_schedule": "step"},
 }
 DEFAULT_ARMS = ("plain", "record_snapshot", "record_training")
 ALGORITHMS = ("ppo", "grpo")
@@ -88,17 +97,22 @@ def worker(algorithm: str, arm: str, task_name: str, rounds: int, seed: int, out
             model=task.policy, reward_funcs=[reward], args=IIFGRPOConfig(**settings),
             train_dataset=task.train_dataset.select_columns(["prompt"]), processing_class=task.tokenizer,
             peft_config=task.lora_config,
+            target_dataset=task.heldout_dataset.select_columns(["prompt"]) if arm.startswith("iif_") else None,
         )  # fmt: skip
     trainer.add_callback(clock)
     trainer.train()
     store = run_dir / "attribution"
     size = sum(p.stat().st_size for p in store.rglob("*") if p.is_file()) if store.exists() else 0
     rounds = [row for row in trainer.state.log_history if any(key.startswith("time/") for key in row)][1:]
+    trained: list[dict] = []
     if store.exists():  # the store keeps every round's metrics, GRPO's phases included
         from rlhf_influence.store import AttributionStore
 
         stored = AttributionStore(store)
-        rounds = [stored.read_metrics(index) for index in stored.rounds()][1:]
+        every = [stored.read_metrics(index) for index in stored.rounds()]
+        rounds = every[1:]
+        # what each round trained on (IIF's decision) and its reward: equal decisions, equal training
+        trained = [{key: row[key] for key in ("objective/scores", "iif/kept_fraction") if key in row} for row in every]
     shutil.rmtree(run_dir, ignore_errors=True)  # the figures are what is kept
     phases = {key: statistics.fmean(row[key] for row in rounds if key in row)
               for key in sorted({k for row in rounds for k in row if k.startswith("time/")})}  # fmt: skip
@@ -109,6 +123,7 @@ def worker(algorithm: str, arm: str, task_name: str, rounds: int, seed: int, out
         "gpu_peak": torch.cuda.max_memory_allocated() if cuda else None,
         "precision": "bf16" if bf16 else "float32",
         "store_bytes": size,
+        "trained": trained,
     }
 
 
