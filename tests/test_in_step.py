@@ -24,6 +24,7 @@ CASES = {
     "grpo-bnpo-iterations": (test_grpo.build, {"loss_type": "bnpo", "num_iterations": 2, "max_steps": 6}),
     "grpo-random-half": (test_grpo.build, {"iif_filter": "random", "iif_drop_fraction": 0.5}),
     "grpo-adam-clipped": (test_grpo.build, {"iif_score": "adam", "max_grad_norm": 1e-3}),
+    "grpo-scoring-projection": (test_grpo.build, {"iif_projection_dim": 16}),
     "rloo-heldout": (test_rloo.build, {}),
     "rloo-buffer-accumulation": (test_rloo.build, {"iif_target": "buffer_return", "beta": 0.0,
                                                    "gradient_accumulation_steps": 2}),

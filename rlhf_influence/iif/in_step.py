@@ -52,7 +52,8 @@ class InStepRound:
         self.normaliser = normaliser
         self.target_gradient = target_gradient
         self.preconditioner = preconditioner
-        self.shares: list[torch.Tensor | None] = [None] * num_records  # [D] each: its part of .grad
+        self.shares = torch.zeros(num_records, filter_.layout.num_params, device=filter_.collectives.device)
+        self.collected = np.zeros(num_records, dtype=bool)  # [n] whose share is in ``shares`` (each record's .grad part)
         self.divisors = np.zeros(num_records)  # what each record's slice loss was divided by
         self.stored: list[torch.Tensor | None] = [None] * num_records  # the store's projected vectors
         self.seconds = 0.0
@@ -74,21 +75,21 @@ class InStepRound:
             projected = (factors.gradients(projector) * (loss_divisor / self.normaliser)).to(self.filter.store_dtype)
             projected = projected.cpu()
         self.capture.clear()
-        for i, record in enumerate(records):
-            if record < 0:
-                continue
-            record = int(record)
-            if self.shares[record] is not None:
-                raise RuntimeError(f"record {record} was trained on twice before the in-step decision")
-            self.shares[record], self.divisors[record] = shares[i], loss_divisor
-            if projected is not None:
-                self.stored[record] = projected[i]
+        real = np.flatnonzero(records >= 0)
+        rows = records[real]
+        if self.collected[rows].any():
+            raise RuntimeError(f"records {rows[self.collected[rows]][:5]} were trained on twice before the in-step decision")
+        self.shares[torch.as_tensor(rows, device=self.shares.device)] = shares[torch.as_tensor(real, device=shares.device)].to(self.shares)
+        self.collected[rows], self.divisors[rows] = True, loss_divisor
+        if projected is not None:
+            for i, record in zip(real, rows, strict=True):
+                self.stored[int(record)] = projected[i]
         self.seconds += time.perf_counter() - start
 
     @property
     def complete(self) -> bool:
         """Whether every local record has been trained on (the step's gradient is whole)."""
-        return all(share is not None for share in self.shares)
+        return bool(self.collected.all())
 
     def scoring(self) -> Scoring:
         """Every record's influence on the target, from its share of the gradient, and the decision
@@ -96,23 +97,24 @@ class InStepRound:
         start = time.perf_counter()
         filter_ = self.filter
         collectives = filter_.collectives
-        shares = torch.stack(self.shares)
+        shares = self.shares
+        # record i's loss gradient on the scorer's normaliser is its share times scale_i
         scale = torch.as_tensor(self.divisors / self.normaliser, dtype=shares.dtype, device=shares.device)
-        gradients = shares * scale[:, None]  # each record's loss gradient on the scorer's normaliser
         target = self.target_gradient
         if target is None:  # the buffer target at the round start: from the records' own gradients
-            total = len(self.shares) * collectives.num_processes
-            target = -(self.normaliser / total) * collectives.sum(gradients.sum(dim=0)).to(gradients)
+            total = len(shares) * collectives.num_processes
+            target = -(self.normaliser / total) * collectives.sum(scale @ shares).to(shares)
             if self.preconditioner is not None:
                 target = target * self.preconditioner.to(target)
-        target = target.to(gradients)
+        target = target.to(shares)
         projector = filter_.scorer.projector
         if projector is not None:  # the scoring projection, as the round schedule scores
             layout = filter_.layout
-            local = -(projector.project(layout, gradients) @ projector.project(layout, target[None]).T)[:, 0]
+            projected_target = projector.project(layout, target[None])[0]
+            local = -(projector.project(layout, shares) @ projected_target) * scale
         else:
-            local = -(gradients @ target)
-        scoring = filter_.decide(collectives.gather(local).cpu().double(), len(self.shares))
+            local = -(shares @ target) * scale
+        scoring = filter_.decide(collectives.gather(local).cpu().double(), len(shares))
         if filter_.store_projector is not None:
             scoring.projected = torch.stack(self.stored)
         scoring.seconds = self.seconds + time.perf_counter() - start
@@ -125,8 +127,7 @@ class InStepRound:
         keep = torch.as_tensor(keep_local, dtype=torch.bool)
         ratio = torch.as_tensor(self.divisors / np.where(keep_local, kept_divisors, 1.0))
         coefficients = torch.where(keep, ratio - 1.0, torch.full_like(ratio, -1.0))
-        shares = torch.stack(self.shares)
-        return coefficients.to(shares) @ shares
+        return coefficients.to(self.shares) @ self.shares
 
 
 def add_to_gradients(layout: LoraLayout, delta: torch.Tensor) -> None:
