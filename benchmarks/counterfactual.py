@@ -302,13 +302,20 @@ def analyse_behaviour_round(replay: RoundReplay, args, round_index: int) -> dict
 
     scorer = replay.scorer
     policy = scorer.policy
+    prompt, response = BEHAVIOURS[args.task]
+    stored = {}
+    if scorer.store.manifest.stored_gradients is not None:  # what `score` ranks by: the stored vectors
+        stored["stored"] = torch.tensor([r.influence for r in scorer.score(round_index, prompt, response)])
+        if replay.adam_preconditioner() is not None:
+            stored["stored_adam"] = torch.tensor(
+                [r.influence for r in scorer.score(round_index, prompt, response, adam=True)]
+            )
     scorer.load_round(round_index)
     theta0 = flat_trainable(policy)
-    prompt, response = BEHAVIOURS[args.task]
     target = LogProbTarget.from_text(scorer.tokenizer, [prompt], [response])
     target.temperature, target.positions_from_mask = scorer.temperature, scorer.positions_from_mask
     grad = target_gradients(policy, target, layout=scorer.layout)
-    scores = record_scores(replay, grad)
+    scores = {**record_scores(replay, grad), **stored}
     with torch.no_grad():
         before = float(target(policy).sum())
     n, m = len(replay), args.remove
