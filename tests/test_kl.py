@@ -12,7 +12,7 @@ from test_checkpoint import fails_with, recipe_main
 from test_grpo import build
 from trainer_setup import Setup, ppo_kwargs, seed_everything
 
-from rlhf_influence import IIFPPOConfig, IIFPPOTrainer
+from rlhf_influence import IIFGRPOTrainer, IIFPPOConfig, IIFPPOTrainer
 from rlhf_influence.iif.kl import KLController, exact_kl
 
 
@@ -125,3 +125,40 @@ def test_plain_runs_take_the_adaptive_controller_from_both_recipes(tmp_path, cap
 )
 def test_bad_kl_settings_are_refused_in_one_line(tmp_path, capsys, no_model_loads, algorithm, flags, message):
     fails_with(capsys, algorithm, ["--output_dir", str(tmp_path / "x"), *flags], message)
+
+
+class ChecksRoundKL(IIFGRPOTrainer):
+    """Beside the run's own round KL, the one a separate forward of the policy gives at the round start."""
+
+    def start_round(self, generation_batch):
+        super().start_round(generation_batch)
+        self.separate_kl.append(self.kl_to_reference(self._round.records))
+
+
+@pytest.mark.parametrize(
+    ("settings", "from_training"),
+    [
+        ({"iif_target": "none", "iif_store_gradients": "training"}, True),
+        ({"iif_target": "none", "gradient_accumulation_steps": 2}, True),
+        ({"iif_schedule": "step", "iif_drop_fraction": 1.0, "beta": 0.1, "loss_type": "grpo"}, True),
+        ({"iif_drop_fraction": 0.0, "num_iterations": 2, "max_steps": 6}, True),
+        ({"iif_drop_fraction": 1.0}, False),  # the kept completions only: a forward of its own
+        ({"iif_target": "none", "steps_per_generation": 2}, False),  # the second slice after a step
+    ],
+    ids=["record-only", "record-accumulation", "step-kl-term", "p0-iterations", "round-p1", "two-steps-a-round"],
+)
+def test_grpo_round_kl_from_the_training_forward_equals_a_separate_forward(tmp_path, settings, from_training):
+    """The store's KL curve takes the policy's log-probs from TRL's own first-pass forward where that
+    pass trains every completion at the round-start weights: one forward a round fewer (two with
+    beta > 0), the same KL as a forward of its own at the round start."""
+    from rlhf_influence.store import AttributionStore
+
+    trainer = build(tmp_path, ChecksRoundKL, **{"max_steps": 4, **settings})
+    trainer.separate_kl = []
+    assert trainer._kl_from_training() is from_training
+    trainer.train()
+    store = AttributionStore.open(tmp_path)
+    stored = [store.read_metrics(k)["objective/kl"] for k in store.rounds()]
+    assert len(stored) == len(trainer.separate_kl) >= 2
+    assert stored[1] > 0  # the policy moved from the reference
+    assert stored == pytest.approx(trainer.separate_kl, rel=1e-4, abs=1e-7)

@@ -109,10 +109,10 @@ def test_grpo_record_only_trains_exactly_as_plain_grpo(tmp_path):
 def test_grpo_store_kl_off_skips_the_reference_pass_and_changes_nothing_else(tmp_path):
     calls = []
 
-    class CountsKL(IIFGRPOTrainer):
-        def kl_to_reference(self, records):
+    class CountsKL(IIFGRPOTrainer):  # the reference's forward (the policy's side comes from training's)
+        def reference_logprobs(self, records):
             calls.append(len(records))
-            return super().kl_to_reference(records)
+            return super().reference_logprobs(records)
 
     with_kl = build_grpo(tmp_path / "kl", CountsKL, heldout=False, iif_target="none")
     with_kl.train()

@@ -68,6 +68,45 @@ PADDING_BLANKED = ("completion_mask", "advantages", "old_logps")
 
 
 @dataclass
+class PendingKL:
+    """A round's KL to the reference, its policy side taken from the first pass's own forward: TRL's
+    log-probs of each completion at the round-start weights, gathered slice by slice (``[n, C]``,
+    the completion's positions), against the reference's, taken at the round start."""
+
+    reference: torch.Tensor  # [n, C] the reference's log-probs of the completions' tokens
+    mask: torch.Tensor  # [n, C] the completions' loss masks
+    policy: torch.Tensor  # [n, C] filled as the first pass's slices run
+    seen: np.ndarray  # bool [n]
+
+    @classmethod
+    def start(cls, reference: torch.Tensor, mask: torch.Tensor) -> PendingKL:
+        return cls(reference, mask.to(reference.dtype), torch.zeros_like(reference), np.zeros(len(reference), dtype=bool))
+
+    def add(self, rows: np.ndarray, logprobs: torch.Tensor) -> None:
+        """A slice's log-probs ``[rows, C]`` for its local ``rows`` (-1: padding)."""
+        real = np.flatnonzero(rows >= 0)
+        index = torch.as_tensor(rows[real], device=self.policy.device)
+        self.policy[index] = logprobs[torch.as_tensor(real, device=logprobs.device)].detach().to(self.policy)
+        self.seen[rows[real]] = True
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.seen.all())
+
+    def value(self, accelerator) -> float:
+        """The KL summed over each completion's tokens, averaged over all processes' completions."""
+        return _kl_per_completion(self.policy, self.reference, self.mask, accelerator)
+
+
+def _kl_per_completion(logp: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, accelerator) -> float:
+    """GRPO's estimator ``exp(r) - r - 1`` with ``r = log pi_ref - log pi`` (never negative), summed
+    over each completion's masked tokens, averaged over all processes' completions."""
+    gap = (reference.to(logp.dtype) - logp) * mask
+    kl = (torch.exp(gap) - gap - 1).sum(1)
+    return float(accelerator.gather(kl.float()).mean())
+
+
+@dataclass
 class GenerationRound:
     """One generation batch as IIF holds it until the round is stored."""
 
@@ -86,6 +125,7 @@ class GenerationRound:
     collected: shared.TrainingGradients | None = None  # record only, from the training's backward
     in_step: InStepRound | None = None  # iif_schedule='step': until its decision, in the first pass's last step
     step_rows: list[np.ndarray] = field(default_factory=list)  # each step's local records (-1: padding)
+    kl: PendingKL | None = None  # the KL to the reference, until the first pass's forwards give its policy side
 
 
 class GroupIIFTrainer:
@@ -101,6 +141,7 @@ class GroupIIFTrainer:
     config_class: ClassVar[type]  # the IIF config the trainer takes
     # settings a resume must find unchanged, beside the ones every group trainer checks
     checkpoint_settings: ClassVar[tuple[str, ...]] = ()
+    _kl_rows: np.ndarray | None = None  # the slice whose log-probs TRL's loss computes next, for the round's KL
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -324,9 +365,15 @@ class GroupIIFTrainer:
             with timer("scoring"):
                 scoring = self.score(records, target_records, round_start=True)
         metrics = {"objective/scores": float(rewards.nanmean()), "objective/kl_coef": self.beta}
+        pending_kl = None
         if (self.store is not None and self.args.iif_store_kl) or self.kl_controller.adaptive:  # curves, controller
             with timer("kl"):
-                metrics["objective/kl"] = self._round_kl = self.kl_to_reference(records)
+                if self._kl_from_training():  # the policy's side comes from the first pass's forward
+                    width = records.context_length
+                    pending_kl = PendingKL.start(self.reference_logprobs(records)[:, width:],
+                                                 records.response_mask[:, width:])  # fmt: skip
+                else:
+                    metrics["objective/kl"] = self._round_kl = self.kl_to_reference(records)
         batch = split_pixel_values_by_grid(batch)
         batch[ROW_KEY] = torch.arange(len(records), device=self.accelerator.device)
         shuffled = shuffle_sequence_dict(batch)  # TRL's shuffle, from the same random stream
@@ -335,6 +382,7 @@ class GroupIIFTrainer:
             rewards=rewards, target_rewards=target_rewards, snapshot=snapshot,
             metrics={**metrics, **timer.metrics()}, started=started,
             scorings=[] if in_step else [scoring], optimizer=moments, collected=collected, in_step=in_step,
+            kl=pending_kl,
         )  # fmt: skip
         self._buffered_inputs = self.kept_steps(shuffled, scoring.keep_local)
         self._round.step_rows = self._step_rows
@@ -386,14 +434,17 @@ class GroupIIFTrainer:
         """The round's collector while its first pass over its slices runs (``iif_store_gradients='training'``,
         or ``iif_schedule='step'`` until its decision)."""
         round_ = self._round
-        if round_ is None or not self.model.training:
+        if round_ is None:
             return None
         collector = round_.collected if round_.collected is not None else round_.in_step
         if collector is None:
             return None
-        return collector if self._step % self._steps_per_round < self.args.steps_per_generation else None
+        return collector if self._in_first_pass() else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        round_ = self._round
+        if round_ is not None and round_.kl is not None and self._in_first_pass():  # the KL's policy side
+            self._kl_rows = round_.step_rows[self._step % self.args.steps_per_generation]
         collected = self._collecting()
         if collected is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -412,7 +463,34 @@ class GroupIIFTrainer:
             collector.collect(rows, divisor)
             if isinstance(collector, InStepRound) and collector.complete:  # the step's last backward: decide
                 self.filter_in_step()
+        round_ = self._round
+        if round_ is not None and round_.kl is not None and round_.kl.complete:  # every completion's log-probs
+            start = time.perf_counter()
+            round_.metrics["objective/kl"] = self._round_kl = round_.kl.value(self.accelerator)
+            round_.metrics["time/kl_seconds"] = round_.metrics.get("time/kl_seconds", 0.0) + time.perf_counter() - start
+            round_.kl = None
         return output
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        output = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        rows, self._kl_rows = self._kl_rows, None
+        if rows is not None:  # a first-pass slice of TRL's loss: its log-probs at the round-start weights
+            self._round.kl.add(rows, output[0])
+        return output
+
+    def _in_first_pass(self) -> bool:
+        """Whether the step about to run is in the round's first pass over its slices."""
+        return self.model.training and self._step % self._steps_per_round < self.args.steps_per_generation
+
+    def _kl_from_training(self) -> bool:
+        """Whether the round's KL can take the policy's log-probs from the first pass's own forward:
+        that pass trains every completion (nothing dropped before it: record only, p = 0, or the step
+        schedule), all at the round-start weights (one optimizer step a generation batch) and with
+        no dropout (the KL is the deterministic policy's)."""
+        args = self.args
+        trains_all = not self.target_kind.scores or args.iif_schedule == "step" or args.iif_drop_fraction == 0
+        dropout = any(m.p > 0 for m in self.lora_policy.modules() if isinstance(m, nn.Dropout))
+        return trains_all and args.steps_per_generation == args.gradient_accumulation_steps and not dropout
 
     def rescore_round(self) -> None:
         """Score the round's records again at the current weights, before another pass over them."""
@@ -469,20 +547,29 @@ class GroupIIFTrainer:
         the reference is TRL's reference log-probs where the batch has them (GRPO with ``beta > 0``),
         else the policy with its adapter disabled (TRL's reference adapter where there is one)."""
         policy = self.lora_policy
-        logp, ref = [], []
+        logp = []
         with shared.own_random_stream(self.accelerator.device), _no_dropout(policy):
             for idx in micro_batches(len(records), self.args.per_device_train_batch_size):
                 part = records.select(idx)
-                args = (part.input_ids, part.attention_mask, self.args.temperature, False)
-                logp.append(token_logprobs(policy, *args))
-                if records.ref_logprobs is None:  # the reference as TRL's GRPO and RLOO take it
-                    with use_adapter(policy, adapter_name="ref" if "ref" in policy.peft_config else None):
-                        ref.append(token_logprobs(policy, *args))
-        logp = torch.cat(logp)
-        reference = records.ref_logprobs if records.ref_logprobs is not None else torch.cat(ref)
-        gap = (reference.to(logp.dtype) - logp) * records.response_mask
-        kl = (torch.exp(gap) - gap - 1).sum(1)
-        return float(self.accelerator.gather(kl.float()).mean())
+                logp.append(token_logprobs(policy, part.input_ids, part.attention_mask, self.args.temperature, False))
+        return _kl_per_completion(torch.cat(logp), self.reference_logprobs(records), records.response_mask,
+                                  self.accelerator)  # fmt: skip
+
+    @torch.no_grad()
+    def reference_logprobs(self, records: ScoredRecords) -> torch.Tensor:
+        """The reference's log-probs of the records' tokens ``[n, T]``: TRL's where the batch has them
+        (GRPO with ``beta > 0``), else the policy with its adapter disabled (TRL's reference adapter
+        where there is one)."""
+        if records.ref_logprobs is not None:
+            return records.ref_logprobs
+        policy = self.lora_policy
+        ref = []
+        with shared.own_random_stream(self.accelerator.device), _no_dropout(policy):
+            for idx in micro_batches(len(records), self.args.per_device_train_batch_size):
+                part = records.select(idx)
+                with use_adapter(policy, adapter_name="ref" if "ref" in policy.peft_config else None):
+                    ref.append(token_logprobs(policy, part.input_ids, part.attention_mask, self.args.temperature, False))
+        return torch.cat(ref)
 
     def sample_heldout_target(self) -> tuple[ScoredRecords, torch.Tensor]:
         """Held-out prompts, ``num_generations`` fresh completions each from the current policy,
@@ -590,6 +677,13 @@ class GroupIIFTrainer:
         round_, self._round = self._round, None
         if round_ is None:
             return
+        if round_.kl is not None:
+            warnings.warn(
+                f"round {round_.index} ended before its first pass had run every completion (max_steps inside a "
+                "round): its KL to the reference is not known (NaN)",
+                stacklevel=2,
+            )
+            round_.metrics["objective/kl"] = float("nan")
         if round_.in_step is not None:
             warnings.warn(
                 f"round {round_.index} ended before its first pass's optimizer step (max_steps inside a round): "
