@@ -99,6 +99,7 @@ BAD_FLAGS = [  # (flags, a phrase of the one-line message); every case fails bef
     (["--reward_model_path", "/no/such_dir"], "--reward_model_path applies to a job on your own model"),
     (["--lora_r", "4"], "--lora_r applies to a job on your own model"),
     (["--iif_schedule", "weekly"], "invalid choice: 'weekly'"),
+    (["--iif_schedule", "step", "--steps_per_generation", "2"], "iif_schedule='step' decides inside a round's one"),
 ]  # fmt: skip
 
 

@@ -338,7 +338,8 @@ BAD_FLAGS = [  # (flags, a phrase of the one-line message); every case fails bef
     (["--lora_r", "4"], "--lora_r applies to a job on your own model"),
     (["--whiten_rewards", "true", "--num_mini_batches", "8"], "--whiten_rewards needs mini-batches of at least 8 records per process, got 4"),
     (["--config", "/no/such.yaml"], "cannot read /no/such.yaml: No such file or directory"),
-    (["--iif_schedule", "weekly"], "invalid choice: 'weekly' (choose from 'epoch', 'round') (see --help)"),
+    (["--iif_schedule", "weekly"], "invalid choice: 'weekly' (choose from 'epoch', 'round', 'step') (see --help)"),
+    (["--iif_schedule", "step"], "iif_schedule='step' is GRPO's and RLOO's"),
     (["--iif_score", "cosine"], "invalid choice: 'cosine' (choose from 'raw', 'adam') (see --help)"),
 ]  # fmt: skip
 
