@@ -102,3 +102,15 @@ def test_step_schedule_refused_where_it_cannot_equal_the_round(tmp_path, config,
         kwargs.update(per_device_train_batch_size=8, num_generations=4)
     with pytest.raises(ValueError, match=message):
         config(**kwargs)
+
+
+def test_step_schedule_says_when_the_shares_do_not_fit_on_the_gpu(monkeypatch):
+    """The shares are allocated on the device at the round start; on CUDA a round that cannot hold
+    them is refused in one line with what to do (the check runs here with the free memory faked)."""
+    from rlhf_influence.iif import in_step
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 2**30, 80 * 2**30))
+    in_step._check_room(16, 1_000_000, torch.device("cpu"))  # the CPU: nothing to check
+    in_step._check_room(16, 1_000_000, torch.device("cuda"))  # 61 MiB: fits
+    with pytest.raises(ValueError, match=r"256 completions' gradient share .* 16.0 GiB\) until the step, and 2.0 GiB"):
+        in_step._check_room(256, 16_777_216, torch.device("cuda"))

@@ -52,7 +52,9 @@ class InStepRound:
         self.normaliser = normaliser
         self.target_gradient = target_gradient
         self.preconditioner = preconditioner
-        self.shares = torch.zeros(num_records, filter_.layout.num_params, device=filter_.collectives.device)
+        device = filter_.collectives.device
+        _check_room(num_records, filter_.layout.num_params, device)
+        self.shares = torch.zeros(num_records, filter_.layout.num_params, device=device)
         self.collected = np.zeros(num_records, dtype=bool)  # [n] whose share is in ``shares`` (each record's .grad part)
         self.divisors = np.zeros(num_records)  # what each record's slice loss was divided by
         self.stored: list[torch.Tensor | None] = [None] * num_records  # the store's projected vectors
@@ -128,6 +130,20 @@ class InStepRound:
         ratio = torch.as_tensor(self.divisors / np.where(keep_local, kept_divisors, 1.0))
         coefficients = torch.where(keep, ratio - 1.0, torch.full_like(ratio, -1.0))
         return coefficients.to(self.shares) @ self.shares
+
+
+def _check_room(num_records: int, num_params: int, device: torch.device) -> None:
+    """On a CUDA device: the round's shares must fit in its free memory (ValueError, in one line, if not)."""
+    if device.type != "cuda":
+        return
+    needed = num_records * num_params * 4
+    free, _ = torch.cuda.mem_get_info(device)
+    if needed > free:
+        raise ValueError(
+            f"iif_schedule='step' keeps each of this process's {num_records} completions' gradient share "
+            f"({num_params:,} LoRA weights each, {needed / 2**30:.1f} GiB) until the step, and {free / 2**30:.1f} GiB "
+            "is free: use iif_schedule='round', or fewer completions a generation batch per process"
+        )
 
 
 def add_to_gradients(layout: LoraLayout, delta: torch.Tensor) -> None:
