@@ -16,6 +16,8 @@ and, to compare IIF's own cost (GRPO and RLOO; --arms to run them):
                     the records scored in a forward and backward of their own before the step
   iif_step          the same decision and update with iif_schedule='step': scored from the step's
                     own backward, no pass over the records
+  iif_round_buffer, iif_step_buffer   the same two with the buffer target (the round's own
+                    completions: no held-out samples)
 
 A round's time is the wall time between the trainer's step callbacks (PPO: one a round; GRPO: one a
 round with the task's settings, one optimizer step a generation batch), everything included. Mean
@@ -52,6 +54,8 @@ ARMS = {
     "record_training_nokl": {"iif_target": "none", "iif_store_gradients": "training", "iif_store_kl": False},
     "iif_round": {"iif_drop_fraction": 1.0, "iif_schedule": "round"},
     "iif_step": {"iif_drop_fraction": 1.0, "iif_schedule": "step"},
+    "iif_round_buffer": {"iif_drop_fraction": 1.0, "iif_schedule": "round", "iif_target": "buffer_return"},
+    "iif_step_buffer": {"iif_drop_fraction": 1.0, "iif_schedule": "step", "iif_target": "buffer_return"},
 }
 DEFAULT_ARMS = ("plain", "record_snapshot", "record_training")
 ALGORITHMS = ("ppo", "grpo")
