@@ -25,6 +25,8 @@ CASES = {
     "grpo-random-half": (test_grpo.build, {"iif_filter": "random", "iif_drop_fraction": 0.5}),
     "grpo-adam-clipped": (test_grpo.build, {"iif_score": "adam", "max_grad_norm": 1e-3}),
     "grpo-scoring-projection": (test_grpo.build, {"iif_projection_dim": 16}),
+    # the buffer target's gradient from the shares, preconditioned (the round schedule: a pass of its own)
+    "rloo-buffer-adam": (test_rloo.build, {"iif_target": "buffer_return", "beta": 0.0, "iif_score": "adam"}),
     "rloo-heldout": (test_rloo.build, {}),
     "rloo-buffer-accumulation": (test_rloo.build, {"iif_target": "buffer_return", "beta": 0.0,
                                                    "gradient_accumulation_steps": 2}),
@@ -110,7 +112,49 @@ def test_step_schedule_says_when_the_shares_do_not_fit_on_the_gpu(monkeypatch):
     from rlhf_influence.iif import in_step
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 2**30, 80 * 2**30))
-    in_step._check_room(16, 1_000_000, torch.device("cpu"))  # the CPU: nothing to check
-    in_step._check_room(16, 1_000_000, torch.device("cuda"))  # 61 MiB: fits
-    with pytest.raises(ValueError, match=r"256 completions' gradient share .* 16.0 GiB\) until the step, and 2.0 GiB"):
-        in_step._check_room(256, 16_777_216, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2**30)  # cached by torch ...
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2**29)  # ... half of it unused
+    in_step.check_room(16, 1_000_000, torch.device("cpu"))  # the CPU: nothing to check
+    in_step.check_room(16, 1_000_000, "cuda")  # 61 MiB: fits
+    in_step.check_room(128, 4_500_000, "cuda")  # 2.1 GiB: fits in the free 2 GiB plus the cache's unused 0.5
+    with pytest.raises(ValueError, match=r"256 completions' gradient share .* 16.0 GiB\) until the step, and 2.5 GiB"):
+        in_step.check_room(256, 16_777_216, "cuda")
+
+
+def test_step_schedule_with_training_gradients_asked_for_still_filters(tmp_path):
+    """``--iif_store_gradients training`` is what the step schedule stores anyway: asking for it
+    changes nothing (it must not turn the round into a record-only one)."""
+    plain = test_grpo.build(tmp_path / "step", iif_schedule="step", iif_drop_fraction=1.0, max_steps=2)
+    plain.train()
+    asked = test_grpo.build(tmp_path / "asked", iif_schedule="step", iif_drop_fraction=1.0, max_steps=2,
+                            iif_store_gradients="training")  # fmt: skip
+    asked.train()
+    expected, got = stored_rounds(tmp_path / "step"), stored_rounds(tmp_path / "asked")
+    for k in expected:
+        assert np.array_equal(expected[k]["kept"], got[k]["kept"])
+        assert torch.isfinite(got[k]["influence"]).all()
+    assert any(not expected[k]["kept"].all() for k in expected)
+    for name, value in lora_state(plain).items():
+        assert torch.equal(lora_state(asked)[name], value), name
+
+
+@pytest.mark.parametrize(
+    ("lora", "message"),
+    [({"modules_to_save": ["ln_f"]}, "not a LoRA weight"), ({"lora_dropout": 0.1}, "has dropout on here")],
+    ids=["modules-to-save", "dropout"],
+)
+def test_step_schedule_refused_where_its_shares_are_not_the_whole_story(tmp_path, lora, message):
+    """Weights outside the LoRA layout, or dropout in the training forward (the round schedule scores
+    without it), would make the step's update differ from the round schedule's: refused at the start."""
+    import dataclasses
+
+    from trainer_setup import Setup
+
+    from rlhf_influence import IIFGRPOTrainer
+
+    setup = Setup()
+    config = IIFGRPOConfig(**test_grpo.grpo_kwargs(tmp_path, iif_schedule="step"))
+    with pytest.raises(ValueError, match=message):
+        IIFGRPOTrainer(model=setup.policy, reward_funcs=test_grpo.positive_words, args=config,
+                       train_dataset=test_grpo.text_dataset(["a b", "c d"]), processing_class=setup.tokenizer,
+                       peft_config=dataclasses.replace(setup.lora, **lora))  # fmt: skip

@@ -10,7 +10,9 @@ backward over all records already holds what that pass computes:
     -> before clipping and the optimizer step: the dropped records' shares taken out of ``.grad``,
        the kept ones' put on the normaliser their own slices would have had
 
-which is the round schedule's gradient (so its update), one pass cheaper. Each record's share
+which is the round schedule's gradient (so its update), one pass cheaper. Under bf16 autocast the
+shares are recomputed in float32 from the layers' bf16 inputs and output gradients while autograd's
+weight gradients come from bf16 products: the subtraction is then exact to bf16 rounding. Each record's share
 costs ``D`` floats (the LoRA weights' count) on the device until the step. No TRL here: the
 trainer says which records a micro-step held and what its loss was divided by.
 """
@@ -52,9 +54,7 @@ class InStepRound:
         self.normaliser = normaliser
         self.target_gradient = target_gradient
         self.preconditioner = preconditioner
-        device = filter_.collectives.device
-        _check_room(num_records, filter_.layout.num_params, device)
-        self.shares = torch.zeros(num_records, filter_.layout.num_params, device=device)
+        self.shares = torch.zeros(num_records, filter_.layout.num_params, device=filter_.collectives.device)
         self.collected = np.zeros(num_records, dtype=bool)  # [n] whose share is in ``shares`` (each record's .grad part)
         self.divisors = np.zeros(num_records)  # what each record's slice loss was divided by
         self.stored: list[torch.Tensor | None] = [None] * num_records  # the store's projected vectors
@@ -132,12 +132,16 @@ class InStepRound:
         return coefficients.to(self.shares) @ self.shares
 
 
-def _check_room(num_records: int, num_params: int, device: torch.device) -> None:
-    """On a CUDA device: the round's shares must fit in its free memory (ValueError, in one line, if not)."""
+def check_room(num_records: int, num_params: int, device: torch.device | str) -> None:
+    """On a CUDA device: a round's shares (``num_records`` x ``num_params`` floats, the records one
+    process holds) must fit in the memory free or cached by torch and unused (ValueError, in one
+    line, if not). The training's own activations come on top: this only catches the hopeless."""
+    device = torch.device(device)
     if device.type != "cuda":
         return
     needed = num_records * num_params * 4
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if needed > free:
         raise ValueError(
             f"iif_schedule='step' keeps each of this process's {num_records} completions' gradient share "

@@ -234,7 +234,7 @@ class IIFSettings:
             "help": "GRPO: store each round's KL to the reference (objective/kl) for the report, the audit and the "
             "frontier. With --beta 0 TRL computes no reference log-probs, so it costs a forward of the reference over "
             "the round's completions, and one of the policy unless the round's first pass trains every completion "
-            "at the round-start weights (record only, p=0 or --iif_schedule step, one step a round), whose own "
+            "at the round-start weights (record only, p=0 or --iif_schedule step, one step a round, no dropout), whose own "
             "forward then gives the policy's log-probs (benchmarks/README.md, 'Record-only runs'); false skips it "
             "(no KL curve). Not with --kl_control adaptive, which steers by it. PPO's exact KL comes from logits "
             "its rollout computes anyway: always stored."

@@ -120,7 +120,7 @@ class RunManifest:
     format_version: int = FORMAT_VERSION  # layout of the store; a reader refuses newer ones
     algorithm: Algorithm = "ppo"  # the trainer: "ppo" (stores before GRPO), "grpo" or "rloo"
     target: str = "heldout_return"  # what influence was measured on: "heldout_return" or "buffer_return"
-    schedule: str  # "round": scored once a round; "epoch": before every epoch
+    schedule: str  # "round": scored once a round; "epoch": before every epoch; "step": inside the round's step
     drop_fraction: float  # fraction p of the negative-influence records dropped
     filter: str = "influence"  # "influence" (IIF) or "random" (the control)
     min_keep_fraction: float  # never fewer kept records than this fraction of a round

@@ -40,7 +40,7 @@ from trl.trainer.utils import (
 from ..engine.lora import find_lora_layout
 from ..engine.targets import token_logprobs
 from ..iif.algorithms import get_algorithm
-from ..iif.in_step import InStepRound, add_to_gradients
+from ..iif.in_step import InStepRound, add_to_gradients, check_room
 from ..iif.influence_filter import InfluenceFilter, Scoring
 from ..iif.kl import KLController
 from ..iif.records import ScoredRecords
@@ -163,11 +163,6 @@ class GroupIIFTrainer:
         self.target_dataset = target_dataset
         self.layout = find_lora_layout(self.lora_policy)
         shared.check_optimizer_state_access(args, self.accelerator)
-        if args.iif_enabled and args.iif_schedule == "step" and getattr(self.accelerator.state, "deepspeed_plugin", None):
-            raise ValueError(
-                "iif_schedule='step' edits each LoRA weight's gradient before the optimizer step, which DeepSpeed "
-                "keeps partitioned: run with DDP or one process, or use iif_schedule='round'"
-            )
         self.store = shared.open_store(args, self.accelerator)
         self.spec = get_algorithm(self.algorithm)
         if args.iif_enabled and self.aux_loss_enabled:
@@ -188,6 +183,8 @@ class GroupIIFTrainer:
         self.iif: InfluenceFilter | None = None  # plain training (iif_enabled=false): no filter, any loss type
         if not args.iif_enabled:
             return
+        if args.iif_schedule == "step":
+            self.check_in_step()
         self.iif = InfluenceFilter(
             args,
             self.layout,
@@ -354,13 +351,13 @@ class GroupIIFTrainer:
                 target_records, target_rewards = self.sample_heldout_target()
         collected = None
         in_step = None
-        if self.store is not None and self.args.iif_store_gradients == "training":  # record only, no pass
-            collected = shared.TrainingGradients(self.iif, len(records), self.iif.normaliser(records))
-            scoring = self.iif.recorded(torch.zeros(len(records), 0))  # every record kept; vectors come later
-        elif self.args.iif_schedule == "step":  # the target now; the records' scores in the step
+        if self.args.iif_schedule == "step":  # the target now; the records' scores in the step (their vectors too)
             with timer("scoring"):
                 in_step = self.in_step_round(records, target_records)
             scoring = self.iif.recorded(torch.zeros(len(records), 0))  # the first pass trains on every record
+        elif self.store is not None and self.args.iif_store_gradients == "training":  # record only, no pass
+            collected = shared.TrainingGradients(self.iif, len(records), self.iif.normaliser(records))
+            scoring = self.iif.recorded(torch.zeros(len(records), 0))  # every record kept; vectors come later
         else:
             with timer("scoring"):
                 scoring = self.score(records, target_records, round_start=True)
@@ -390,6 +387,28 @@ class GroupIIFTrainer:
             self._log_scoring(scoring)
 
     # ------------------------------------------------------------------ iif_schedule='step': the decision in the step
+    def check_in_step(self) -> None:
+        """What the step schedule needs to give the round schedule's update (ValueError, in one line, if not)."""
+        if getattr(self.accelerator.state, "deepspeed_plugin", None):
+            raise ValueError(
+                "iif_schedule='step' edits each LoRA weight's gradient before the optimizer step, which DeepSpeed "
+                "keeps partitioned: run with DDP or one process, or use iif_schedule='round'"
+            )
+        if self.layout.excluded_trainable:
+            raise ValueError(
+                f"iif_schedule='step' takes the dropped completions out of the LoRA weights' gradients only, and "
+                f"{self.layout.excluded_trainable[0]} (not a LoRA weight) trains too (modules_to_save, bias): use "
+                "iif_schedule='round'"
+            )
+        if any(m.p > 0 for m in self.lora_policy.modules() if isinstance(m, nn.Dropout)):
+            raise ValueError(
+                "iif_schedule='step' scores each completion from the training's own forward, which has dropout on "
+                "here (the round schedule scores without it): use --disable_dropout true and lora_dropout=0, or "
+                "iif_schedule='round'"
+            )
+        per_process = self.args.per_device_train_batch_size * self.args.steps_per_generation
+        check_room(per_process, self.layout.num_params, self.accelerator.device)
+
     def in_step_round(self, records: ScoredRecords, target_records: ScoredRecords) -> InStepRound:
         """The round's in-step filter, with the target's gradient at the round start (none for the
         buffer target, whose gradient the records' own give in the step)."""
@@ -445,14 +464,17 @@ class GroupIIFTrainer:
         round_ = self._round
         if round_ is not None and round_.kl is not None and self._in_first_pass():  # the KL's policy side
             self._kl_rows = round_.step_rows[self._step % self.args.steps_per_generation]
-        collected = self._collecting()
-        if collected is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        rows = self._round.step_rows[self._step % self.args.steps_per_generation]
-        with collected.recording(rows):  # the hooks' output-gradient hooks fire in TRL's backward, after this
-            output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self._pending = (collected, rows, self.slice_divisor(inputs, len(rows)))
-        return output
+        try:
+            collected = self._collecting()
+            if collected is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            rows = self._round.step_rows[self._step % self.args.steps_per_generation]
+            with collected.recording(rows):  # the hooks' output-gradient hooks fire in TRL's backward, after this
+                output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self._pending = (collected, rows, self.slice_divisor(inputs, len(rows)))
+            return output
+        finally:
+            self._kl_rows = None  # taken by TRL's log-prob call inside the loss, or by nothing (an error)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._pending = None
@@ -474,8 +496,8 @@ class GroupIIFTrainer:
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         output = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         rows, self._kl_rows = self._kl_rows, None
-        if rows is not None:  # a first-pass slice of TRL's loss: its log-probs at the round-start weights
-            self._round.kl.add(rows, output[0])
+        if rows is not None and self._round is not None and self._round.kl is not None:  # a first-pass slice's loss
+            self._round.kl.add(rows, output[0])  # its log-probs at the round-start weights
         return output
 
     def _in_first_pass(self) -> bool:
