@@ -295,6 +295,10 @@ def test_reading_adams_moments_needs_adam_and_training_gradients_need_no_fp16():
     fp16.fp16 = True
     with pytest.raises(ValueError, match="fp16's loss scaling"):
         check_optimizer_state_access(fp16, plain)
+    step = IIFSettings(iif_schedule="step")  # the in-step filter edits the same gradients
+    step.fp16 = True
+    with pytest.raises(ValueError, match="iif_schedule='step' edits the step's gradient, which fp16's loss scaling"):
+        check_optimizer_state_access(step, plain)
 
 
 def test_a_grpo_round_cut_short_by_max_steps_is_set_aside(tmp_path):

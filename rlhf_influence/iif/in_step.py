@@ -20,19 +20,20 @@ trainer says which records a micro-step held and what its loss was divided by.
 from __future__ import annotations
 
 import time
-from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
 
-from ..engine.capture import TrainingCapture
+from ..engine.capture import RecordFactors
 from ..engine.lora import LoraLayout
 from .influence_filter import InfluenceFilter, Scoring
+from .training_gradients import TrainingGradients
 
 
-class InStepRound:
+class InStepRound(TrainingGradients):
     """One round of the in-step filter: the records' shares of the step's gradient, their scores,
-    the decision and the correction that turns the step's gradient into the kept records' one.
+    the decision and the correction that turns the step's gradient into the kept records' one; the
+    store's vectors as any gradients taken in training (:class:`TrainingGradients`).
 
     ``normaliser``: the scorer's (all processes' records, :meth:`InfluenceFilter.normaliser`), so
     the scores equal the round schedule's. ``target_gradient`` ``[D]``: the target's gradient at the
@@ -49,44 +50,26 @@ class InStepRound:
         target_gradient: torch.Tensor | None,
         preconditioner: torch.Tensor | None = None,
     ) -> None:
+        super().__init__(filter_, num_records, normaliser)
         self.filter = filter_
-        self.capture = TrainingCapture(filter_.layout)
-        self.normaliser = normaliser
         self.target_gradient = target_gradient
         self.preconditioner = preconditioner
         self.shares = torch.zeros(num_records, filter_.layout.num_params, device=filter_.collectives.device)
         self.collected = np.zeros(num_records, dtype=bool)  # [n] whose share is in ``shares`` (each record's .grad part)
         self.divisors = np.zeros(num_records)  # what each record's slice loss was divided by
-        self.stored: list[torch.Tensor | None] = [None] * num_records  # the store's projected vectors
-        self.seconds = 0.0
 
-    def recording(self, records: np.ndarray) -> AbstractContextManager:
-        """Around one micro-step's forward and backward over the local ``records`` (-1: padding)."""
-        return self.capture.recording(len(records))
-
-    def collect(self, records: np.ndarray, loss_divisor: float) -> None:
-        """After the micro-step's backward (its slice loss divided by ``loss_divisor``): keep each
-        record's share of the gradient and, for the store, its projected gradient on the scorer's
-        normaliser."""
-        start = time.perf_counter()
-        factors = self.capture.factors(1.0)
-        shares = factors.gradients(None)
-        projector = self.filter.store_projector
-        projected = None
-        if projector is not None:
-            projected = (factors.gradients(projector) * (loss_divisor / self.normaliser)).to(self.filter.store_dtype)
-            projected = projected.cpu()
-        self.capture.clear()
+    def keep(self, records: np.ndarray, factors: RecordFactors, divisor: float) -> None:
+        """Each record's share of the gradient (its slice loss divided by ``divisor``) and, where the
+        run stores gradients, its projected one."""
         real = np.flatnonzero(records >= 0)
         rows = records[real]
         if self.collected[rows].any():
             raise RuntimeError(f"records {rows[self.collected[rows]][:5]} were trained on twice before the in-step decision")
+        shares = factors.gradients(None)
         self.shares[torch.as_tensor(rows, device=self.shares.device)] = shares[torch.as_tensor(real, device=shares.device)].to(self.shares)
-        self.collected[rows], self.divisors[rows] = True, loss_divisor
-        if projected is not None:
-            for i, record in zip(real, rows, strict=True):
-                self.stored[int(record)] = projected[i]
-        self.seconds += time.perf_counter() - start
+        self.collected[rows], self.divisors[rows] = True, divisor
+        if self.projector is not None:
+            super().keep(records, factors, divisor)
 
     @property
     def complete(self) -> bool:
@@ -117,8 +100,8 @@ class InStepRound:
         else:
             local = -(shares @ target) * scale
         scoring = filter_.decide(collectives.gather(local).cpu().double(), len(shares))
-        if filter_.store_projector is not None:
-            scoring.projected = torch.stack(self.stored)
+        if self.projector is not None:
+            scoring.projected = self.projected()
         scoring.seconds = self.seconds + time.perf_counter() - start
         return scoring
 

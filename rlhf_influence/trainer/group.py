@@ -46,6 +46,7 @@ from ..iif.kl import KLController
 from ..iif.records import ScoredRecords
 from ..iif.scorer import Collectives, micro_batches
 from ..iif.target_kinds import target_kind
+from ..iif.training_gradients import TrainingGradients
 from ..store import RunManifest, TrainingSettings
 from . import shared
 from .checkpoint import (
@@ -122,7 +123,7 @@ class GenerationRound:
     started: float  # perf_counter at the round's start: its steps end when the next round starts
     scorings: list[Scoring] = field(default_factory=list)
     optimizer: dict[str, torch.Tensor] | None = None  # the round-start Adam state, when stored
-    collected: shared.TrainingGradients | None = None  # record only, from the training's backward
+    collected: TrainingGradients | None = None  # record only, from the training's backward
     in_step: InStepRound | None = None  # iif_schedule='step': until its decision, in the first pass's last step
     step_rows: list[np.ndarray] = field(default_factory=list)  # each step's local records (-1: padding)
     kl: PendingKL | None = None  # the KL to the reference, until the first pass's forwards give its policy side
@@ -356,7 +357,7 @@ class GroupIIFTrainer:
                 in_step = self.in_step_round(records, target_records)
             scoring = self.iif.recorded(torch.zeros(len(records), 0))  # the first pass trains on every record
         elif self.store is not None and self.args.iif_store_gradients == "training":  # record only, no pass
-            collected = shared.TrainingGradients(self.iif, len(records), self.iif.normaliser(records))
+            collected = TrainingGradients(self.iif, len(records), self.iif.normaliser(records))
             scoring = self.iif.recorded(torch.zeros(len(records), 0))  # every record kept; vectors come later
         else:
             with timer("scoring"):
@@ -400,7 +401,7 @@ class GroupIIFTrainer:
                 f"{self.layout.excluded_trainable[0]} (not a LoRA weight) trains too (modules_to_save, bias): use "
                 "iif_schedule='round'"
             )
-        if any(m.p > 0 for m in self.lora_policy.modules() if isinstance(m, nn.Dropout)):
+        if self._dropout_on():
             raise ValueError(
                 "iif_schedule='step' scores each completion from the training's own forward, which has dropout on "
                 "here (the round schedule scores without it): use --disable_dropout true and lora_dropout=0, or "
@@ -449,7 +450,7 @@ class GroupIIFTrainer:
         return self.iif.loss.slice_normaliser(max(float(mask.sum()), 1.0), float(inputs["num_items_in_batch"]), rows)
 
     # ------------------------------------------------------------------ record only: gradients from TRL's backward
-    def _collecting(self) -> shared.TrainingGradients | InStepRound | None:
+    def _collecting(self) -> TrainingGradients | InStepRound | None:
         """The round's collector while its first pass over its slices runs (``iif_store_gradients='training'``,
         or ``iif_schedule='step'`` until its decision)."""
         round_ = self._round
@@ -511,8 +512,12 @@ class GroupIIFTrainer:
         no dropout (the KL is the deterministic policy's)."""
         args = self.args
         trains_all = not self.target_kind.scores or args.iif_schedule == "step" or args.iif_drop_fraction == 0
-        dropout = any(m.p > 0 for m in self.lora_policy.modules() if isinstance(m, nn.Dropout))
-        return trains_all and args.steps_per_generation == args.gradient_accumulation_steps and not dropout
+        return trains_all and args.steps_per_generation == args.gradient_accumulation_steps and not self._dropout_on()
+
+    def _dropout_on(self) -> bool:
+        """Whether the policy's training forward drops activations (TRL's ``disable_dropout`` is off and
+        the model or its LoRA adapter has dropout)."""
+        return any(m.p > 0 for m in self.lora_policy.modules() if isinstance(m, nn.Dropout))
 
     def rescore_round(self) -> None:
         """Score the round's records again at the current weights, before another pass over them."""

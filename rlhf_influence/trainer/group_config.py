@@ -56,9 +56,6 @@ class GroupIIFSettings(IIFSettings):
                 f"iif_schedule='step' decides inside a round's one optimizer step: it needs steps_per_generation "
                 f"({self.steps_per_generation}) == gradient_accumulation_steps ({self.gradient_accumulation_steps})"
             )
-        if self.iif_schedule == "step" and getattr(self, "fp16", False):
-            raise ValueError("iif_schedule='step' edits the step's gradient, which fp16's loss scaling scales and "
-                             "skips: use bf16 or float32")  # fmt: skip
         if self.iif_whiten_after_filter:
             raise ValueError(f"iif_whiten_after_filter is PPO's; {title}'s advantages are group-relative already")
         for name, (bad, wanted) in unsupported.items():

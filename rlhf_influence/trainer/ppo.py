@@ -44,6 +44,7 @@ from ..iif.losses import PPORecordLoss
 from ..iif.records import RolloutBatch
 from ..iif.scorer import Collectives
 from ..iif.target_kinds import target_kind
+from ..iif.training_gradients import TrainingGradients
 from ..store import RunManifest, TrainingSettings
 from .checkpoint import (
     CHECKPOINT_PREFIX,
@@ -67,7 +68,6 @@ from .rewards import RewardFunction, as_reward_module
 from .shared import (
     PhaseTimer,
     StoredRound,
-    TrainingGradients,
     adapter_snapshot,
     check_optimizer_state_access,
     check_policy_has_lora,

@@ -21,7 +21,7 @@ from trl.trainer.utils import selective_log_softmax
 
 from ..iif.filtering import plan_epoch
 from ..iif.records import RolloutBatch
-from .shared import TrainingGradients
+from ..iif.training_gradients import TrainingGradients
 
 
 class PPOOptimisation:

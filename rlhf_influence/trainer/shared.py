@@ -12,12 +12,10 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from accelerate.utils import gather_object
 from torch import nn
 
-from ..engine.capture import TrainingCapture
 from ..engine.errors import NoLoraError
 from ..engine.influence import adam_preconditioner
 from ..engine.lora import LoraLayout, canonical_name, find_lora_layout
@@ -64,58 +62,18 @@ def heldout_seed(seed: int, round_index: int, process_index: int) -> int:
     return (seed * 1_000_003 + round_index * 7919 + process_index) % (2**63)
 
 
-class TrainingGradients:
-    """A round's per-record stored gradients collected from the optimisation's own backward
-    (``iif_store_gradients='training'``): each record's, the first time it is trained on, on the
-    scoring's normaliser (so they compare with the round-start pass's)."""
-
-    def __init__(self, filter_: InfluenceFilter, num_records: int, normaliser: float) -> None:
-        self.capture = TrainingCapture(filter_.layout)
-        self.projector = filter_.store_projector
-        self.dtype = filter_.store_dtype
-        self.normaliser = normaliser
-        self.rows: list[torch.Tensor | None] = [None] * num_records
-        self.seconds = 0.0
-
-    def recording(self, records: np.ndarray):
-        """Around one micro-batch's forward and backward over the local ``records``."""
-        return self.capture.recording(len(records))
-
-    def collect(self, records: np.ndarray, loss_divisor: float, accumulation_divisor: float = 1.0) -> None:
-        """After the micro-batch's backward: keep the gradients of the records not yet kept (``-1``
-        marks a padding row). Its loss
-        was divided by ``loss_divisor`` (e.g. PPO's masked mean: the micro-batch's tokens) and by
-        ``accumulation_divisor`` (accelerate's gradient accumulation)."""
-        start = time.perf_counter()
-        scale = loss_divisor * accumulation_divisor / self.normaliser
-        projected = self.capture.factors(scale).gradients(self.projector).to(self.dtype).cpu()
-        self.capture.clear()
-        for row, record in zip(projected, records, strict=True):
-            if record >= 0 and self.rows[int(record)] is None:  # -1: a padding row
-                self.rows[int(record)] = row
-        self.seconds += time.perf_counter() - start
-
-    @property
-    def complete(self) -> bool:
-        """Whether every record has been trained on (and its gradient kept)."""
-        return all(row is not None for row in self.rows)
-
-    def projected(self) -> torch.Tensor:
-        """``[n, D']`` in the records' order; every record must have been trained on."""
-        missing = [i for i, row in enumerate(self.rows) if row is None]
-        if missing:
-            raise RuntimeError(f"records {missing[:5]} were not trained on in the round's first epoch")
-        return torch.stack(self.rows)
-
-
 def check_optimizer_state_access(args: IIFSettings, accelerator, optimizer=None) -> None:
     """The settings that read Adam's moments (``iif_score='adam'``, ``iif_store_optimizer_state``)
     need torch's Adam or AdamW (without amsgrad: ``optimizer``, or ``args.optim`` where the optimizer
     is made later) and its moments whole, which DeepSpeed's partitioned optimizer does not give; the
     gradients taken from the training's backward need it free of fp16's loss scale."""
-    if args.iif_store_gradients == "training" and getattr(args, "fp16", False):
-        raise ValueError("iif_store_gradients='training' reads the backward's gradients, which fp16's loss scaling "
-                         "scales and skips: use bf16 or float32, or iif_store_gradients='snapshot'")  # fmt: skip
+    if args.iif_enabled and getattr(args, "fp16", False):  # both ways of reading the backward's gradients
+        if args.iif_store_gradients == "training":
+            raise ValueError("iif_store_gradients='training' reads the backward's gradients, which fp16's loss "
+                             "scaling scales and skips: use bf16 or float32, or iif_store_gradients='snapshot'")  # fmt: skip
+        if args.iif_schedule == "step":
+            raise ValueError("iif_schedule='step' edits the step's gradient, which fp16's loss scaling scales and "
+                             "skips: use bf16 or float32, or iif_schedule='round'")  # fmt: skip
     wanted = [name for name, on in (("iif_score='adam'", args.iif_score == "adam"),
                                     ("iif_store_optimizer_state", args.iif_store_optimizer_state)) if on]  # fmt: skip
     if not wanted:
